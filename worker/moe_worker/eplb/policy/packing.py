@@ -1,19 +1,23 @@
-"""Vectorised packing primitives shared by the ``balanced`` and ``incremental`` policies.
+"""Packing primitives shared by the ``balanced`` and ``incremental`` policies.
 
-Everything works on a batch of independent rows X (usually layers) at once. A *bin* is a GPU
-with S slots; an *item* is one expert replica whose size is its expert's load / replica count.
-Bin contents are kept as dense arrays so a swap is two writes:
+A *bin* is a GPU with S slots; an *item* is one expert replica whose size is its expert's load
+divided by its replica count. The per-layer kernels are plain loops compiled by numba (see
+``jit``); the functions without a leading underscore take a batch of rows (layers) at once.
+
+Bin contents are dense arrays, so a swap is a few writes:
 
 - ``size``   [X, G, S] float64  load of the replica in each slot
 - ``expert`` [X, G, S] int64    logical expert of the replica in each slot
 
 Node-aware placements also pass ``node_of_gpu`` [G] and ``home_node`` [X, E]: every expert keeps
-at least one replica on its home node (its group's node).
+at least one replica on its home node (its group's node). Without nodes, ``home_node`` is all -1.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .jit import njit, njit_parallel, prange
 
 
 def greedy_pack(item_weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,24 +45,88 @@ def greedy_pack(item_weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     return pack_of, position
 
 
+@njit_parallel
+def _expand_rows(per_replica: np.ndarray, multiplicity: np.ndarray, num_items: int):  # type: ignore[no-untyped-def]
+    num_rows, num_experts = per_replica.shape
+    size = np.empty((num_rows, num_items))
+    expert = np.empty((num_rows, num_items), dtype=np.int64)
+    for row in prange(num_rows):
+        row_size = np.empty(num_items)
+        row_expert = np.empty(num_items, dtype=np.int64)
+        i = 0
+        for e in range(num_experts):
+            for _ in range(multiplicity[row, e]):
+                row_size[i] = per_replica[row, e]
+                row_expert[i] = e
+                i += 1
+        order = np.argsort(-row_size, kind="mergesort")
+        for k in range(num_items):
+            size[row, k] = row_size[order[k]]
+            expert[row, k] = row_expert[order[k]]
+    return size, expert
+
+
 def expand_replicas(
     per_replica: np.ndarray, multiplicity: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Items of every row, heaviest first: (size [X, N], expert [X, N]).
 
     ``per_replica`` [X, E] is each expert's load per replica and ``multiplicity`` [X, E] how
-    many of its replicas the row holds; every row must hold the same number N of replicas. The
-    order is deterministic; replicas of an expert are adjacent unless another expert's replicas
-    have exactly the same size.
+    many of its replicas the row holds; every row must hold the same number N of replicas.
+    Replicas of an expert are adjacent; ties between experts keep expert order (stable sort).
     """
-    num_rows, num_experts = per_replica.shape
-    num_items = int(multiplicity[0].sum())
-    expert = np.repeat(np.tile(np.arange(num_experts), num_rows), multiplicity.ravel()).reshape(
-        num_rows, num_items
+    return _expand_rows(
+        np.ascontiguousarray(per_replica, dtype=np.float64),
+        np.ascontiguousarray(multiplicity, dtype=np.int64),
+        int(multiplicity[0].sum()),
     )
-    size = np.take_along_axis(per_replica, expert, axis=1)
-    order = np.argsort(-size, axis=1)
-    return np.take_along_axis(size, order, axis=1), np.take_along_axis(expert, order, axis=1)
+
+
+@njit
+def _differencing_layer(item_size: np.ndarray, num_bins: int) -> np.ndarray:
+    """Bin of every item [N] (items sorted heaviest first), equal item count per bin."""
+    num_items = item_size.shape[0]
+    num_parts = num_items // num_bins
+    part_load = item_size.reshape(num_parts, num_bins).copy()
+    item_bin = np.arange(num_items) % num_bins
+    item_part = np.arange(num_items) // num_bins
+    spread = np.empty(num_parts)
+    for p in range(num_parts):
+        spread[p] = part_load[p].max() - part_load[p].min()
+    bin_map = np.empty(num_bins, dtype=np.int64)
+    for _ in range(num_parts - 1):
+        keep = np.argmax(spread)
+        spread_keep = spread[keep]
+        spread[keep] = -np.inf
+        merged = np.argmax(spread)
+        spread[keep] = spread_keep
+        keep_light_first = np.argsort(part_load[keep])
+        merged_heavy_first = np.argsort(-part_load[merged])
+        for k in range(num_bins):
+            bin_map[merged_heavy_first[k]] = keep_light_first[k]
+            part_load[keep, keep_light_first[k]] += part_load[merged, merged_heavy_first[k]]
+        spread[keep] = part_load[keep].max() - part_load[keep].min()
+        spread[merged] = -np.inf
+        for i in range(num_items):
+            if item_part[i] == merged:
+                item_bin[i] = bin_map[item_bin[i]]
+                item_part[i] = keep
+    return item_bin
+
+
+@njit_parallel
+def _differencing_rows(item_size: np.ndarray, num_bins: int) -> np.ndarray:
+    num_rows, num_items = item_size.shape
+    slots = num_items // num_bins
+    slot_item = np.empty((num_rows, num_bins, slots), dtype=np.int64)
+    for row in prange(num_rows):
+        item_bin = _differencing_layer(item_size[row], num_bins)
+        fill = np.zeros(num_bins, dtype=np.int64)
+        for i in range(num_items):
+            b = item_bin[i]
+            slot_item[row, b, fill[b]] = i
+            fill[b] += 1
+    return slot_item
 
 
 def differencing_assign(item_size: np.ndarray, num_bins: int) -> np.ndarray:
@@ -70,33 +138,7 @@ def differencing_assign(item_size: np.ndarray, num_bins: int) -> np.ndarray:
     bins of the other, until one remains. Returns the item index in every slot:
     [X, num_bins, N / num_bins].
     """
-    num_rows, num_items = item_size.shape
-    num_parts = num_items // num_bins
-    rows = np.arange(num_rows)
-    row_col = rows[:, None]
-    part_load = item_size.reshape(num_rows, num_parts, num_bins).copy()
-    item_part = np.broadcast_to(np.arange(num_items) // num_bins, (num_rows, num_items)).copy()
-    item_bin = np.broadcast_to(np.arange(num_items) % num_bins, (num_rows, num_items)).copy()
-    alive = np.ones((num_rows, num_parts), dtype=bool)
-    for _ in range(num_parts - 1):
-        spread = np.where(alive, part_load.max(axis=2) - part_load.min(axis=2), -np.inf)
-        widest = np.argpartition(-spread, 1, axis=1)[:, :2]
-        keep, merged = widest[:, 0], widest[:, 1]
-        keep_load = part_load[rows, keep]
-        merged_load = part_load[rows, merged]
-        keep_light_first = np.argsort(keep_load, axis=1, kind="stable")
-        merged_heavy_first = np.argsort(-merged_load, axis=1, kind="stable")
-        # Bin merged_heavy_first[k] of the merged part joins bin keep_light_first[k] of the kept.
-        bin_map = np.empty_like(merged_heavy_first)
-        bin_map[row_col, merged_heavy_first] = keep_light_first
-        keep_load[row_col, keep_light_first] += merged_load[row_col, merged_heavy_first]
-        part_load[rows, keep] = keep_load
-        alive[rows, merged] = False
-        in_merged = item_part == merged[:, None]
-        item_bin = np.where(in_merged, np.take_along_axis(bin_map, item_bin, axis=1), item_bin)
-        item_part = np.where(in_merged, keep[:, None], item_part)
-    by_bin = np.argsort(item_bin, axis=1, kind="stable")
-    return by_bin.reshape(num_rows, num_bins, num_parts)
+    return _differencing_rows(np.ascontiguousarray(item_size, dtype=np.float64), num_bins)
 
 
 def gather_slots(values: np.ndarray, slot_item: np.ndarray) -> np.ndarray:
@@ -106,160 +148,234 @@ def gather_slots(values: np.ndarray, slot_item: np.ndarray) -> np.ndarray:
     return flat.reshape(slot_item.shape)
 
 
-def holdings(expert: np.ndarray, num_logical: int) -> np.ndarray:
-    """How many replicas of each expert each GPU holds: expert [X, G, S] -> [X, G, E] int64."""
-    num_rows, num_gpus, _ = expert.shape
-    bin_key = (np.arange(num_rows * num_gpus) * num_logical).reshape(num_rows, num_gpus, 1)
-    held = np.bincount((bin_key + expert).ravel(), minlength=num_rows * num_gpus * num_logical)
-    return held.reshape(num_rows, num_gpus, num_logical)
+@njit
+def _swap_slots(
+    size: np.ndarray,
+    expert: np.ndarray,
+    held: np.ndarray,
+    node_held: np.ndarray,
+    node_of_gpu: np.ndarray,
+    gpu_a: int,
+    slot_a: int,
+    gpu_b: int,
+    slot_b: int,
+) -> None:
+    """Exchange two slots' replicas of one layer, keeping the holdings tables in step."""
+    e, f = expert[gpu_a, slot_a], expert[gpu_b, slot_b]
+    held[gpu_a, e] -= 1
+    held[gpu_b, f] -= 1
+    held[gpu_a, f] += 1
+    held[gpu_b, e] += 1
+    node_held[node_of_gpu[gpu_a], e] -= 1
+    node_held[node_of_gpu[gpu_b], f] -= 1
+    node_held[node_of_gpu[gpu_a], f] += 1
+    node_held[node_of_gpu[gpu_b], e] += 1
+    size_a = size[gpu_a, slot_a]
+    size[gpu_a, slot_a] = size[gpu_b, slot_b]
+    size[gpu_b, slot_b] = size_a
+    expert[gpu_a, slot_a] = f
+    expert[gpu_b, slot_b] = e
 
 
-def repair_duplicates(size: np.ndarray, expert: np.ndarray, node_of_gpu: np.ndarray) -> None:
-    """Move away second replicas of an expert sharing a GPU, in place, where a swap allows it.
+@njit
+def _holdings(expert: np.ndarray, node_of_gpu: np.ndarray, num_logical: int, num_nodes: int):  # type: ignore[no-untyped-def]
+    num_gpus, slots = expert.shape
+    held = np.zeros((num_gpus, num_logical), dtype=np.int64)
+    node_held = np.zeros((num_nodes, num_logical), dtype=np.int64)
+    for g in range(num_gpus):
+        for s in range(slots):
+            held[g, expert[g, s]] += 1
+            node_held[node_of_gpu[g], expert[g, s]] += 1
+    return held, node_held
 
-    Each duplicate is swapped with the closest-sized replica on another GPU of the same node
-    that holds neither expert (same node, so every expert keeps its home-node replica).
-    Duplicates are rare after ``differencing_assign``: this loops in Python over those that exist.
+
+@njit
+def _may_leave(
+    e: int, node: int, home_node: np.ndarray, node_held: np.ndarray
+) -> bool:
+    """Whether a replica of expert e may leave ``node``: not its home, or not its last one there."""
+    return home_node[e] != node or node_held[node, e] >= 2
+
+
+@njit
+def _repair_layer(
+    size: np.ndarray,
+    expert: np.ndarray,
+    node_of_gpu: np.ndarray,
+    home_node: np.ndarray,
+    num_logical: int,
+    num_nodes: int,
+) -> None:
+    num_gpus, slots = expert.shape
+    held, node_held = _holdings(expert, node_of_gpu, num_logical, num_nodes)
+    for g in range(num_gpus):
+        for s in range(slots):
+            e = expert[g, s]
+            if held[g, e] < 2:
+                continue
+            best_gap = np.inf
+            best_gpu, best_slot = -1, -1
+            for h in range(num_gpus):
+                if held[h, e] > 0:
+                    continue
+                cross = node_of_gpu[h] != node_of_gpu[g]
+                if cross and not _may_leave(e, node_of_gpu[g], home_node, node_held):
+                    continue
+                for t in range(slots):
+                    f = expert[h, t]
+                    if held[g, f] > 0:
+                        continue
+                    if cross and not _may_leave(f, node_of_gpu[h], home_node, node_held):
+                        continue
+                    gap = abs(size[h, t] - size[g, s])
+                    if gap < best_gap:
+                        best_gap, best_gpu, best_slot = gap, h, t
+            if best_gpu >= 0:
+                _swap_slots(size, expert, held, node_held, node_of_gpu, g, s, best_gpu, best_slot)
+
+
+@njit_parallel
+def _repair_rows(size, expert, node_of_gpu, home_node, num_logical, num_nodes):  # type: ignore[no-untyped-def]
+    for row in prange(size.shape[0]):
+        _repair_layer(size[row], expert[row], node_of_gpu, home_node[row], num_logical, num_nodes)
+
+
+def repair_duplicates(
+    size: np.ndarray, expert: np.ndarray, node_of_gpu: np.ndarray, home_node: np.ndarray
+) -> None:
+    """Move second replicas of an expert off a GPU that already holds one, in place.
+
+    Each such replica is swapped with the closest-sized replica on a GPU that holds neither
+    expert, keeping every expert's home-node replica. A duplicate no swap can remove stays.
     """
-    num_rows, num_gpus, slots = expert.shape
-    if slots < 2:
-        return
-    ordered = np.sort(expert, axis=2)
-    has_dup = (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2)
-    for row in np.unique(np.nonzero(has_dup)[0]):
-        held = holdings(expert[row : row + 1], int(expert[row].max()) + 1)[0]  # [G, E]
-        for gpu in np.nonzero(has_dup[row])[0]:
-            for slot in range(slots):
-                e = expert[row, gpu, slot]
-                if held[gpu, e] < 2:
+    num_logical = max(int(expert.max()) + 1, home_node.shape[1])
+    _repair_rows(size, expert, node_of_gpu, home_node, num_logical, int(node_of_gpu.max()) + 1)
+
+
+@njit
+def _refine_layer(
+    size: np.ndarray,
+    expert: np.ndarray,
+    node_of_gpu: np.ndarray,
+    home_node: np.ndarray,
+    origin: np.ndarray,
+    target_max: float,
+    move_budget: int,
+    num_logical: int,
+    num_nodes: int,
+) -> int:
+    """Swap replicas between the heaviest GPU and any other until the target or no gain.
+
+    ``origin`` [G, E] marks (GPU, expert) pairs of the previous placement: a swap costs one
+    move for each replica it brings to a GPU where that expert was not before, and refunds one
+    for each earlier move it undoes. Returns the moves used.
+    """
+    num_gpus, slots = expert.shape
+    held, node_held = _holdings(expert, node_of_gpu, num_logical, num_nodes)
+    load = np.zeros(num_gpus)
+    for g in range(num_gpus):
+        load[g] = size[g].sum()
+    moves = 0
+    while True:
+        h = np.argmax(load)
+        if load[h] <= target_max:
+            break
+        best = load[h] * (1.0 - 1e-12)
+        best_gpu, best_a, best_b, best_cost = -1, -1, -1, 0
+        for j in range(num_gpus):
+            if j == h:
+                continue
+            cross = node_of_gpu[j] != node_of_gpu[h]
+            for a in range(slots):
+                ea = expert[h, a]
+                if held[j, ea] > 0:
                     continue
-                # Partner slots: same node, their GPU lacks e, their expert is not on `gpu`.
-                partner_ok = (
-                    (node_of_gpu == node_of_gpu[gpu])[:, None]
-                    & (held[:, e] == 0)[:, None]
-                    & (held[gpu][expert[row]] == 0)
-                )
-                if not partner_ok.any():
+                if cross and not _may_leave(ea, node_of_gpu[h], home_node, node_held):
                     continue
-                gap = np.where(partner_ok, np.abs(size[row] - size[row, gpu, slot]), np.inf)
-                other_gpu, other_slot = np.unravel_index(int(np.argmin(gap)), gap.shape)
-                f = expert[row, other_gpu, other_slot]
-                held[gpu, e] -= 1
-                held[other_gpu, f] -= 1
-                held[gpu, f] += 1
-                held[other_gpu, e] += 1
-                for array in (size, expert):
-                    a = array[row, gpu, slot].copy()
-                    array[row, gpu, slot] = array[row, other_gpu, other_slot]
-                    array[row, other_gpu, other_slot] = a
+                for b in range(slots):
+                    delta = size[h, a] - size[j, b]
+                    if delta <= 0.0:
+                        continue
+                    worse = max(load[h] - delta, load[j] + delta)
+                    if worse >= best:
+                        continue
+                    eb = expert[j, b]
+                    if held[h, eb] > 0:
+                        continue
+                    if cross and not _may_leave(eb, node_of_gpu[j], home_node, node_held):
+                        continue
+                    cost = 0
+                    if not origin[j, ea]:
+                        cost += 1
+                    if not origin[h, eb]:
+                        cost += 1
+                    if held[h, ea] == 1 and not origin[h, ea]:
+                        cost -= 1
+                    if held[j, eb] == 1 and not origin[j, eb]:
+                        cost -= 1
+                    if moves + cost > move_budget:
+                        continue
+                    best, best_gpu, best_a, best_b, best_cost = worse, j, a, b, cost
+        if best_gpu < 0:
+            break
+        delta = size[h, best_a] - size[best_gpu, best_b]
+        _swap_slots(size, expert, held, node_held, node_of_gpu, h, best_a, best_gpu, best_b)
+        load[h] -= delta
+        load[best_gpu] += delta
+        moves += best_cost
+    return moves
+
+
+@njit_parallel
+def _refine_rows(size, expert, node_of_gpu, home_node, origin, target_max, move_budget, num_logical, num_nodes):  # type: ignore[no-untyped-def]
+    moves = np.zeros(size.shape[0], dtype=np.int64)
+    for row in prange(size.shape[0]):
+        moves[row] = _refine_layer(
+            size[row],
+            expert[row],
+            node_of_gpu,
+            home_node[row],
+            origin[row],
+            target_max[row],
+            move_budget[row],
+            num_logical,
+            num_nodes,
+        )
+    return moves
 
 
 def refine_by_swaps(
     size: np.ndarray,
     expert: np.ndarray,
     node_of_gpu: np.ndarray,
-    home_node: np.ndarray | None,
+    home_node: np.ndarray,
     target_max: np.ndarray,
-    swap_budget: np.ndarray | None = None,
-    candidates: int = 6,
-    max_rounds: int = 400,
+    origin: np.ndarray | None = None,
+    move_budget: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Lower each row's heaviest GPU by swapping one of its replicas with a lighter GPU's, in place.
+    """Lower each row's heaviest GPU by swapping one of its replicas with another GPU's, in place.
 
-    Each round, in every row still above ``target_max`` [X], the heaviest GPU is compared with
-    the ``candidates`` lightest GPUs and the single swap that minimises the larger of the two new
-    loads is applied, if it lowers the heaviest load. A swap never puts two replicas of an expert
-    on one GPU and never takes an expert's last replica off its home node (``home_node`` [X, E],
-    None when there is one node). Rows stop when they reach their target, run out of
-    ``swap_budget`` [X], or no swap helps. Returns the swaps made per row [X].
+    Each step takes the heaviest GPU and applies the single swap, over all other GPUs and slot
+    pairs, that minimises the larger of the two new loads, if that lowers the peak. A swap
+    never puts two replicas of an expert on one GPU and never takes an expert's last replica
+    off its home node. A row stops at ``target_max`` [X], when no swap helps, or when the next
+    swap would exceed ``move_budget`` [X] expert copies moved relative to ``origin``
+    [X, G, E] bool (the previous placement's (GPU, expert) pairs). Returns moves used per row.
     """
-    num_rows, num_gpus, slots = size.shape
-    swaps = np.zeros(num_rows, dtype=np.int64)
-    if num_gpus < 2:
-        return swaps
-    num_logical = int(expert.max()) + 1
-    held = holdings(expert, num_logical)
-    num_nodes = int(node_of_gpu.max()) + 1
-    multi_node = home_node is not None and num_nodes > 1
-    if multi_node:
-        node_held = np.zeros((num_rows, num_nodes, num_logical), dtype=np.int64)
-        for node in range(num_nodes):
-            node_held[:, node] = held[:, node_of_gpu == node].sum(axis=1)
-    budget = np.full(num_rows, np.iinfo(np.int64).max) if swap_budget is None else swap_budget
-    k = min(candidates, num_gpus - 1)
-    load = size.sum(axis=2)
-    active = np.nonzero((load.max(axis=1) > target_max) & (budget > 0))[0]
-    for _ in range(max_rounds):
-        if active.size == 0:
-            break
-        n = active.size
-        r = np.arange(n)
-        row_load = load[active]
-        heavy = np.argmax(row_load, axis=1)
-        light = np.argpartition(row_load, k - 1, axis=1)[:, :k]
-        # The heaviest GPU is among the "lightest" only when loads tie; any other GPU will do.
-        light = np.where(light == heavy[:, None], (heavy[:, None] + 1) % num_gpus, light)
-        rows_light = active[:, None]
-        a_size = size[active, heavy]  # [n, S]
-        a_expert = expert[active, heavy]
-        b_size = size[rows_light, light]  # [n, k, S]
-        b_expert = expert[rows_light, light]
-        delta = a_size[:, None, :, None] - b_size[:, :, None, :]  # [n, k, Sa, Sb]
-        heavy_load = row_load[r, heavy]
-        light_load = row_load[r[:, None], light]
-        worse = np.maximum(
-            heavy_load[:, None, None, None] - delta, light_load[:, :, None, None] + delta
-        )
-        valid = delta > 0
-        if slots > 1:
-            light_has_a = held[rows_light[:, :, None], light[:, :, None], a_expert[:, None, :]] > 0
-            heavy_has_b = held[rows_light[:, :, None], heavy[:, None, None], b_expert] > 0
-            valid &= ~light_has_a[:, :, :, None] & ~heavy_has_b[:, :, None, :]
-        if multi_node:
-            assert home_node is not None
-            heavy_node = node_of_gpu[heavy]  # [n]
-            light_node = node_of_gpu[light]  # [n, k]
-            rows_e = active[:, None]
-            a_leaves_ok = (np.take_along_axis(home_node[active], a_expert, axis=1) != heavy_node[:, None]) | (
-                node_held[rows_e, heavy_node[:, None], a_expert] >= 2
-            )  # [n, S]
-            b_home = home_node[rows_e[:, :, None], b_expert]  # [n, k, S]
-            b_leaves_ok = (b_home != light_node[:, :, None]) | (
-                node_held[rows_light[:, :, None], light_node[:, :, None], b_expert] >= 2
-            )
-            same_node = (heavy_node[:, None] == light_node)[:, :, None, None]
-            valid &= same_node | (a_leaves_ok[:, None, :, None] & b_leaves_ok[:, :, None, :])
-        worse = np.where(valid, worse, np.inf).reshape(n, -1)
-        best = np.argmin(worse, axis=1)
-        improves = worse[r, best] < heavy_load * (1.0 - 1e-12)
-        if not improves.any():
-            break
-        pick = np.nonzero(improves)[0]
-        rows = active[pick]
-        cand, slot_a, slot_b = np.unravel_index(best[pick], (k, slots, slots))
-        gpu_a = heavy[pick]
-        gpu_b = light[pick, cand]
-        size_a = size[rows, gpu_a, slot_a]
-        size_b = size[rows, gpu_b, slot_b]
-        expert_a = expert[rows, gpu_a, slot_a]
-        expert_b = expert[rows, gpu_b, slot_b]
-        held[rows, gpu_a, expert_a] -= 1
-        held[rows, gpu_b, expert_b] -= 1
-        held[rows, gpu_a, expert_b] += 1
-        held[rows, gpu_b, expert_a] += 1
-        if multi_node:
-            node_a, node_b = node_of_gpu[gpu_a], node_of_gpu[gpu_b]
-            node_held[rows, node_a, expert_a] -= 1
-            node_held[rows, node_b, expert_b] -= 1
-            node_held[rows, node_a, expert_b] += 1
-            node_held[rows, node_b, expert_a] += 1
-        size[rows, gpu_a, slot_a] = size_b
-        size[rows, gpu_b, slot_b] = size_a
-        expert[rows, gpu_a, slot_a] = expert_b
-        expert[rows, gpu_b, slot_b] = expert_a
-        load[rows, gpu_a] -= size_a - size_b
-        load[rows, gpu_b] += size_a - size_b
-        swaps[rows] += 1
-        still = (load[rows].max(axis=1) > target_max[rows]) & (swaps[rows] < budget[rows])
-        active = rows[still]
-    return swaps
+    num_rows, num_gpus, _ = size.shape
+    num_logical = max(int(expert.max()) + 1, home_node.shape[1])
+    if origin is None:
+        origin = np.ones((num_rows, num_gpus, num_logical), dtype=np.bool_)
+    if move_budget is None:
+        move_budget = np.full(num_rows, np.iinfo(np.int64).max // 2, dtype=np.int64)
+    return _refine_rows(
+        size,
+        expert,
+        node_of_gpu,
+        home_node,
+        origin,
+        np.asarray(target_max, dtype=np.float64),
+        np.asarray(move_budget, dtype=np.int64),
+        num_logical,
+        int(node_of_gpu.max()) + 1,
+    )
