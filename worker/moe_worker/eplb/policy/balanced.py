@@ -159,6 +159,12 @@ def _node_aware_layer(
             peak = max(peak_node / gpus_per_node, max(largest, after))
             if peak < best or (peak == best and per_replica > best_per_replica):
                 best, best_expert, best_per_replica = peak, e, per_replica
+        if best_expert < 0:
+            # Every candidate already has a replica on each of the node's GPUs: take the
+            # heaviest-per-replica expert of all (only when slots per GPU force duplicates).
+            for e in range(num_logical):
+                if weight[e] / counts[e] > best_per_replica:
+                    best_expert, best_per_replica = e, weight[e] / counts[e]
         e = best_expert
         per_replica = weight[e] / counts[e]
         after = weight[e] / (counts[e] + 1)

@@ -280,8 +280,12 @@ def _refine_layer(
         h = np.argmax(load)
         if load[h] <= target_max:
             break
+        # Two candidates: the cheapest swap (in moves) that brings the pair under the target,
+        # and, failing that, the swap that lowers the pair's peak the most.
         best = load[h] * (1.0 - 1e-12)
         best_gpu, best_a, best_b, best_cost = -1, -1, -1, 0
+        reach_cost, reach_peak = 1 << 30, np.inf
+        reach_gpu, reach_a, reach_b = -1, -1, -1
         for j in range(num_gpus):
             if j == h:
                 continue
@@ -297,7 +301,7 @@ def _refine_layer(
                     if delta <= 0.0:
                         continue
                     worse = max(load[h] - delta, load[j] + delta)
-                    if worse >= best:
+                    if worse >= best and worse > target_max:
                         continue
                     eb = expert[j, b]
                     if held[h, eb] > 0:
@@ -315,7 +319,15 @@ def _refine_layer(
                         cost -= 1
                     if moves + cost > move_budget:
                         continue
-                    best, best_gpu, best_a, best_b, best_cost = worse, j, a, b, cost
+                    if worse <= target_max and (
+                        cost < reach_cost or (cost == reach_cost and worse < reach_peak)
+                    ):
+                        reach_cost, reach_peak = cost, worse
+                        reach_gpu, reach_a, reach_b = j, a, b
+                    if worse < best:
+                        best, best_gpu, best_a, best_b, best_cost = worse, j, a, b, cost
+        if reach_gpu >= 0:
+            best_gpu, best_a, best_b, best_cost = reach_gpu, reach_a, reach_b, reach_cost
         if best_gpu < 0:
             break
         delta = size[h, best_a] - size[best_gpu, best_b]
@@ -355,8 +367,9 @@ def refine_by_swaps(
 ) -> np.ndarray:
     """Lower each row's heaviest GPU by swapping one of its replicas with another GPU's, in place.
 
-    Each step takes the heaviest GPU and applies the single swap, over all other GPUs and slot
-    pairs, that minimises the larger of the two new loads, if that lowers the peak. A swap
+    Each step takes the heaviest GPU and, over all other GPUs and slot pairs, applies the swap
+    that brings both GPUs under ``target_max`` with the fewest moves (then the lowest peak), or
+    if none does, the swap that minimises the larger of the two new loads, if that lowers it. A swap
     never puts two replicas of an expert on one GPU and never takes an expert's last replica
     off its home node. A row stops at ``target_max`` [X], when no swap helps, or when the next
     swap would exceed ``move_budget`` [X] expert copies moved relative to ``origin``

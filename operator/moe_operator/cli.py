@@ -1,0 +1,163 @@
+"""The ``moe-eplb`` command.
+
+Heavy imports (numpy, numba, matplotlib) happen inside the commands, so ``--help`` is fast and
+importing this module never pulls in torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="moe-eplb: Mixture-of-Experts expert-parallel load balancing, from planner to operator.",
+)
+console = Console()
+error_console = Console(stderr=True)
+
+
+def fail(message: str) -> NoReturn:
+    """Print a one-line error naming the problem and exit with status 2."""
+    error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main_callback() -> None:
+    """Mixture-of-Experts expert-parallel load balancing."""
+
+
+@app.command()
+def plan(
+    loads: Path = typer.Option(..., "--loads", help="Expert loads [layers, experts]: .npy or .json."),
+    gpus: int = typer.Option(..., "--gpus", help="Number of GPUs (EP ranks)."),
+    slots: int = typer.Option(..., "--slots", help="Physical expert slots per layer, over all GPUs."),
+    nodes: int = typer.Option(1, "--nodes", help="Number of nodes (node-aware placement when > 1)."),
+    groups: int = typer.Option(1, "--groups", help="Number of expert groups (DeepSeek-style)."),
+    policy: str = typer.Option("balanced", "--policy", help="Placement policy name."),
+    previous: Optional[Path] = typer.Option(
+        None, "--previous", help="Previous placement (the --out format) to start from / compare with."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write phy2log, log2phy, replica_count here."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="PNG: per-GPU load before and after, for the worst layer."
+    ),
+) -> None:
+    """Compute an expert placement for a load file and report its balance."""
+    from moe_worker.eplb import loadfile
+    from moe_worker.eplb.policy import (
+        POLICIES,
+        Placement,
+        PlacementInputError,
+        UnknownPolicyError,
+        balancedness_bound,
+        compute_placement,
+        default_placement,
+        layer_balancedness,
+        moved_copies,
+    )
+
+    if policy not in POLICIES:
+        fail(str(UnknownPolicyError(policy)))
+    try:
+        weight = loadfile.read_loads(loads)
+    except (OSError, ValueError) as exc:
+        fail(f"--loads {loads}: {exc}")
+    before: Placement | None = None
+    if previous is not None:
+        try:
+            before = Placement.from_json(json.loads(previous.read_text()))
+        except (OSError, ValueError) as exc:
+            fail(f"--previous {previous}: {exc}")
+    options = {"num_physical": slots, "num_gpus": gpus, "num_groups": groups, "num_nodes": nodes}
+    try:
+        started = time.perf_counter()
+        placement = compute_placement(policy, weight, previous=before, **options)
+        runtime = time.perf_counter() - started
+    except PlacementInputError as exc:
+        flag = {
+            "weight": "--loads",
+            "num_physical": "--slots",
+            "num_gpus": "--gpus",
+            "num_groups": "--groups",
+            "num_nodes": "--nodes",
+            "previous": "--previous",
+        }[exc.field]
+        fail(f"{flag}: {exc.rule}")
+
+    num_layers, num_logical = weight.shape
+    if before is None:
+        baseline, baseline_name, baseline_gpus = (
+            default_placement(num_layers, num_logical, slots), "static (slot p holds expert p mod E)", gpus,
+        )
+    else:
+        baseline, baseline_name = before, "previous"
+        baseline_gpus = before.num_physical // (slots // gpus)
+    before_balance = layer_balancedness(weight, baseline, baseline_gpus)
+    after_balance = layer_balancedness(weight, placement, gpus)
+    bound = balancedness_bound(weight, slots, gpus)
+    moved = moved_copies(baseline, placement, baseline_gpus, gpus) if before is not None else None
+
+    report: dict[str, Any] = {
+        "policy": policy,
+        "layers": num_layers,
+        "experts": num_logical,
+        "slots": slots,
+        "gpus": gpus,
+        "nodes": nodes,
+        "groups": groups,
+        "baseline": baseline_name,
+        "balancedness_before": float(before_balance.mean()),
+        "balancedness_after": float(after_balance.mean()),
+        "balancedness_bound": float(bound.mean()),
+        "worst_layer_after": float(after_balance.min()),
+        "moved_copies": int(moved.sum()) if moved is not None else None,
+        "moved_fraction_max_layer": float((moved / slots).max()) if moved is not None else None,
+        "runtime_s": runtime,
+    }
+    if out is not None:
+        out.write_text(json.dumps(placement.to_json()))
+        report["out"] = str(out)
+    if plot is not None:
+        from moe_worker.eplb.plot import plot_worst_layer
+
+        plot_worst_layer(weight, baseline, baseline_gpus, placement, gpus, plot)
+        report["plot"] = str(plot)
+
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    table = Table(title=f"moe-eplb plan: {policy}, {num_layers} layers x {num_logical} experts -> {slots} slots on {gpus} GPUs")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row(f"balancedness before ({baseline_name})", f"{report['balancedness_before']:.4f}")
+    table.add_row("balancedness after", f"{report['balancedness_after']:.4f}")
+    table.add_row("worst layer after", f"{report['worst_layer_after']:.4f}")
+    table.add_row("upper bound", f"{report['balancedness_bound']:.4f}")
+    table.add_row(
+        "moved copies",
+        "-" if moved is None else f"{report['moved_copies']} (max {report['moved_fraction_max_layer']:.1%} of a layer)",
+    )
+    table.add_row("runtime", f"{runtime * 1e3:.1f} ms")
+    console.print(table)
+    for key in ("out", "plot"):
+        if key in report:
+            console.print(f"{key}: {report[key]}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

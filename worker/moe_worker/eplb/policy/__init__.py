@@ -1,0 +1,190 @@
+"""Placement policies: where every expert replica goes, chosen by name from a registry.
+
+Call ``compute_placement(name, weight, num_physical=P, num_gpus=G, ...)``; it validates the
+inputs (``PlacementInputError`` names the field and the rule) and returns a ``Placement``.
+
+Inputs: ``weight`` [L, E] non-negative logical expert load per layer; P physical slots per layer
+(P >= E, P divisible by G); ``num_groups`` expert groups (E divisible by it) and ``num_nodes``
+(G divisible by it) for node-aware placement; optionally the ``previous`` placement.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+import numpy as np
+
+from .balanced import balanced_policy
+from .deepseek import deepseek_policy
+from .incremental import incremental_policy
+from .placement import Placement
+from .quality import (
+    balancedness,
+    balancedness_bound,
+    gpu_loads,
+    layer_balancedness,
+    max_load_lower_bound,
+    moved_copies,
+)
+
+
+class PlacementPolicy(Protocol):
+    def __call__(
+        self,
+        weight: np.ndarray,
+        num_physical: int,
+        num_groups: int,
+        num_nodes: int,
+        num_gpus: int,
+        previous: Placement | None = None,
+        **options: Any,
+    ) -> Placement: ...
+
+
+POLICIES: dict[str, PlacementPolicy] = {
+    "balanced": balanced_policy,
+    "deepseek": deepseek_policy,
+    "incremental": incremental_policy,
+}
+DEFAULT_POLICY = "balanced"
+
+
+class UnknownPolicyError(KeyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"unknown placement policy {self.name!r}; available: {', '.join(sorted(POLICIES))}"
+
+
+class PlacementInputError(ValueError):
+    """An input to a placement policy breaks a rule; ``field`` names the input."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+def get_policy(name: str) -> PlacementPolicy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise UnknownPolicyError(name) from None
+
+
+def validate_inputs(
+    weight: Any,
+    num_physical: int,
+    num_gpus: int,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    previous: Placement | None = None,
+) -> np.ndarray:
+    """Check every input against its rule; returns ``weight`` as a float64 [L, E] array."""
+    try:
+        array = np.asarray(weight, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PlacementInputError("weight", "must be a numeric [layers, experts] array") from None
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise PlacementInputError(
+            "weight", f"must be 2-D [layers, experts] with both >= 1, got shape {array.shape}"
+        )
+    if not np.isfinite(array).all():
+        raise PlacementInputError("weight", "must be finite (no NaN or infinity)")
+    if (array < 0).any():
+        layer, expert = np.argwhere(array < 0)[0]
+        raise PlacementInputError(
+            "weight", f"must be non-negative; layer {layer} expert {expert} is {array[layer, expert]}"
+        )
+    num_layers, num_logical = array.shape
+    for field, value in (
+        ("num_gpus", num_gpus),
+        ("num_physical", num_physical),
+        ("num_groups", num_groups),
+        ("num_nodes", num_nodes),
+    ):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise PlacementInputError(field, f"must be a positive integer, got {value!r}")
+    if num_physical < num_logical:
+        raise PlacementInputError(
+            "num_physical", f"must be >= the number of experts {num_logical}, got {num_physical}"
+        )
+    if num_physical % num_gpus:
+        raise PlacementInputError(
+            "num_physical", f"must be divisible by num_gpus {num_gpus}, got {num_physical}"
+        )
+    if num_logical % num_groups:
+        raise PlacementInputError(
+            "num_groups", f"must divide the number of experts {num_logical}, got {num_groups}"
+        )
+    if num_gpus % num_nodes:
+        raise PlacementInputError(
+            "num_nodes", f"must divide num_gpus {num_gpus}, got {num_nodes}"
+        )
+    if previous is not None:
+        slots_per_gpu = num_physical // num_gpus
+        if previous.num_layers != num_layers or previous.num_logical != num_logical:
+            raise PlacementInputError(
+                "previous",
+                f"covers {previous.num_layers} layers x {previous.num_logical} experts, "
+                f"the load {num_layers} x {num_logical}",
+            )
+        if previous.num_physical % slots_per_gpu or previous.num_physical < num_logical:
+            raise PlacementInputError(
+                "previous",
+                f"has {previous.num_physical} slots per layer, not a multiple of the "
+                f"{slots_per_gpu} slots per GPU",
+            )
+        if (previous.replica_count < 1).any():
+            raise PlacementInputError("previous", "leaves some expert without a replica")
+    return array
+
+
+# numba's default threading layer must not be entered from two threads at once.
+_compute_lock = threading.Lock()
+
+
+def compute_placement(
+    policy: str,
+    weight: Any,
+    num_physical: int,
+    num_gpus: int,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    previous: Placement | None = None,
+    **options: Any,
+) -> Placement:
+    """Validate the inputs and run the named policy. Thread-safe."""
+    function = get_policy(policy)
+    array = validate_inputs(weight, num_physical, num_gpus, num_groups, num_nodes, previous)
+    with _compute_lock:
+        return function(array, num_physical, num_groups, num_nodes, num_gpus, previous, **options)
+
+
+def default_placement(num_layers: int, num_logical: int, num_physical: int) -> Placement:
+    """What an engine without EPLB runs: slot p holds expert p mod E in every layer."""
+    phy2log = np.tile(np.arange(num_physical) % num_logical, (num_layers, 1))
+    return Placement.from_phy2log(phy2log, num_logical)
+
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "POLICIES",
+    "Placement",
+    "PlacementInputError",
+    "PlacementPolicy",
+    "UnknownPolicyError",
+    "balancedness",
+    "balancedness_bound",
+    "compute_placement",
+    "default_placement",
+    "get_policy",
+    "gpu_loads",
+    "layer_balancedness",
+    "max_load_lower_bound",
+    "moved_copies",
+    "validate_inputs",
+]

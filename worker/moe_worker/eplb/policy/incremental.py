@@ -1,0 +1,134 @@
+"""The ``incremental`` policy: reach a balancedness target while moving few expert copies.
+
+Starts from the previous placement and changes it only as far as needed. A copy "moves" when a
+(layer, GPU, expert) pair exists in the new placement but not in the old. Slots per GPU stay
+fixed, so the GPU count may change (elastic resize):
+
+- GPUs that survive keep their replicas;
+- joining GPUs get replicas of the experts with the largest load per replica;
+- replicas on retiring GPUs are dropped; an expert left with none takes the slot of a surviving
+  redundant replica whose expert can best spare it.
+
+Then swaps between the heaviest GPU and the others (``refine_by_swaps``, counting moves against
+the old placement) lift each layer to its target: by default ``recover`` (95%) of the gain a full
+``balanced`` re-plan would get over the starting point, or an explicit balancedness ``target``.
+Without a previous placement it is the ``balanced`` policy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .balanced import balanced_policy, is_node_aware
+from .packing import refine_by_swaps, repair_duplicates
+from .placement import Placement
+from .quality import gpu_expert_presence, layer_balancedness
+
+DEFAULT_RECOVER = 0.95
+
+
+def _drop_retired(
+    weight: np.ndarray, layout: np.ndarray, num_logical: int
+) -> np.ndarray:
+    """Re-home experts whose only replicas were on retired GPUs. layout [L, G, S] kept GPUs."""
+    num_layers = layout.shape[0]
+    flat = layout.reshape(num_layers, -1).copy()
+    for layer in range(num_layers):
+        counts = np.bincount(flat[layer], minlength=num_logical)
+        for orphan in np.nonzero(counts == 0)[0]:
+            # Evict the redundant replica whose expert loses least by giving it up.
+            spare_cost = np.where(counts >= 2, weight[layer] / np.maximum(counts - 1, 1), np.inf)
+            donor = int(np.argmin(spare_cost))
+            slots = np.nonzero(flat[layer] == donor)[0]
+            flat[layer, slots[-1]] = orphan
+            counts[donor] -= 1
+            counts[orphan] += 1
+    return flat.reshape(layout.shape)
+
+
+def _add_joined(
+    weight: np.ndarray, layout: np.ndarray, num_new_gpus: int, num_logical: int
+) -> np.ndarray:
+    """Fill the slots of joining GPUs [L, G_new, S] with replicas of the heaviest-per-replica experts."""
+    num_layers, num_old_gpus, slots = layout.shape
+    counts = np.stack(
+        [np.bincount(layout[layer].ravel(), minlength=num_logical) for layer in range(num_layers)]
+    )
+    extra = (num_new_gpus - num_old_gpus) * slots
+    new_slots = np.empty((num_layers, extra), dtype=np.int64)
+    rows = np.arange(num_layers)
+    for k in range(extra):
+        per_replica = np.where(counts >= num_new_gpus, -np.inf, weight / counts)
+        chosen = np.argmax(per_replica, axis=1)
+        new_slots[:, k] = chosen
+        counts[rows, chosen] += 1
+    # Deal round-robin over the joining GPUs so an expert's new replicas land on different GPUs.
+    joined = new_slots.reshape(num_layers, slots, num_new_gpus - num_old_gpus).transpose(0, 2, 1)
+    return np.concatenate([layout, joined], axis=1)
+
+
+def incremental_policy(
+    weight: np.ndarray,
+    num_physical: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    previous: Placement | None = None,
+    target: float | None = None,
+    recover: float = DEFAULT_RECOVER,
+    max_moved_fraction: float | None = None,
+) -> Placement:
+    """Placement [L, P] close to ``previous`` whose balancedness reaches the target per layer.
+
+    ``max_moved_fraction`` caps the copies the swaps may move per layer, as a fraction of the
+    slots (moves forced by a change of GPU count are not counted against it).
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    if previous is None:
+        return balanced_policy(weight, num_physical, num_groups, num_nodes, num_gpus)
+    num_layers, num_logical = weight.shape
+    slots = num_physical // num_gpus
+    old_gpus = previous.num_physical // slots
+    old_layout = previous.phy2log.reshape(num_layers, old_gpus, slots)
+
+    layout = old_layout[:, : min(old_gpus, num_gpus)]
+    if num_gpus < old_gpus:
+        layout = _drop_retired(weight, layout, num_logical)
+    elif num_gpus > old_gpus:
+        layout = _add_joined(weight, layout, num_gpus, num_logical)
+    start = Placement.from_phy2log(layout.reshape(num_layers, num_physical), num_logical)
+    counts = start.replica_count
+
+    start_balance = layer_balancedness(weight, start, num_gpus)
+    if target is None:
+        full = balanced_policy(weight, num_physical, num_groups, num_nodes, num_gpus)
+        full_balance = layer_balancedness(weight, full, num_gpus)
+        goal = start_balance + recover * np.maximum(full_balance - start_balance, 0.0)
+    else:
+        goal = np.full(num_layers, float(target))
+    mean = weight.sum(axis=1) / num_gpus
+    target_max = np.where(goal > 0, mean / np.maximum(goal, 1e-12), np.inf)
+
+    if is_node_aware(num_groups, num_nodes, num_gpus):
+        # Each expert's home is the node of its first slot now, so locality is kept, not redone.
+        node_of_gpu = np.arange(num_gpus) // (num_gpus // num_nodes)
+        first_slot = np.argmax(start.log2phy >= 0, axis=2)
+        home_node = node_of_gpu[np.take_along_axis(start.log2phy, first_slot[:, :, None], 2)[:, :, 0] // slots]
+    else:
+        home_node = np.full((num_layers, num_logical), -1, dtype=np.int64)
+        node_of_gpu = np.zeros(num_gpus, dtype=np.int64)
+    expert = np.ascontiguousarray(layout, dtype=np.int64).copy()
+    size = np.take_along_axis(weight / counts, expert.reshape(num_layers, -1), axis=1).reshape(
+        expert.shape
+    )
+    repair_duplicates(size, expert, node_of_gpu, np.full_like(home_node, -1))
+    origin = np.zeros((num_layers, num_gpus, num_logical), dtype=bool)
+    kept = min(old_gpus, num_gpus)
+    origin[:, :kept] = gpu_expert_presence(previous.phy2log, old_gpus, num_logical)[:, :kept]
+    budget = None
+    if max_moved_fraction is not None:
+        budget = np.full(num_layers, int(np.floor(max_moved_fraction * num_physical)))
+    refine_by_swaps(
+        size, expert, node_of_gpu, home_node, target_max, origin=origin, move_budget=budget
+    )
+    return Placement.from_phy2log(expert.reshape(num_layers, num_physical), num_logical)
