@@ -1,0 +1,138 @@
+"""Placement benchmark: balance, moves and runtime of `balanced`/`incremental` against `deepseek`.
+
+Prints one JSON line per case. Loads: lognormal(0, 0.8) expert popularity per layer (seeded),
+2M tokens per layer drawn multinomially. Runtimes are medians over --repeats runs after one
+warm-up run (numba compiles or loads its cache on the first), measured in the same process.
+
+    python bench/placement.py [--repeats 21] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from moe_worker.eplb.policy import (
+    Placement,
+    balancedness_bound,
+    compute_placement,
+    layer_balancedness,
+    moved_copies,
+)
+
+LAYERS, EXPERTS, TOKENS = 58, 256, 2_000_000
+
+
+def synthetic_loads(seed: int, layers: int = LAYERS, experts: int = EXPERTS) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    popularity = rng.lognormal(0.0, 0.8, size=(layers, experts))
+    popularity /= popularity.sum(axis=1, keepdims=True)
+    return np.stack([rng.multinomial(TOKENS, p) for p in popularity]).astype(np.float64)
+
+
+def timed(function: Callable[[], Placement], repeats: int) -> tuple[Placement, float]:
+    result = function()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = function()
+        samples.append(time.perf_counter() - started)
+    return result, statistics.median(samples)
+
+
+def machine() -> dict[str, Any]:
+    try:
+        import numba
+
+        threads = numba.get_num_threads()
+    except ImportError:  # pragma: no cover
+        threads = 1
+    return {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "numba_threads": threads,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def static_case(
+    name: str, weight: np.ndarray, slots: int, gpus: int, nodes: int, groups: int, repeats: int
+) -> dict[str, Any]:
+    kwargs = dict(num_physical=slots, num_gpus=gpus, num_nodes=nodes, num_groups=groups)
+    figures: dict[str, Any] = {"case": name, "layers": weight.shape[0], "experts": weight.shape[1]}
+    figures.update(slots=slots, gpus=gpus, nodes=nodes, groups=groups)
+    figures["bound"] = float(balancedness_bound(weight, slots, gpus).mean())
+    for policy in ("deepseek", "balanced"):
+        placement, seconds = timed(lambda: compute_placement(policy, weight, **kwargs), repeats)
+        figures[f"{policy}_balancedness"] = float(layer_balancedness(weight, placement, gpus).mean())
+        figures[f"{policy}_ms"] = seconds * 1e3
+    figures["time_ratio_balanced_vs_deepseek"] = figures["balanced_ms"] / figures["deepseek_ms"]
+    return figures
+
+
+def drift_case(weight: np.ndarray, seed: int, repeats: int) -> dict[str, Any]:
+    slots, gpus = 288, 32
+    kwargs = dict(num_physical=slots, num_gpus=gpus)
+    stale = compute_placement("balanced", weight, **kwargs)
+    drifted = weight * np.random.default_rng(seed + 1).lognormal(0.0, 0.05, size=weight.shape)
+    stale_balance = layer_balancedness(drifted, stale, gpus)
+    figures: dict[str, Any] = {"case": "d-drift", "slots": slots, "gpus": gpus, "drift_sigma": 0.05}
+    figures["stale_balancedness"] = float(stale_balance.mean())
+    runs: dict[str, Callable[[], Placement]] = {
+        "deepseek_full": lambda: compute_placement("deepseek", drifted, **kwargs),
+        "balanced_full": lambda: compute_placement("balanced", drifted, **kwargs),
+        "incremental": lambda: compute_placement(
+            "incremental", drifted, previous=stale, max_moved_fraction=0.10, **kwargs
+        ),
+        "incremental_uncapped": lambda: compute_placement(
+            "incremental", drifted, previous=stale, **kwargs
+        ),
+    }
+    balance: dict[str, np.ndarray] = {}
+    for name, run in runs.items():
+        placement, seconds = timed(run, repeats)
+        balance[name] = layer_balancedness(drifted, placement, gpus)
+        moved = moved_copies(stale, placement, gpus, gpus) / slots
+        figures[f"{name}_balancedness"] = float(balance[name].mean())
+        figures[f"{name}_moved_fraction_mean"] = float(moved.mean())
+        figures[f"{name}_moved_fraction_max_layer"] = float(moved.max())
+        figures[f"{name}_ms"] = seconds * 1e3
+    full_gain = balance["balanced_full"] - stale_balance
+    for name in ("incremental", "incremental_uncapped"):
+        gain = balance[name] - stale_balance
+        figures[f"{name}_recovered_of_balanced_full"] = float(gain.mean() / full_gain.mean())
+        figures[f"{name}_recovered_min_layer"] = float((gain / full_gain).min())
+        figures[f"{name}_recovered_of_deepseek_full"] = float(
+            gain.mean() / (balance["deepseek_full"] - stale_balance).mean()
+        )
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    weight = synthetic_loads(args.seed)
+    host = machine()
+    cases = [
+        static_case("a-hierarchical", weight, 288, 32, 4, 8, args.repeats),
+        static_case("a-global", weight, 288, 32, 1, 1, args.repeats),
+        static_case("b-global-64gpu", weight, 320, 64, 1, 1, args.repeats),
+        static_case("c-decode-144gpu", weight, 288, 144, 1, 1, args.repeats),
+        drift_case(weight, args.seed, args.repeats),
+    ]
+    for figures in cases:
+        print(json.dumps({"bench": "placement", "seed": args.seed, **figures, **host}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
