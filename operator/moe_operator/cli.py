@@ -148,7 +148,7 @@ def plan(
         "moved copies",
         "-" if moved is None else f"{report['moved_copies']} (max {report['moved_fraction_max_layer']:.1%} of a layer)",
     )
-    table.add_row("runtime", f"{runtime * 1e3:.1f} ms")
+    table.add_row("runtime (includes loading compiled kernels)", f"{runtime * 1e3:.1f} ms")
     console.print(table)
     for key in ("out", "plot"):
         if key in report:

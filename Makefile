@@ -1,0 +1,31 @@
+# The README's commands. `make demo` and `make test` each set up .venv first when needed.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev,worker,operator]"
+	touch $@
+
+# The main job: plan a placement for a real expert-load trace and report its balance.
+demo: setup
+	mkdir -p out
+	$(BIN)/moe-eplb plan --loads examples/loads/qwen2_57b_a14b_sharegpt.json \
+		--gpus 8 --slots 72 --policy deepseek
+	$(BIN)/moe-eplb plan --loads examples/loads/qwen2_57b_a14b_sharegpt.json \
+		--gpus 8 --slots 72 --out out/placement.json --plot out/placement.png
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/placement.py
+
+lint: setup
+	$(BIN)/ruff check operator worker tests bench
