@@ -29,3 +29,5 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check operator worker tests bench
+	$(BIN)/ruff format --check operator worker tests bench
+	$(BIN)/mypy operator/moe_operator worker/moe_worker

@@ -15,7 +15,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -71,8 +72,12 @@ def static_case(
     figures.update(slots=slots, gpus=gpus, nodes=nodes, groups=groups)
     figures["bound"] = float(balancedness_bound(weight, slots, gpus).mean())
     for policy in ("deepseek", "balanced"):
-        placement, seconds = timed(lambda: compute_placement(policy, weight, **kwargs), repeats)
-        figures[f"{policy}_balancedness"] = float(layer_balancedness(weight, placement, gpus).mean())
+        placement, seconds = timed(
+            lambda policy=policy: compute_placement(policy, weight, **kwargs), repeats
+        )
+        figures[f"{policy}_balancedness"] = float(
+            layer_balancedness(weight, placement, gpus).mean()
+        )
         figures[f"{policy}_ms"] = seconds * 1e3
     figures["time_ratio_balanced_vs_deepseek"] = figures["balanced_ms"] / figures["deepseek_ms"]
     return figures

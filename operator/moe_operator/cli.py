@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -38,18 +38,28 @@ def main_callback() -> None:
 
 @app.command()
 def plan(
-    loads: Path = typer.Option(..., "--loads", help="Expert loads [layers, experts]: .npy or .json."),
+    loads: Path = typer.Option(
+        ..., "--loads", help="Expert loads [layers, experts]: .npy or .json."
+    ),
     gpus: int = typer.Option(..., "--gpus", help="Number of GPUs (EP ranks)."),
-    slots: int = typer.Option(..., "--slots", help="Physical expert slots per layer, over all GPUs."),
-    nodes: int = typer.Option(1, "--nodes", help="Number of nodes (node-aware placement when > 1)."),
+    slots: int = typer.Option(
+        ..., "--slots", help="Physical expert slots per layer, over all GPUs."
+    ),
+    nodes: int = typer.Option(
+        1, "--nodes", help="Number of nodes (node-aware placement when > 1)."
+    ),
     groups: int = typer.Option(1, "--groups", help="Number of expert groups (DeepSeek-style)."),
     policy: str = typer.Option("balanced", "--policy", help="Placement policy name."),
-    previous: Optional[Path] = typer.Option(
-        None, "--previous", help="Previous placement (the --out format) to start from / compare with."
+    previous: Path | None = typer.Option(
+        None,
+        "--previous",
+        help="Previous placement (the --out format) to start from / compare with.",
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write phy2log, log2phy, replica_count here."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write phy2log, log2phy, replica_count here."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    plot: Optional[Path] = typer.Option(
+    plot: Path | None = typer.Option(
         None, "--plot", help="PNG: per-GPU load before and after, for the worst layer."
     ),
 ) -> None:
@@ -98,7 +108,9 @@ def plan(
     num_layers, num_logical = weight.shape
     if before is None:
         baseline, baseline_name, baseline_gpus = (
-            default_placement(num_layers, num_logical, slots), "static (slot p holds expert p mod E)", gpus,
+            default_placement(num_layers, num_logical, slots),
+            "static (slot p holds expert p mod E)",
+            gpus,
         )
     else:
         baseline, baseline_name = before, "previous"
@@ -137,7 +149,12 @@ def plan(
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
         return
-    table = Table(title=f"moe-eplb plan: {policy}, {num_layers} layers x {num_logical} experts -> {slots} slots on {gpus} GPUs")
+    table = Table(
+        title=(
+            f"moe-eplb plan: {policy}, {num_layers} layers x {num_logical} experts"
+            f" -> {slots} slots on {gpus} GPUs"
+        )
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row(f"balancedness before ({baseline_name})", f"{report['balancedness_before']:.4f}")
@@ -146,7 +163,9 @@ def plan(
     table.add_row("upper bound", f"{report['balancedness_bound']:.4f}")
     table.add_row(
         "moved copies",
-        "-" if moved is None else f"{report['moved_copies']} (max {report['moved_fraction_max_layer']:.1%} of a layer)",
+        "-"
+        if moved is None
+        else f"{report['moved_copies']} (max {report['moved_fraction_max_layer']:.1%} of a layer)",
     )
     table.add_row("runtime (includes loading compiled kernels)", f"{runtime * 1e3:.1f} ms")
     console.print(table)

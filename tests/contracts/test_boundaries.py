@@ -18,7 +18,9 @@ def loaded_modules(*modules: str) -> set[str]:
         f"for name in {list(modules)!r}: importlib.import_module(name)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     return set(json.loads(result.stdout))
 
 
@@ -48,7 +50,8 @@ def test_operator_plan_command_does_not_import_torch(tmp_path: Path) -> None:
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from moe_operator.cli import app\n"
-        f"r = CliRunner().invoke(app, ['plan', '--loads', {str(loads)!r}, '--gpus', '2', '--slots', '6', '--json'])\n"
+        f"args = ['plan', '--loads', {str(loads)!r}, '--gpus', '2', '--slots', '6', '--json']\n"
+        "r = CliRunner().invoke(app, args)\n"
         "assert r.exit_code == 0, r.output\n"
         "assert 'torch' not in sys.modules\n"
     )

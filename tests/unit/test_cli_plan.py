@@ -29,7 +29,9 @@ def loads_json(tmp_path: Path) -> Path:
 
 def test_json_report_and_out_file(loads_json: Path, tmp_path: Path) -> None:
     out = tmp_path / "placement.json"
-    code, stdout, _ = run("--loads", str(loads_json), "--gpus", "4", "--slots", "20", "--out", str(out), "--json")
+    code, stdout, _ = run(
+        "--loads", str(loads_json), "--gpus", "4", "--slots", "20", "--out", str(out), "--json"
+    )
     assert code == 0
     report = json.loads(stdout)
     assert report["policy"] == "balanced"
@@ -42,10 +44,21 @@ def test_json_report_and_out_file(loads_json: Path, tmp_path: Path) -> None:
 
 def test_previous_gives_moved_copies(loads_json: Path, tmp_path: Path) -> None:
     out = tmp_path / "placement.json"
-    assert run("--loads", str(loads_json), "--gpus", "4", "--slots", "20", "--out", str(out))[0] == 0
+    assert (
+        run("--loads", str(loads_json), "--gpus", "4", "--slots", "20", "--out", str(out))[0] == 0
+    )
     code, stdout, _ = run(
-        "--loads", str(loads_json), "--gpus", "4", "--slots", "20", "--policy", "incremental",
-        "--previous", str(out), "--json",
+        "--loads",
+        str(loads_json),
+        "--gpus",
+        "4",
+        "--slots",
+        "20",
+        "--policy",
+        "incremental",
+        "--previous",
+        str(out),
+        "--json",
     )
     assert code == 0
     report = json.loads(stdout)
@@ -55,7 +68,9 @@ def test_previous_gives_moved_copies(loads_json: Path, tmp_path: Path) -> None:
 
 def test_table_output_and_plot(loads_json: Path, tmp_path: Path) -> None:
     plot = tmp_path / "plot.png"
-    code, stdout, _ = run("--loads", str(loads_json), "--gpus", "4", "--slots", "20", "--plot", str(plot))
+    code, stdout, _ = run(
+        "--loads", str(loads_json), "--gpus", "4", "--slots", "20", "--plot", str(plot)
+    )
     assert code == 0
     assert "balancedness after" in stdout and "upper bound" in stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -76,13 +91,27 @@ def test_npy_and_real_trace(tmp_path: Path) -> None:
     [
         ([1, 2, 3], ["--gpus", "2", "--slots", "4"], "2-D"),
         ([[1, -2, 3, 4]], ["--gpus", "2", "--slots", "4"], "non-negative"),
-        ([[1, 2, 3, 4]], ["--gpus", "3", "--slots", "4"], "--slots: must be divisible by num_gpus 3"),
-        ([[1, 2, 3, 4]], ["--gpus", "2", "--slots", "2"], "--slots: must be >= the number of experts 4"),
-        ([[1, 2, 3, 4]], ["--gpus", "2", "--slots", "4", "--policy", "magic"], "available: balanced"),
+        (
+            [[1, 2, 3, 4]],
+            ["--gpus", "3", "--slots", "4"],
+            "--slots: must be divisible by num_gpus 3",
+        ),
+        (
+            [[1, 2, 3, 4]],
+            ["--gpus", "2", "--slots", "2"],
+            "--slots: must be >= the number of experts 4",
+        ),
+        (
+            [[1, 2, 3, 4]],
+            ["--gpus", "2", "--slots", "4", "--policy", "magic"],
+            "available: balanced",
+        ),
         ({"rows": []}, ["--gpus", "2", "--slots", "4"], '"counts" field'),
     ],
 )
-def test_bad_input_one_line_error(tmp_path: Path, content: object, args: list[str], message: str) -> None:
+def test_bad_input_one_line_error(
+    tmp_path: Path, content: object, args: list[str], message: str
+) -> None:
     path = tmp_path / "loads.json"
     path.write_text(json.dumps(content))
     code, stdout, stderr = run("--loads", str(path), *args)
@@ -95,7 +124,9 @@ def test_bad_input_one_line_error(tmp_path: Path, content: object, args: list[st
 def test_previous_of_another_shape(loads_json: Path, tmp_path: Path) -> None:
     previous = tmp_path / "previous.json"
     previous.write_text(json.dumps({"phy2log": [[0, 1, 2, 3]]}))
-    code, _, stderr = run("--loads", str(loads_json), "--gpus", "4", "--slots", "20", "--previous", str(previous))
+    code, _, stderr = run(
+        "--loads", str(loads_json), "--gpus", "4", "--slots", "20", "--previous", str(previous)
+    )
     assert code != 0
     assert stderr.startswith("error: --previous") and len(stderr.strip().splitlines()) == 1
 

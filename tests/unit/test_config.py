@@ -10,7 +10,11 @@ from moe_worker.config import EPLBConfig
 
 def test_defaults() -> None:
     config = EPLBConfig()
-    assert (config.window_size, config.step_interval, config.num_redundant_experts) == (1000, 3000, 0)
+    assert (config.window_size, config.step_interval, config.num_redundant_experts) == (
+        1000,
+        3000,
+        0,
+    )
     assert config.use_async and not config.log_balancedness
     assert config.log_balancedness_interval == 1
     assert (config.policy, config.communicator) == ("incremental", "auto")

@@ -87,14 +87,20 @@ def check_invariants(placement: Placement, problem: dict, allow_duplicates: bool
         for expert in range(num_logical):
             listed = placement.log2phy[layer, expert]
             real = listed[listed >= 0]
-            assert (listed[len(real):] == -1).all()
-            assert sorted(real.tolist()) == np.nonzero(placement.phy2log[layer] == expert)[0].tolist()
+            assert (listed[len(real) :] == -1).all()
+            assert (
+                sorted(real.tolist()) == np.nonzero(placement.phy2log[layer] == expert)[0].tolist()
+            )
     # Each GPU has exactly P/G slots by construction; check no duplicates unless forced.
     if not allow_duplicates and slots <= num_logical:
         per_gpu = placement.phy2log.reshape(num_layers, num_gpus, slots)
         for layer in range(num_layers):
             for gpu in range(num_gpus):
-                assert len(set(per_gpu[layer, gpu].tolist())) == slots, (layer, gpu, per_gpu[layer, gpu])
+                assert len(set(per_gpu[layer, gpu].tolist())) == slots, (
+                    layer,
+                    gpu,
+                    per_gpu[layer, gpu],
+                )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -112,7 +118,11 @@ def test_policy_invariants(problem: dict, policy: str) -> None:
 @settings(max_examples=100, deadline=None)
 @given(problem=problems())
 def test_balanced_keeps_each_group_on_one_node(problem: dict) -> None:
-    num_gpus, num_nodes, num_groups = problem["num_gpus"], problem["num_nodes"], problem["num_groups"]
+    num_gpus, num_nodes, num_groups = (
+        problem["num_gpus"],
+        problem["num_nodes"],
+        problem["num_groups"],
+    )
     placement = compute_placement("balanced", **problem)
     if num_nodes == 1 or num_groups % num_nodes:
         return
@@ -138,7 +148,11 @@ def test_incremental_from_previous_and_resized(problem: dict, data: st.DataObjec
     # Resize to another GPU count with the same slots per GPU, still >= experts.
     new_gpus = data.draw(
         st.sampled_from(
-            [g for g in range(1, 10) if g * slots >= weight.shape[1] and g % problem["num_nodes"] == 0]
+            [
+                g
+                for g in range(1, 10)
+                if g * slots >= weight.shape[1] and g % problem["num_nodes"] == 0
+            ]
             or [num_gpus]
         )
     )
@@ -173,7 +187,10 @@ def test_incremental_moves_few_copies_after_drift() -> None:
     gain = layer_balancedness(drifted, incremental, 8).mean() - stale
     assert full_gain > 0
     assert gain >= 0.9 * full_gain
-    assert moved_copies(previous, incremental, 8, 8).sum() < 0.5 * moved_copies(previous, full, 8, 8).sum()
+    assert (
+        moved_copies(previous, incremental, 8, 8).sum()
+        < 0.5 * moved_copies(previous, full, 8, 8).sum()
+    )
 
 
 def test_incremental_respects_move_budget() -> None:

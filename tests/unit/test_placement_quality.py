@@ -75,7 +75,9 @@ def test_moved_copies_counts_new_gpu_expert_pairs() -> None:
 
 
 def test_placement_json_round_trip_and_errors() -> None:
-    placement = compute_placement("balanced", np.arange(1, 13).reshape(2, 6), num_physical=8, num_gpus=4)
+    placement = compute_placement(
+        "balanced", np.arange(1, 13).reshape(2, 6), num_physical=8, num_gpus=4
+    )
     again = Placement.from_json(placement.to_json())
     assert np.array_equal(again.phy2log, placement.phy2log)
     assert np.array_equal(again.log2phy, placement.log2phy)
@@ -116,7 +118,9 @@ def test_input_rules_name_field(kwargs: dict, field: str, rule: str) -> None:
 def test_previous_of_another_shape_is_rejected() -> None:
     previous = Placement.from_phy2log(np.array([[0, 1, 2, 0]]), 3)
     with pytest.raises(PlacementInputError) as info:
-        compute_placement("incremental", [[1.0, 2.0, 3.0, 4.0]], num_physical=8, num_gpus=4, previous=previous)
+        compute_placement(
+            "incremental", [[1.0, 2.0, 3.0, 4.0]], num_physical=8, num_gpus=4, previous=previous
+        )
     assert info.value.field == "previous"
 
 

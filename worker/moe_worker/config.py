@@ -46,4 +46,3 @@ class EPLBConfig(WireModel):
     communicator: CommunicatorName = Field(
         "auto", description="Weight-exchange backend; auto picks by platform and mode."
     )
-

@@ -1,4 +1,4 @@
-"""Reading expert-load files: ``.npy`` or ``.json`` ([[...]] or {"counts": [[...]]}), shape [L, E]."""
+"""Expert-load files: ``.npy`` or ``.json`` ([[...]] or {"counts": [[...]]}), shape [L, E]."""
 
 from __future__ import annotations
 
@@ -41,5 +41,7 @@ def read_loads(path: str | Path) -> np.ndarray:
         raise ValueError("loads must be finite (no NaN or infinity)")
     if (data < 0).any():
         layer, expert = np.argwhere(data < 0)[0]
-        raise ValueError(f"loads must be non-negative; layer {layer} expert {expert} is {data[layer, expert]}")
+        raise ValueError(
+            f"loads must be non-negative; layer {layer} expert {expert} is {data[layer, expert]}"
+        )
     return data

@@ -32,7 +32,11 @@ def plot_worst_layer(
     load_after = gpu_loads(weight, after, after_gpus)[layer]
     figure, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for axis, loads, title in (
-        (axes[0], load_before, f"before: balancedness {load_before.mean() / load_before.max():.3f}"),
+        (
+            axes[0],
+            load_before,
+            f"before: balancedness {load_before.mean() / load_before.max():.3f}",
+        ),
         (axes[1], load_after, f"after: balancedness {load_after.mean() / load_after.max():.3f}"),
     ):
         axis.bar(np.arange(loads.size), loads, color="tab:blue")

@@ -11,7 +11,8 @@ Inputs: ``weight`` [L, E] non-negative logical expert load per layer; P physical
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,18 +29,8 @@ from .quality import (
     moved_copies,
 )
 
-
-class PlacementPolicy(Protocol):
-    def __call__(
-        self,
-        weight: np.ndarray,
-        num_physical: int,
-        num_groups: int,
-        num_nodes: int,
-        num_gpus: int,
-        previous: Placement | None = None,
-        **options: Any,
-    ) -> Placement: ...
+# (weight [L, E], num_physical, num_groups, num_nodes, num_gpus, previous, **options) -> Placement
+PlacementPolicy = Callable[..., Placement]
 
 
 POLICIES: dict[str, PlacementPolicy] = {
@@ -97,7 +88,8 @@ def validate_inputs(
     if (array < 0).any():
         layer, expert = np.argwhere(array < 0)[0]
         raise PlacementInputError(
-            "weight", f"must be non-negative; layer {layer} expert {expert} is {array[layer, expert]}"
+            "weight",
+            f"must be non-negative; layer {layer} expert {expert} is {array[layer, expert]}",
         )
     num_layers, num_logical = array.shape
     for field, value in (
@@ -121,9 +113,7 @@ def validate_inputs(
             "num_groups", f"must divide the number of experts {num_logical}, got {num_groups}"
         )
     if num_gpus % num_nodes:
-        raise PlacementInputError(
-            "num_nodes", f"must divide num_gpus {num_gpus}, got {num_nodes}"
-        )
+        raise PlacementInputError("num_nodes", f"must divide num_gpus {num_gpus}, got {num_nodes}")
     if previous is not None:
         slots_per_gpu = num_physical // num_gpus
         if previous.num_layers != num_layers or previous.num_logical != num_logical:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .jit import njit, njit_parallel, prange
 from .packing import (
     differencing_assign,
     expand_replicas,
@@ -24,7 +25,6 @@ from .packing import (
     refine_by_swaps,
     repair_duplicates,
 )
-from .jit import njit, njit_parallel, prange
 from .placement import Placement
 from .quality import optimal_replica_counts
 
@@ -56,7 +56,9 @@ def _pair_peak(weight: np.ndarray, counts: np.ndarray) -> tuple[float, int, int]
 
 
 @njit
-def _tune_pairs_layer(weight: np.ndarray, counts: np.ndarray, max_per_expert: int, max_rounds: int) -> None:
+def _tune_pairs_layer(
+    weight: np.ndarray, counts: np.ndarray, max_per_expert: int, max_rounds: int
+) -> None:
     current, big, small = _pair_peak(weight, counts)
     for _ in range(max_rounds):
         improved = False
@@ -96,7 +98,9 @@ def tune_counts_for_pairs(
     per-replica load stays smallest after giving one up. ``counts`` [X, E] -> tuned copy.
     """
     tuned = np.ascontiguousarray(counts, dtype=np.int64).copy()
-    _tune_pairs_rows(np.ascontiguousarray(weight, dtype=np.float64), tuned, max_per_expert, max_rounds)
+    _tune_pairs_rows(
+        np.ascontiguousarray(weight, dtype=np.float64), tuned, max_per_expert, max_rounds
+    )
     return tuned
 
 
@@ -234,7 +238,9 @@ def _deal_per_node(
     size, expert = expand_replicas(per_replica, multiplicity)
     slot_item = differencing_assign(size, num_gpus // num_nodes)
     shape = (num_layers, num_gpus, -1)
-    return gather_slots(size, slot_item).reshape(shape), gather_slots(expert, slot_item).reshape(shape)
+    return gather_slots(size, slot_item).reshape(shape), gather_slots(expert, slot_item).reshape(
+        shape
+    )
 
 
 def is_node_aware(num_groups: int, num_nodes: int, num_gpus: int) -> bool:

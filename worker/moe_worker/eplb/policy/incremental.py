@@ -27,9 +27,7 @@ from .quality import gpu_expert_presence, layer_balancedness
 DEFAULT_RECOVER = 0.95
 
 
-def _drop_retired(
-    weight: np.ndarray, layout: np.ndarray, num_logical: int
-) -> np.ndarray:
+def _drop_retired(weight: np.ndarray, layout: np.ndarray, num_logical: int) -> np.ndarray:
     """Re-home experts whose only replicas were on retired GPUs. layout [L, G, S] kept GPUs."""
     num_layers = layout.shape[0]
     flat = layout.reshape(num_layers, -1).copy()
@@ -49,7 +47,7 @@ def _drop_retired(
 def _add_joined(
     weight: np.ndarray, layout: np.ndarray, num_new_gpus: int, num_logical: int
 ) -> np.ndarray:
-    """Fill the slots of joining GPUs [L, G_new, S] with replicas of the heaviest-per-replica experts."""
+    """Fill joining GPUs' slots [L, G_new, S] with replicas of the heaviest-per-replica experts."""
     num_layers, num_old_gpus, slots = layout.shape
     counts = np.stack(
         [np.bincount(layout[layer].ravel(), minlength=num_logical) for layer in range(num_layers)]
@@ -113,7 +111,9 @@ def incremental_policy(
         # Each expert's home is the node of its first slot now, so locality is kept, not redone.
         node_of_gpu = np.arange(num_gpus) // (num_gpus // num_nodes)
         first_slot = np.argmax(start.log2phy >= 0, axis=2)
-        home_node = node_of_gpu[np.take_along_axis(start.log2phy, first_slot[:, :, None], 2)[:, :, 0] // slots]
+        home_node = node_of_gpu[
+            np.take_along_axis(start.log2phy, first_slot[:, :, None], 2)[:, :, 0] // slots
+        ]
     else:
         home_node = np.full((num_layers, num_logical), -1, dtype=np.int64)
         node_of_gpu = np.zeros(num_gpus, dtype=np.int64)

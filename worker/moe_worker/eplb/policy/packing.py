@@ -15,6 +15,8 @@ at least one replica on its home node (its group's node). Without nodes, ``home_
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .jit import njit, njit_parallel, prange
@@ -24,7 +26,7 @@ def greedy_pack(item_weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     """Pack N items per row into ``num_packs`` packs of exactly N / num_packs items each.
 
     Items go heaviest first (stable order) to the currently lightest pack that still has room
-    (lowest index on ties). ``item_weight`` [X, N] -> (pack of item [X, N], position in pack [X, N]).
+    (lowest index on ties). ``item_weight`` [X, N] -> (pack of item, position in pack), [X, N] each.
     """
     num_rows, num_items = item_weight.shape
     capacity = num_items // num_packs
@@ -155,7 +157,7 @@ def _swap_slots(
     held: np.ndarray,
     node_held: np.ndarray,
     node_of_gpu: np.ndarray,
-    gpu_a: int,
+    gpu_a: Any,
     slot_a: int,
     gpu_b: int,
     slot_b: int,
@@ -190,9 +192,7 @@ def _holdings(expert: np.ndarray, node_of_gpu: np.ndarray, num_logical: int, num
 
 
 @njit
-def _may_leave(
-    e: int, node: int, home_node: np.ndarray, node_held: np.ndarray
-) -> bool:
+def _may_leave(e: int, node: int, home_node: np.ndarray, node_held: np.ndarray) -> bool:
     """Whether a replica of expert e may leave ``node``: not its home, or not its last one there."""
     return home_node[e] != node or node_held[node, e] >= 2
 
@@ -339,7 +339,9 @@ def _refine_layer(
 
 
 @njit_parallel
-def _refine_rows(size, expert, node_of_gpu, home_node, origin, target_max, move_budget, num_logical, num_nodes):  # type: ignore[no-untyped-def]
+def _refine_rows(
+    size, expert, node_of_gpu, home_node, origin, target_max, move_budget, num_logical, num_nodes
+):  # type: ignore[no-untyped-def]
     moves = np.zeros(size.shape[0], dtype=np.int64)
     for row in prange(size.shape[0]):
         moves[row] = _refine_layer(

@@ -37,7 +37,7 @@ class Placement:
         return int(self.replica_count.shape[1])
 
     @classmethod
-    def from_phy2log(cls, phy2log: np.ndarray, num_logical: int) -> "Placement":
+    def from_phy2log(cls, phy2log: np.ndarray, num_logical: int) -> Placement:
         """Build a placement from ``phy2log`` [L, P], deriving ``log2phy`` and ``replica_count``."""
         phy2log = np.ascontiguousarray(np.asarray(phy2log, dtype=np.int64))
         if phy2log.ndim != 2:
@@ -69,7 +69,7 @@ class Placement:
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Placement":
+    def from_json(cls, data: dict) -> Placement:
         """Read the ``--out`` format; ``phy2log`` is authoritative, the others are checked."""
         if not isinstance(data, dict) or "phy2log" not in data:
             raise ValueError("placement JSON must be an object with a 'phy2log' field")
@@ -91,7 +91,7 @@ class Placement:
 
 
 def _count_per_row(index: np.ndarray, num_values: int) -> np.ndarray:
-    """Per-row histogram: ``index`` [X, N] of values in [0, num_values) -> counts [X, num_values]."""
+    """Per-row histogram: ``index`` [X, N], values in [0, num_values) -> counts [X, num_values]."""
     num_rows = index.shape[0]
     offset = (np.arange(num_rows, dtype=np.int64) * num_values)[:, None]
     counts = np.bincount((index + offset).ravel(), minlength=num_rows * num_values)
