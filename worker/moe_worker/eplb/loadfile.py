@@ -9,7 +9,11 @@ import numpy as np
 
 
 def read_loads(path: str | Path) -> np.ndarray:
-    """Load [L, E] float64 per-layer logical expert loads; ValueError says what is wrong."""
+    """Parse a load file into a float64 array; ValueError says what is wrong.
+
+    Shape and value rules ([L, E], finite, non-negative) are checked where the loads are used
+    (``moe_worker.eplb.policy.validate_inputs``).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -32,16 +36,6 @@ def read_loads(path: str | Path) -> np.ndarray:
             raise ValueError("counts must be a rectangular list of lists of numbers") from None
     else:
         raise ValueError(f"unsupported file type {suffix or '(none)'!r}; use .npy or .json")
-    if data.ndim != 2:
-        raise ValueError(f"loads must be 2-D [layers, experts], got shape {data.shape}")
     if not np.issubdtype(data.dtype, np.number):
         raise ValueError(f"loads must be numeric, got dtype {data.dtype}")
-    data = data.astype(np.float64)
-    if not np.isfinite(data).all():
-        raise ValueError("loads must be finite (no NaN or infinity)")
-    if (data < 0).any():
-        layer, expert = np.argwhere(data < 0)[0]
-        raise ValueError(
-            f"loads must be non-negative; layer {layer} expert {expert} is {data[layer, expert]}"
-        )
-    return data
+    return data.astype(np.float64)
