@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 # The names registered in moe_worker.eplb.policy.POLICIES (a contract test keeps them equal;
@@ -46,3 +46,115 @@ class EPLBConfig(WireModel):
     communicator: CommunicatorName = Field(
         "auto", description="Weight-exchange backend; auto picks by platform and mode."
     )
+
+
+class ModelConfig(WireModel):
+    """The MoE model: synthetic (seeded random, any size) or an HF-format checkpoint directory."""
+
+    source: Literal["synthetic", "checkpoint"] = Field("synthetic", description="Weight source.")
+    path: str | None = Field(None, description="Checkpoint directory (config.json + safetensors).")
+    seed: int = Field(0, ge=0, description="Seed of synthetic weights.")
+    num_layers: int = Field(2, gt=0, description="MoE layers (synthetic).")
+    hidden_size: int = Field(64, gt=0, description="Hidden size H (synthetic).")
+    num_experts: int = Field(16, gt=0, description="Routed (logical) experts per layer E.")
+    top_k: int = Field(2, gt=0, description="Experts per token.")
+    intermediate_size: int = Field(32, gt=0, description="Routed expert FFN size I (synthetic).")
+    num_shared_experts: int = Field(0, ge=0, description="Shared experts per layer (synthetic).")
+    scoring: Literal["softmax", "sigmoid"] = Field("softmax", description="Router scoring.")
+    renormalize: bool = Field(True, description="Renormalise the top-k weights to sum to 1.")
+    num_expert_groups: int = Field(1, gt=0, description="Expert groups for grouped top-k.")
+    topk_groups: int = Field(1, gt=0, description="Groups a token may route into.")
+    score_bias: bool = Field(False, description="Score-correction bias for selection (V3).")
+    routed_scaling_factor: float = Field(1.0, gt=0, description="Scale of the routed output.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights.")
+    rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon between layers.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.source == "checkpoint" and not self.path:
+            raise ValueError("path: required when source is checkpoint")
+        if self.source == "synthetic" and self.path:
+            raise ValueError("path: only valid when source is checkpoint")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"topK ({self.top_k}) must be <= numExperts ({self.num_experts})")
+        if self.num_experts % self.num_expert_groups:
+            raise ValueError("numExperts must be divisible by numExpertGroups")
+        if self.topk_groups > self.num_expert_groups:
+            raise ValueError("topkGroups must be <= numExpertGroups")
+        per_group = self.num_experts // self.num_expert_groups
+        if self.top_k > self.topk_groups * per_group:
+            raise ValueError("topK must be <= topkGroups x experts per group")
+        return self
+
+
+class WorkloadConfig(WireModel):
+    """Where batches come from: the routing simulator for synthetic models."""
+
+    kind: Literal["uniform", "zipf", "drift", "trace"] = Field("zipf", description="Load shape.")
+    tokens_per_step: int = Field(64, gt=0, description="Tokens per rank per step.")
+    zipf_exponent: float = Field(1.2, gt=0, description="Skew s of zipf: popularity ~ 1/rank^s.")
+    drift_period: int = Field(200, gt=0, description="Steps for drifting hot spots to rotate once.")
+    trace_path: str | None = Field(None, description="Per-expert count trace [L, E] (.json/.npy).")
+    seed: int = Field(0, ge=0, description="Seed of the simulator.")
+
+    @model_validator(mode="after")
+    def _trace_needs_path(self) -> WorkloadConfig:
+        if (self.kind == "trace") != (self.trace_path is not None):
+            raise ValueError("tracePath: required exactly when kind is trace")
+        return self
+
+
+class WorkerConfig(WireModel):
+    """Everything one rank needs besides its rank and the rendezvous address."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    eplb: EPLBConfig = Field(default_factory=EPLBConfig)
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    ep_size: int = Field(1, gt=0, description="EP ranks.")
+    steps: int = Field(0, ge=0, description="Steps to run; 0 runs until stopped.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
+
+    @model_validator(mode="after")
+    def _slots_divide(self) -> WorkerConfig:
+        physical = self.model.num_experts + self.eplb.num_redundant_experts
+        if physical % self.ep_size:
+            raise ValueError(
+                f"numExperts + eplb.numRedundantExperts ({physical}) must be divisible by "
+                f"epSize ({self.ep_size})"
+            )
+        return self
+
+    @property
+    def num_physical(self) -> int:
+        return self.model.num_experts + self.eplb.num_redundant_experts
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.num_physical // self.ep_size
+
+
+class RankEnv(WireModel):
+    """This process's place in the group, from the environment the pod template sets."""
+
+    rank: int = Field(ge=0)
+    world_size: int = Field(gt=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, gt=0, lt=65536)
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str]) -> RankEnv:
+        missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
+        if missing:
+            raise ValueError(f"environment lacks {', '.join(missing)}")
+        return cls(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", "29500")),
+        )
+
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> RankEnv:
+        if self.rank >= self.world_size:
+            raise ValueError(f"RANK ({self.rank}) must be < WORLD_SIZE ({self.world_size})")
+        return self

@@ -7,10 +7,13 @@ fixed, so the GPU count may change (elastic resize):
 - GPUs that survive keep their replicas;
 - joining GPUs get replicas of the experts with the largest load per replica;
 - replicas on retiring GPUs are dropped; an expert left with none takes the slot of a surviving
-  redundant replica whose expert can best spare it.
+  redundant replica whose expert can best spare it;
+- an expert whose load per replica exceeds the optimum by more than ``count_margin`` (25%) gets
+  spare replicas of other experts relabelled to it (one move each).
 
-Then swaps between the heaviest GPU and the others (``refine_by_swaps``, counting moves against
-the old placement) lift each layer to its target: by default ``recover`` (95%) of the gain a full
+Then moves around the heaviest GPU (``refine_by_swaps``: swaps, and relabels that give its
+largest expert one more replica in place of a spare replica elsewhere; moves are counted
+against the old placement) lift each layer to its target: by default ``recover`` (95%) of the gain a full
 ``balanced`` re-plan would get over the starting point, or an explicit balancedness ``target``.
 Without a previous placement it is the ``balanced`` policy.
 """
@@ -22,9 +25,10 @@ import numpy as np
 from .balanced import balanced_policy, is_node_aware
 from .packing import refine_by_swaps, repair_duplicates
 from .placement import Placement
-from .quality import gpu_expert_presence, layer_balancedness
+from .quality import gpu_expert_presence, layer_balancedness, optimal_replica_counts
 
 DEFAULT_RECOVER = 0.95
+DEFAULT_COUNT_MARGIN = 0.25
 
 
 def _drop_retired(weight: np.ndarray, layout: np.ndarray, num_logical: int) -> np.ndarray:
@@ -65,6 +69,48 @@ def _add_joined(
     return np.concatenate([layout, joined], axis=1)
 
 
+def _fix_replica_counts(
+    weight: np.ndarray, layout: np.ndarray, num_gpus: int, margin: float
+) -> np.ndarray:
+    """Relabel spare replicas to experts whose load per replica is far above the optimum.
+
+    Per layer, while the largest load per replica exceeds (1 + ``margin``) x the optimal
+    largest (``optimal_replica_counts``), one replica of the expert that can best spare one
+    (staying within that limit) becomes a replica of the overloaded expert, on the lightest
+    GPU that does not hold it yet. layout [L, G, S] is changed in place; returns relabels [L].
+    """
+    num_layers, num_logical = weight.shape
+    optimal = optimal_replica_counts(weight, layout[0].size, max_per_expert=num_gpus)
+    limit = (weight / optimal).max(axis=1) * (1.0 + margin)
+    relabels = np.zeros(num_layers, dtype=np.int64)
+    for layer in range(num_layers):
+        grid = layout[layer]
+        counts = np.bincount(grid.ravel(), minlength=num_logical)
+        while True:
+            per_replica = weight[layer] / counts
+            hot = int(np.argmax(per_replica))
+            if per_replica[hot] <= limit[layer]:
+                break
+            spare = np.where(counts >= 2, weight[layer] / np.maximum(counts - 1, 1), np.inf)
+            spare[hot] = np.inf
+            donor = int(np.argmin(spare))
+            if spare[donor] > limit[layer]:
+                break
+            gpu_load = (weight[layer] / counts)[grid].sum(axis=1)
+            candidates = [
+                g for g in np.argsort(gpu_load, kind="stable")
+                if (grid[g] == donor).any() and not (grid[g] == hot).any()
+            ]
+            if not candidates:
+                break
+            gpu = candidates[0]
+            grid[gpu, int(np.argmax(grid[gpu] == donor))] = hot
+            counts[donor] -= 1
+            counts[hot] += 1
+            relabels[layer] += 1
+    return relabels
+
+
 def incremental_policy(
     weight: np.ndarray,
     num_physical: int,
@@ -75,6 +121,7 @@ def incremental_policy(
     target: float | None = None,
     recover: float = DEFAULT_RECOVER,
     max_moved_fraction: float | None = None,
+    count_margin: float = DEFAULT_COUNT_MARGIN,
 ) -> Placement:
     """Placement [L, P] close to ``previous`` whose balancedness reaches the target per layer.
 
@@ -94,6 +141,8 @@ def incremental_policy(
         layout = _drop_retired(weight, layout, num_logical)
     elif num_gpus > old_gpus:
         layout = _add_joined(weight, layout, num_gpus, num_logical)
+    layout = np.ascontiguousarray(layout, dtype=np.int64).copy()
+    relabels = _fix_replica_counts(weight, layout, num_gpus, count_margin)
     start = Placement.from_phy2log(layout.reshape(num_layers, num_physical), num_logical)
     counts = start.replica_count
 
@@ -127,8 +176,16 @@ def incremental_policy(
     origin[:, :kept] = gpu_expert_presence(previous.phy2log, old_gpus, num_logical)[:, :kept]
     budget = None
     if max_moved_fraction is not None:
-        budget = np.full(num_layers, int(np.floor(max_moved_fraction * num_physical)))
+        allowance = int(np.floor(max_moved_fraction * num_physical))
+        budget = np.maximum(allowance - relabels, 0)
     refine_by_swaps(
-        size, expert, node_of_gpu, home_node, target_max, origin=origin, move_budget=budget
+        size,
+        expert,
+        node_of_gpu,
+        home_node,
+        target_max,
+        origin=origin,
+        move_budget=budget,
+        weight=weight,
     )
     return Placement.from_phy2log(expert.reshape(num_layers, num_physical), num_logical)

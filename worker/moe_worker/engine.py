@@ -1,0 +1,116 @@
+"""The step loop: one EP rank's model, its EPLB controller and its workload.
+
+The engine owns the controller (composition); ``step`` is decorated so the controller steps
+after every forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moe_worker.config import RankEnv, WorkerConfig
+from moe_worker.eplb.controller import EPLBController, step_eplb_after
+from moe_worker.eplb.policy import Placement, default_placement
+from moe_worker.model.experts import DTYPES, SyntheticSource, WeightSource
+from moe_worker.model.moe import EPGroup, MoEModel, build_model
+from moe_worker.model.simulator import RoutingSimulator
+
+log = logging.getLogger("moe_worker.engine")
+
+
+def resolve_device(requested: str, rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def make_source(config: WorkerConfig) -> WeightSource:
+    if config.model.source == "checkpoint":
+        from moe_worker.model.checkpoint import CheckpointSource
+
+        assert config.model.path is not None
+        return CheckpointSource(config.model.path, dtype=config.model.dtype)
+    return SyntheticSource(config.model)
+
+
+def init_group(env: RankEnv, device: torch.device, timeout_s: float = 120.0) -> None:
+    """Join the default process group (gloo on CPU, NCCL on GPU) at MASTER_ADDR:MASTER_PORT."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+@dataclass
+class StepStats:
+    step: int
+    tokens: int
+    seconds: float
+
+
+class Engine:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | None = None,
+        source: WeightSource | None = None,
+        placement: Placement | None = None,
+    ) -> None:
+        if world != config.ep_size:
+            raise ValueError(f"world size {world} differs from epSize {config.ep_size}")
+        self.config = config
+        self.device = device or torch.device("cpu")
+        self.ep = EPGroup(rank=rank, size=world, group=None, device=self.device)
+        self.source = source or make_source(config)
+        model_config = self.source.config
+        self.dtype = DTYPES[model_config.dtype]
+        num_physical = model_config.num_experts + config.eplb.num_redundant_experts
+        self.placement = placement or default_placement(
+            model_config.num_layers, model_config.num_experts, num_physical
+        )
+        self.model: MoEModel = build_model(self.source, self.placement, self.ep)
+        self.eplb: EPLBController | None = None
+        if config.eplb.enabled:
+            self.eplb = EPLBController(config.eplb, rank, world, None, self.device)
+            self.eplb.register_model(self.model, self.placement)
+        self.simulate_routing = model_config.source == "synthetic"
+        self.simulator = RoutingSimulator(config.workload, model_config, model_config.num_layers, rank)
+        self.step_index = 0
+        self.tokens_processed = 0
+
+    @step_eplb_after
+    def step(self) -> torch.Tensor:
+        """One forward step on this rank's batch; all ranks step together."""
+        batch = self.simulator.batch(self.step_index)
+        routed = [r.to(self.device) for r in batch.routed] if self.simulate_routing else None
+        out = self.model(batch.hidden.to(self.device, self.dtype), batch.token_offset, routed)
+        self.step_index += 1
+        self.tokens_processed += batch.hidden.shape[0]
+        return out
+
+    def run(self, steps: int) -> list[StepStats]:
+        stats = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            self.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            stats.append(StepStats(self.step_index, self.config.workload.tokens_per_step, time.perf_counter() - started))
+        return stats

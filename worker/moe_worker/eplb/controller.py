@@ -1,0 +1,178 @@
+"""EPLBController: owned by the engine (composition), steps after every forward.
+
+It registers the main model and an optional draft model (unwrapping wrappers that expose
+``get_language_model()``), counts steps, rebalances every ``stepInterval`` steps (the first as
+soon as the window has filled once) or when asked, and logs balancedness.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from moe_worker.config import EPLBConfig
+
+from .communicator import Communicator, create_communicator
+from .policy import Placement
+from .rebalance import RebalanceResult, global_logical_load, rebalance
+from .state import EPLBLayerState, EPLBState
+
+log = logging.getLogger("moe_worker.eplb")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class EPLBRegistrationError(ValueError):
+    pass
+
+
+def unwrap_moe(model: Any) -> Any:
+    """The MoE language model inside a wrapper (vision-language models), or the model itself."""
+    if not getattr(model, "moe_layers", None) and hasattr(model, "get_language_model"):
+        return model.get_language_model()
+    return model
+
+
+@dataclass
+class RegisteredModel:
+    name: str
+    model: Any
+    state: EPLBState
+
+
+class EPLBController:
+    def __init__(
+        self,
+        config: EPLBConfig,
+        rank: int = 0,
+        world: int = 1,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str = "cpu",
+        communicator: Communicator | None = None,
+    ) -> None:
+        self.config = config
+        self.rank, self.world, self.group = rank, world, group
+        self.device = torch.device(device)
+        self.communicator = communicator or create_communicator(
+            config.communicator, group=group, device=self.device
+        )
+        self.models: dict[str, RegisteredModel] = {}
+        self.step_count = 0
+        self.history: list[RebalanceResult] = []
+        self.balancedness_log: list[tuple[int, float]] = []
+        self._requested: str | None = None
+
+    @property
+    def first_rebalance_step(self) -> int:
+        return min(self.config.window_size, self.config.step_interval)
+
+    def register_model(self, model: Any, placement: Placement, name: str = "main") -> Any:
+        """Give every MoE layer of ``model`` its EPLB state; fails loudly if it has none."""
+        inner = unwrap_moe(model)
+        layers = getattr(inner, "moe_layers", None)
+        if not layers:
+            raise EPLBRegistrationError(
+                f"EPLB is enabled but the {name} model ({type(model).__name__}) has no MoE layers"
+            )
+        if placement.num_layers != len(layers):
+            raise EPLBRegistrationError(
+                f"placement covers {placement.num_layers} layers, the {name} model has {len(layers)}"
+            )
+        state = EPLBState(placement, self.config.window_size, self.device)
+        for index, layer in enumerate(layers):
+            layer_state = EPLBLayerState()
+            layer_state.set_layer_state(index, state)
+            layer_state.validate()
+            layer.eplb_state = layer_state
+        self.models[name] = RegisteredModel(name, inner, state)
+        return inner
+
+    def register_draft_model(self, model: Any, placement: Placement) -> Any:
+        return self.register_model(model, placement, name="draft")
+
+    def request_rebalance(self, trigger: str = "manual") -> None:
+        """Rebalance after the next step (every rank must ask at the same step)."""
+        self._requested = trigger
+
+    def _due(self) -> str | None:
+        if self._requested:
+            return self._requested
+        first = self.first_rebalance_step
+        if self.step_count == first or (
+            self.step_count > first and (self.step_count - first) % self.config.step_interval == 0
+        ):
+            return "interval"
+        return None
+
+    def step(self) -> list[RebalanceResult]:
+        """Called after every forward step."""
+        self.step_count += 1
+        results = []
+        if (
+            self.config.log_balancedness
+            and self.step_count % self.config.log_balancedness_interval == 0
+        ):
+            self.log_balancedness()
+        trigger = self._due()
+        if trigger is not None:
+            self._requested = None
+            results = [self.rebalance_now(trigger)]
+        for registered in self.models.values():
+            registered.state.advance_window()
+        return results
+
+    def rebalance_now(self, trigger: str) -> RebalanceResult:
+        result = RebalanceResult(trigger, "skipped")
+        for registered in self.models.values():
+            result = rebalance(
+                registered.state,
+                registered.model.moe_layers,
+                self.config.policy,
+                self.rank,
+                self.world,
+                self.group,
+                self.communicator,
+                trigger,
+            )
+            self.history.append(result)
+            log.info(
+                "rebalance %s (%s) of %s: %s, balancedness %.4f -> %.4f, %d copies moved",
+                result.mapping_generation, trigger, registered.name, result.result,
+                result.balancedness_before, result.balancedness_after, result.copies_moved,
+            )
+        return result
+
+    def current_balancedness(self, name: str = "main") -> float:
+        """Measured over the window, all ranks' tokens: mean over layers of mean/max rank load."""
+        slot_load = self.models[name].state.window_slot_load().double()
+        if self.world > 1:
+            dist.all_reduce(slot_load, group=self.group)
+        rank_load = slot_load.view(slot_load.shape[0], self.world, -1).sum(dim=2)
+        peak = rank_load.max(dim=1).values
+        ratio = torch.where(peak > 0, rank_load.mean(dim=1) / peak.clamp_min(1e-30), 1.0)
+        return float(ratio.mean())
+
+    def log_balancedness(self) -> None:
+        value = self.current_balancedness()
+        self.balancedness_log.append((self.step_count, value))
+        if self.rank == 0:
+            log.info("step %d: balancedness %.4f", self.step_count, value)
+
+
+def step_eplb_after(method: F) -> F:
+    """Decorate an engine's step method: after it returns, its ``eplb`` controller steps."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, *args, **kwargs)
+        controller = getattr(self, "eplb", None)
+        if controller is not None:
+            controller.step()
+        return result
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,124 @@
+"""EPLB state of one model: the expert maps and the load window, global and per layer.
+
+Global tensors (L MoE layers, E logical experts, P physical slots, W window steps,
+R = P - E + 1 the most replicas an expert can have):
+
+- ``phy2log``       [L, P]     int64
+- ``log2phy``       [L, E, R]  int64, -1 padded
+- ``replica_count`` [L, E]     int64
+- ``load_window``   [W, L, P]  int64, tokens routed to each slot in each of the last W steps
+
+A layer's state (``EPLBLayerState``) holds views (slices) of these, so updating the global
+tensors in place updates every layer. A layer with EPLB off has no state at all (``None``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .policy import Placement
+
+LAYER_TENSORS = ("phy2log", "log2phy", "replica_count", "load_window")
+
+
+class EPLBStateError(ValueError):
+    pass
+
+
+@dataclass
+class EPLBLayerState:
+    """One MoE layer's slices of the global EPLB tensors; set through ``set_layer_state``."""
+
+    phy2log: torch.Tensor | None = None  # [P]
+    log2phy: torch.Tensor | None = None  # [E, R]
+    replica_count: torch.Tensor | None = None  # [E]
+    load_window: torch.Tensor | None = None  # [W, P]
+    window_position: list[int] = field(default_factory=lambda: [0])  # shared with the model
+
+    def set_layer_state(self, layer: int, state: EPLBState) -> None:
+        """Point every tensor at layer ``layer`` of the global ``state``."""
+        self.phy2log = state.phy2log[layer]
+        self.log2phy = state.log2phy[layer]
+        self.replica_count = state.replica_count[layer]
+        self.load_window = state.load_window[:, layer]
+        self.window_position = state.window_position
+
+    def validate(self) -> None:
+        for name in LAYER_TENSORS:
+            if getattr(self, name) is None:
+                raise EPLBStateError(f"EPLB requires {name} in the layer state; it is missing")
+
+    def record(self, slot_tokens: torch.Tensor) -> None:
+        """Add this step's tokens per physical slot [P] to the current window row."""
+        assert self.load_window is not None
+        self.load_window[self.window_position[0]] += slot_tokens.to(self.load_window.dtype)
+
+
+class EPLBState:
+    """Global EPLB tensors of one model (main or draft)."""
+
+    def __init__(
+        self, placement: Placement, window_size: int, device: torch.device | str = "cpu"
+    ) -> None:
+        num_layers, num_physical = placement.phy2log.shape
+        num_logical = placement.num_logical
+        self.max_replicas = num_physical - num_logical + 1
+        self.phy2log = torch.zeros((num_layers, num_physical), dtype=torch.long, device=device)
+        self.log2phy = torch.full(
+            (num_layers, num_logical, self.max_replicas), -1, dtype=torch.long, device=device
+        )
+        self.replica_count = torch.zeros((num_layers, num_logical), dtype=torch.long, device=device)
+        self.load_window = torch.zeros(
+            (window_size, num_layers, num_physical), dtype=torch.long, device=device
+        )
+        self.window_position = [0]
+        self.steps_recorded = 0
+        self.mapping_generation = 0
+        self.commit(placement, layers=range(num_layers))
+        self.mapping_generation = 0
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.phy2log.shape[0])
+
+    @property
+    def window_size(self) -> int:
+        return int(self.load_window.shape[0])
+
+    def placement(self) -> Placement:
+        """The current maps as a numpy ``Placement``."""
+        return Placement.from_phy2log(
+            self.phy2log.cpu().numpy().copy(), int(self.replica_count.shape[1])
+        )
+
+    def commit(self, placement: Placement, layers: range | list[int]) -> None:
+        """Write ``placement``'s maps for ``layers`` into the global tensors, in place."""
+        replicas = placement.log2phy.shape[2]
+        if replicas > self.max_replicas:
+            raise EPLBStateError(f"placement has {replicas} replicas of an expert, at most {self.max_replicas} fit")
+        for layer in layers:
+            self.phy2log[layer].copy_(torch.from_numpy(placement.phy2log[layer]))
+            self.replica_count[layer].copy_(torch.from_numpy(placement.replica_count[layer]))
+            padded = np.full((placement.num_logical, self.max_replicas), -1, dtype=np.int64)
+            padded[:, :replicas] = placement.log2phy[layer]
+            self.log2phy[layer].copy_(torch.from_numpy(padded))
+        self.mapping_generation += 1
+
+    def advance_window(self) -> None:
+        """Start the next step's window row (clearing what it held W steps ago)."""
+        self.steps_recorded += 1
+        self.window_position[0] = self.steps_recorded % self.window_size
+        self.load_window[self.window_position[0]].zero_()
+
+    def clear_window(self) -> None:
+        """Forget recorded load (slot meanings changed after a remap)."""
+        self.load_window.zero_()
+        self.steps_recorded = 0
+        self.window_position[0] = 0
+
+    def window_slot_load(self) -> torch.Tensor:
+        """Tokens per slot over the window, [L, P]."""
+        return self.load_window.sum(dim=0)

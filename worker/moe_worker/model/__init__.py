@@ -1,0 +1,1 @@
+"""The MoE model: router, experts, expert-parallel MoE layers, weight sources."""
