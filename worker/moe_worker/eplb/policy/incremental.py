@@ -141,7 +141,8 @@ def incremental_policy(
         layout = _drop_retired(weight, layout, num_logical)
     elif num_gpus > old_gpus:
         layout = _add_joined(weight, layout, num_gpus, num_logical)
-    layout = np.ascontiguousarray(layout, dtype=np.int64).copy()
+    unchanged = np.ascontiguousarray(layout, dtype=np.int64)
+    layout = unchanged.copy()
     relabels = _fix_replica_counts(weight, layout, num_gpus, count_margin)
     start = Placement.from_phy2log(layout.reshape(num_layers, num_physical), num_logical)
     counts = start.replica_count
@@ -188,4 +189,11 @@ def incremental_policy(
         move_budget=budget,
         weight=weight,
     )
-    return Placement.from_phy2log(expert.reshape(num_layers, num_physical), num_logical)
+    # Never hand back a layer worse balanced than it was before any optional move.
+    result = expert.reshape(num_layers, num_physical)
+    before = unchanged.reshape(num_layers, num_physical)
+    worse = layer_balancedness(
+        weight, Placement.from_phy2log(result, num_logical), num_gpus
+    ) < layer_balancedness(weight, Placement.from_phy2log(before, num_logical), num_gpus)
+    result[worse] = before[worse]
+    return Placement.from_phy2log(result, num_logical)
