@@ -22,7 +22,11 @@ def _portable(value: Any) -> Any:
     import torch
 
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.cpu().numpy()
+        return (
+            value.detach().cpu().float().numpy()
+            if value.is_floating_point()
+            else value.cpu().numpy()
+        )
     if isinstance(value, (list, tuple)):
         return type(value)(_portable(v) for v in value)
     if isinstance(value, dict):
@@ -30,7 +34,9 @@ def _portable(value: Any) -> Any:
     return value
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _entry(
+    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any
+) -> None:
     import torch.distributed as dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")

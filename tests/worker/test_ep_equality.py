@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from distributed import run_ranks
 
+from distributed import run_ranks
 from moe_worker.config import ModelConfig
 from moe_worker.eplb.policy import Placement
 from moe_worker.model.experts import SyntheticSource
@@ -20,8 +20,16 @@ CONFIGS = {
         numExperts=16, topK=3, numLayers=2, hiddenSize=32, intermediateSize=24, numSharedExperts=1
     ),
     "sigmoid-grouped-bias": dict(
-        numExperts=16, topK=4, numLayers=2, hiddenSize=32, intermediateSize=24, scoring="sigmoid",
-        numExpertGroups=4, topkGroups=2, scoreBias=True, routedScalingFactor=2.5,
+        numExperts=16,
+        topK=4,
+        numLayers=2,
+        hiddenSize=32,
+        intermediateSize=24,
+        scoring="sigmoid",
+        numExpertGroups=4,
+        topkGroups=2,
+        scoreBias=True,
+        routedScalingFactor=2.5,
     ),
     "bf16": dict(
         numExperts=16, topK=2, numLayers=2, hiddenSize=32, intermediateSize=24, dtype="bfloat16"
@@ -47,7 +55,8 @@ def ep_outputs(rank: int, world: int, config: dict, placements: list[np.ndarray]
     source = SyntheticSource(model_config)
     dtype = source.dtype
     hidden = torch.randn(
-        (TOKENS_PER_RANK * world, model_config.hidden_size), generator=torch.Generator().manual_seed(7)
+        (TOKENS_PER_RANK * world, model_config.hidden_size),
+        generator=torch.Generator().manual_seed(7),
     ).to(dtype)
     mine = hidden[rank * TOKENS_PER_RANK : (rank + 1) * TOKENS_PER_RANK]
     offset = rank * TOKENS_PER_RANK
@@ -71,7 +80,9 @@ def dense_model(source: SyntheticSource, hidden: torch.Tensor) -> torch.Tensor:
 def test_outputs_equal_dense_reference(world: int) -> None:
     for name, config in CONFIGS.items():
         model_config = ModelConfig.model_validate(config)
-        placements = random_placements(3, model_config.num_layers, model_config.num_experts, seed=world)
+        placements = random_placements(
+            3, model_config.num_layers, model_config.num_experts, seed=world
+        )
         by_rank = run_ranks(ep_outputs, world, config, placements)
         source = SyntheticSource(model_config)
         hidden = torch.randn(
@@ -86,9 +97,15 @@ def test_outputs_equal_dense_reference(world: int) -> None:
             rtol, atol = 3e-2, 3e-2
         for index in range(len(placements)):
             for layer in range(model_config.num_layers):
-                got = torch.from_numpy(np.concatenate([by_rank[r][index][0][layer] for r in range(world)]))
+                got = torch.from_numpy(
+                    np.concatenate([by_rank[r][index][0][layer] for r in range(world)])
+                )
                 want = dense_reference(source, layer, hidden).to(source.dtype).float()
-                torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=f"{name} layer {layer}")
+                torch.testing.assert_close(
+                    got, want, rtol=rtol, atol=atol, msg=f"{name} layer {layer}"
+                )
             got = torch.from_numpy(np.concatenate([by_rank[r][index][1] for r in range(world)]))
             want = dense_model(source, hidden).float()
-            torch.testing.assert_close(got, want, rtol=rtol * 10, atol=atol * 10, msg=f"{name} model")
+            torch.testing.assert_close(
+                got, want, rtol=rtol * 10, atol=atol * 10, msg=f"{name} model"
+            )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from distributed import run_ranks
 
+from distributed import run_ranks
 from moe_worker.config import ModelConfig
 from moe_worker.eplb.communicator import create_communicator
 from moe_worker.eplb.policy import Placement, compute_placement, default_placement
@@ -28,7 +28,11 @@ def targets(world: int, seed: int) -> list[tuple[str, Placement]]:
     for kind in ("random", "balanced", "incremental", "same", "random", "deepseek", "incremental"):
         if kind == "random":
             maps = [
-                rng.permutation(np.concatenate([np.arange(experts), rng.integers(0, experts, NUM_PHYSICAL - experts)]))
+                rng.permutation(
+                    np.concatenate(
+                        [np.arange(experts), rng.integers(0, experts, NUM_PHYSICAL - experts)]
+                    )
+                )
                 for _ in range(layers)
             ]
             new = Placement.from_phy2log(np.stack(maps), experts)
@@ -36,7 +40,9 @@ def targets(world: int, seed: int) -> list[tuple[str, Placement]]:
             new = previous
         else:
             load = rng.lognormal(0, 1.0, size=(layers, experts)) * 1000
-            new = compute_placement(kind, load, num_physical=NUM_PHYSICAL, num_gpus=world, previous=previous)
+            new = compute_placement(
+                kind, load, num_physical=NUM_PHYSICAL, num_gpus=world, previous=previous
+            )
         out.append((kind, new))
         previous = new
     return out
@@ -69,7 +75,16 @@ def fingerprint_run(rank: int, world: int, seed: int) -> list[tuple[str, int, in
                     weights = layer.slots[name][slot]
                     want = source.expert(layer_index, expert)[name]
                     if not torch.equal(weights, want):
-                        wrong.append((kind, step, layer_index, slot, FingerprintSource.decode(weights), (layer_index, expert, tensor_index)))
+                        wrong.append(
+                            (
+                                kind,
+                                step,
+                                layer_index,
+                                slot,
+                                FingerprintSource.decode(weights),
+                                (layer_index, expert, tensor_index),
+                            )
+                        )
     return wrong
 
 
@@ -80,7 +95,9 @@ def outputs_after_rebalances(rank: int, world: int, seed: int) -> list:
     model = build_model(source, initial, EPGroup(rank=rank, size=world))
     state = attach_state(model, initial)
     communicator = create_communicator("auto", device="cpu")
-    hidden = torch.randn((8 * world, config.hidden_size), generator=torch.Generator().manual_seed(3))
+    hidden = torch.randn(
+        (8 * world, config.hidden_size), generator=torch.Generator().manual_seed(3)
+    )
     mine = hidden[rank * 8 : (rank + 1) * 8]
     outputs = []
     for _, new in targets(world, seed):
@@ -100,8 +117,12 @@ def test_outputs_match_reference_after_rebalances() -> None:
     by_rank = run_ranks(outputs_after_rebalances, world, 5)
     config = ModelConfig.model_validate(CONFIG)
     source = SyntheticSource(config)
-    hidden = torch.randn((8 * world, config.hidden_size), generator=torch.Generator().manual_seed(3))
+    hidden = torch.randn(
+        (8 * world, config.hidden_size), generator=torch.Generator().manual_seed(3)
+    )
     for index in range(len(targets(world, 5))):
         for layer in range(config.num_layers):
             got = torch.from_numpy(np.concatenate([by_rank[r][index][layer] for r in range(world)]))
-            torch.testing.assert_close(got, dense_reference(source, layer, hidden), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                got, dense_reference(source, layer, hidden), rtol=1e-5, atol=1e-6
+            )

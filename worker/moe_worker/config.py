@@ -107,9 +107,9 @@ class WorkloadConfig(WireModel):
 class WorkerConfig(WireModel):
     """Everything one rank needs besides its rank and the rendezvous address."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    eplb: EPLBConfig = Field(default_factory=EPLBConfig)
-    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    eplb: EPLBConfig = Field(default_factory=lambda: EPLBConfig())
+    workload: WorkloadConfig = Field(default_factory=lambda: WorkloadConfig())
     ep_size: int = Field(1, gt=0, description="EP ranks.")
     steps: int = Field(0, ge=0, description="Steps to run; 0 runs until stopped.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")

@@ -91,7 +91,9 @@ class Engine:
             self.eplb = EPLBController(config.eplb, rank, world, None, self.device)
             self.eplb.register_model(self.model, self.placement)
         self.simulate_routing = model_config.source == "synthetic"
-        self.simulator = RoutingSimulator(config.workload, model_config, model_config.num_layers, rank)
+        self.simulator = RoutingSimulator(
+            config.workload, model_config, model_config.num_layers, rank
+        )
         self.step_index = 0
         self.tokens_processed = 0
 
@@ -112,5 +114,11 @@ class Engine:
             self.step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            stats.append(StepStats(self.step_index, self.config.workload.tokens_per_step, time.perf_counter() - started))
+            stats.append(
+                StepStats(
+                    self.step_index,
+                    self.config.workload.tokens_per_step,
+                    time.perf_counter() - started,
+                )
+            )
         return stats

@@ -36,7 +36,7 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict:
         engine = Engine(config, env.rank, env.world_size, device)
         total = config.steps if steps is None else steps
         stats = engine.run(total)
-        summary = {
+        summary: dict[str, object] = {
             "rank": env.rank,
             "steps": engine.step_index,
             "tokens": engine.tokens_processed,

@@ -20,7 +20,7 @@ from moe_worker.config import EPLBConfig
 
 from .communicator import Communicator, create_communicator
 from .policy import Placement
-from .rebalance import RebalanceResult, global_logical_load, rebalance
+from .rebalance import RebalanceResult, rebalance
 from .state import EPLBLayerState, EPLBState
 
 log = logging.getLogger("moe_worker.eplb")
@@ -81,7 +81,8 @@ class EPLBController:
             )
         if placement.num_layers != len(layers):
             raise EPLBRegistrationError(
-                f"placement covers {placement.num_layers} layers, the {name} model has {len(layers)}"
+                f"placement covers {placement.num_layers} layers, "
+                f"the {name} model has {len(layers)}"
             )
         state = EPLBState(placement, self.config.window_size, self.device)
         for index, layer in enumerate(layers):
@@ -142,8 +143,13 @@ class EPLBController:
             self.history.append(result)
             log.info(
                 "rebalance %s (%s) of %s: %s, balancedness %.4f -> %.4f, %d copies moved",
-                result.mapping_generation, trigger, registered.name, result.result,
-                result.balancedness_before, result.balancedness_after, result.copies_moved,
+                result.mapping_generation,
+                trigger,
+                registered.name,
+                result.result,
+                result.balancedness_before,
+                result.balancedness_after,
+                result.copies_moved,
             )
         return result
 

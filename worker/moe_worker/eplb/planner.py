@@ -19,7 +19,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Transfer:
-    """Expert ``expert`` from (src_rank, src_slot) of the old map to (dst_rank, dst_slot) of the new.
+    """``expert`` from (src_rank, src_slot) of the old map to (dst_rank, dst_slot) of the new.
 
     Slots are local indices on their rank. ``src_rank == dst_rank`` is a local copy.
     """
@@ -53,9 +53,7 @@ class LayerPlan:
         return not self.transfers and not self.duplicates
 
 
-def plan_layer(
-    old_phy2log: np.ndarray, new_phy2log: np.ndarray, slots_per_rank: int
-) -> LayerPlan:
+def plan_layer(old_phy2log: np.ndarray, new_phy2log: np.ndarray, slots_per_rank: int) -> LayerPlan:
     """Transfers and duplicates turning the old slot contents [P_old] into the new [P_new]."""
     old_ranks = len(old_phy2log) // slots_per_rank
     new_ranks = len(new_phy2log) // slots_per_rank

@@ -38,7 +38,9 @@ class RebalanceResult:
     error: str = ""
 
 
-def global_logical_load(state: EPLBState, group: dist.ProcessGroup | None, world: int) -> np.ndarray:
+def global_logical_load(
+    state: EPLBState, group: dist.ProcessGroup | None, world: int
+) -> np.ndarray:
     """Tokens per logical expert over the window, summed over ranks: [L, E] float64."""
     slot_load = state.window_slot_load()
     if world > 1:

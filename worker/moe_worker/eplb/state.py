@@ -98,7 +98,9 @@ class EPLBState:
         """Write ``placement``'s maps for ``layers`` into the global tensors, in place."""
         replicas = placement.log2phy.shape[2]
         if replicas > self.max_replicas:
-            raise EPLBStateError(f"placement has {replicas} replicas of an expert, at most {self.max_replicas} fit")
+            raise EPLBStateError(
+                f"placement has {replicas} replicas of an expert, at most {self.max_replicas} fit"
+            )
         for layer in layers:
             self.phy2log[layer].copy_(torch.from_numpy(placement.phy2log[layer]))
             self.replica_count[layer].copy_(torch.from_numpy(placement.replica_count[layer]))

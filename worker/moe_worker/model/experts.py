@@ -20,7 +20,9 @@ from .router import RouterWeights
 EXPERT_TENSORS = ("w_gate", "w_up", "w_down")
 
 
-def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+def swiglu(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
     """SwiGLU FFN: x [N, H] -> [N, H] with w_gate/w_up [I, H], w_down [H, I]."""
     return (F.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()
 
@@ -124,7 +126,9 @@ class FingerprintSource(SyntheticSource):
         return code // 100000, (code % 100000) // 10, code % 10
 
 
-def load_slots(source: WeightSource, layer: int, experts: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+def load_slots(
+    source: WeightSource, layer: int, experts: list[int], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Stacked weights of the given experts (one per slot): name -> [S, ...]."""
     per_slot = [source.expert(layer, e) for e in experts]
     return {name: torch.stack([w[name] for w in per_slot]).to(device) for name in EXPERT_TENSORS}

@@ -87,7 +87,10 @@ class MoELayer:
         if forced_ids is None:
             ids, combine = route(hidden, self.router, self.config)
         else:
-            ids, combine = forced_ids, combine_weights_for(hidden, forced_ids, self.router, self.config)
+            ids, combine = (
+                forced_ids,
+                combine_weights_for(hidden, forced_ids, self.router, self.config),
+            )
         slots = self.physical_slots(ids, token_offset)  # [T, k]
         if self.eplb_state is not None and self.eplb_state.load_window is not None:
             total = self.eplb_state.load_window.shape[1]
@@ -97,7 +100,9 @@ class MoELayer:
             out = out + self.shared(hidden).float()
         return out.to(hidden.dtype)
 
-    def _routed(self, hidden: torch.Tensor, slots: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+    def _routed(
+        self, hidden: torch.Tensor, slots: torch.Tensor, combine: torch.Tensor
+    ) -> torch.Tensor:
         tokens, top_k = slots.shape
         flat_slot = slots.flatten()
         owner = flat_slot // self.slots_per_rank
@@ -148,10 +153,12 @@ class MoEModel:
         token_offset: int = 0,
         forced_ids: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """hidden [T, H] -> [T, H]; ``forced_ids`` (per layer [T, k]) replaces the router's choice."""
+        """hidden [T, H] -> [T, H]; ``forced_ids`` (per layer, [T, k]) overrides the router."""
         for i, layer in enumerate(self.layers):
             normed = rms_norm(hidden, self.config.rms_norm_eps)
-            hidden = hidden + layer(normed, token_offset, None if forced_ids is None else forced_ids[i])
+            hidden = hidden + layer(
+                normed, token_offset, None if forced_ids is None else forced_ids[i]
+            )
         return hidden
 
 
@@ -160,11 +167,16 @@ def build_model(source: WeightSource, placement: Placement, ep: EPGroup) -> MoEM
     slots_per_rank = placement.num_physical // ep.size
     layers = []
     for i in range(placement.num_layers):
-        mine = placement.phy2log[i, ep.rank * slots_per_rank : (ep.rank + 1) * slots_per_rank].tolist()
+        mine = placement.phy2log[
+            i, ep.rank * slots_per_rank : (ep.rank + 1) * slots_per_rank
+        ].tolist()
         shared = source.shared(i)
         if shared is not None:
             shared = SharedExperts(
-                *(t.to(ep.device) if t is not None else None for t in (shared.w_gate, shared.w_up, shared.w_down, shared.gate))
+                shared.w_gate.to(ep.device),
+                shared.w_up.to(ep.device),
+                shared.w_down.to(ep.device),
+                None if shared.gate is None else shared.gate.to(ep.device),
             )
         router = source.router(i)
         router = RouterWeights(

@@ -83,7 +83,11 @@ class RoutingSimulator:
         hidden = torch.randn((tokens, self.model.hidden_size), generator=generator)
         popularity = torch.from_numpy(self.popularity(step)).float()
         routed = [
-            torch.multinomial(popularity[layer].expand(tokens, -1), self.model.top_k, generator=generator)
+            torch.multinomial(
+                popularity[layer].expand(tokens, -1), self.model.top_k, generator=generator
+            )
             for layer in range(self.num_layers)
         ]
-        return Batch(hidden=hidden, routed=routed, token_offset=(self.rank * 1_000_003 + step * tokens))
+        return Batch(
+            hidden=hidden, routed=routed, token_offset=(self.rank * 1_000_003 + step * tokens)
+        )

@@ -7,4 +7,10 @@ from __future__ import annotations
 
 from .base import Communicator, UnknownCommunicatorError, available, create_communicator, register
 
-__all__ = ["Communicator", "UnknownCommunicatorError", "available", "create_communicator", "register"]
+__all__ = [
+    "Communicator",
+    "UnknownCommunicatorError",
+    "available",
+    "create_communicator",
+    "register",
+]

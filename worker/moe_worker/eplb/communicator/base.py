@@ -62,7 +62,11 @@ def create_communicator(name: str, **kwargs: Any) -> Communicator:
     _load_builtin()
     if name == "auto":
         device = kwargs.get("device")
-        name = "torch_nccl" if device is not None and torch.device(device).type == "cuda" else "torch_gloo"
+        name = (
+            "torch_nccl"
+            if device is not None and torch.device(device).type == "cuda"
+            else "torch_gloo"
+        )
     if name not in _REGISTRY:
         raise UnknownCommunicatorError(name)
     return _REGISTRY[name](**kwargs)

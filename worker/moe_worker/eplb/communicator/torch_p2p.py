@@ -23,7 +23,9 @@ class TorchP2PCommunicator(Communicator):
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
-        self._ops.append(dist.P2POp(dist.isend, tensor.contiguous(), self._global(dst_rank), self.group))
+        self._ops.append(
+            dist.P2POp(dist.isend, tensor.contiguous(), self._global(dst_rank), self.group)
+        )
 
     def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
         if not tensor.is_contiguous():

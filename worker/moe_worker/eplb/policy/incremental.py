@@ -13,8 +13,9 @@ fixed, so the GPU count may change (elastic resize):
 
 Then moves around the heaviest GPU (``refine_by_swaps``: swaps, and relabels that give its
 largest expert one more replica in place of a spare replica elsewhere; moves are counted
-against the old placement) lift each layer to its target: by default ``recover`` (95%) of the gain a full
-``balanced`` re-plan would get over the starting point, or an explicit balancedness ``target``.
+against the old placement) lift each layer to its target: by default ``recover`` (95%) of the
+gain a full ``balanced`` re-plan would get over the starting point, or an explicit
+balancedness ``target``. A layer never ends worse balanced than before the optional moves.
 Without a previous placement it is the ``balanced`` policy.
 """
 
@@ -98,7 +99,8 @@ def _fix_replica_counts(
                 break
             gpu_load = (weight[layer] / counts)[grid].sum(axis=1)
             candidates = [
-                g for g in np.argsort(gpu_load, kind="stable")
+                g
+                for g in np.argsort(gpu_load, kind="stable")
                 if (grid[g] == donor).any() and not (grid[g] == hot).any()
             ]
             if not candidates:

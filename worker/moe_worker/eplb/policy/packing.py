@@ -256,10 +256,10 @@ def repair_duplicates(
 def _relabel_peak(
     load: np.ndarray,
     held: np.ndarray,
-    h: int,
-    j: int,
-    d: int,
-    y: int,
+    h: Any,
+    j: Any,
+    d: Any,
+    y: Any,
     size_d: float,
     new_d: float,
     size_y: float,
@@ -317,8 +317,8 @@ def _refine_layer(
         best_kind, best_gpu, best_a, best_b, best_cost = -1, -1, -1, -1, 0
         reach_cost, reach_peak = 1 << 30, np.inf
         reach_kind, reach_gpu, reach_a, reach_b = -1, -1, -1, -1
-        largest = np.argmax(size[h])
-        d = expert[h, largest]
+        largest: Any = np.argmax(size[h])
+        d: Any = expert[h, largest]
         for j in range(num_gpus):
             if j == h:
                 continue
@@ -358,17 +358,37 @@ def _refine_layer(
                         reach_cost, reach_peak = cost, worse
                         reach_kind, reach_gpu, reach_a, reach_b = 0, j, a, b
                     if worse < best:
-                        best, best_kind, best_gpu, best_a, best_b, best_cost = worse, 0, j, a, b, cost
+                        best, best_kind, best_gpu, best_a, best_b, best_cost = (
+                            worse,
+                            0,
+                            j,
+                            a,
+                            b,
+                            cost,
+                        )
             if not relabel or held[j, d] > 0:
                 continue
             size_d = weight[d] / count[d]
             new_d = weight[d] / (count[d] + 1)
             for b in range(slots):
                 y = expert[j, b]
-                if y == d or count[y] < 2 or not _may_leave(y, node_of_gpu[j], home_node, node_held):
+                if (
+                    y == d
+                    or count[y] < 2
+                    or not _may_leave(y, node_of_gpu[j], home_node, node_held)
+                ):
                     continue
                 worse = _relabel_peak(
-                    load, held, h, j, d, y, size_d, new_d, weight[y] / count[y], weight[y] / (count[y] - 1)
+                    load,
+                    held,
+                    h,
+                    j,
+                    d,
+                    y,
+                    size_d,
+                    new_d,
+                    weight[y] / count[y],
+                    weight[y] / (count[y] - 1),
                 )
                 if worse >= best and worse > target_max:
                     continue
@@ -383,10 +403,21 @@ def _refine_layer(
                     reach_cost, reach_peak = cost, worse
                     reach_kind, reach_gpu, reach_a, reach_b = 1, j, largest, b
                 if worse < best:
-                    best, best_kind, best_gpu, best_a, best_b, best_cost = worse, 1, j, largest, b, cost
+                    best, best_kind, best_gpu, best_a, best_b, best_cost = (
+                        worse,
+                        1,
+                        j,
+                        largest,
+                        b,
+                        cost,
+                    )
         if reach_kind >= 0:
             best_kind, best_gpu, best_a, best_b, best_cost = (
-                reach_kind, reach_gpu, reach_a, reach_b, reach_cost
+                reach_kind,
+                reach_gpu,
+                reach_a,
+                reach_b,
+                reach_cost,
             )
         if best_kind < 0:
             break
@@ -415,7 +446,19 @@ def _refine_layer(
 
 
 @njit_parallel
-def _refine_rows(size, expert, node_of_gpu, home_node, origin, weight, relabel, target_max, move_budget, num_logical, num_nodes):  # type: ignore[no-untyped-def]  # noqa: E501
+def _refine_rows(
+    size,
+    expert,
+    node_of_gpu,
+    home_node,
+    origin,
+    weight,
+    relabel,
+    target_max,
+    move_budget,
+    num_logical,
+    num_nodes,
+):  # type: ignore[no-untyped-def]  # noqa: E501
     moves = np.zeros(size.shape[0], dtype=np.int64)
     for row in prange(size.shape[0]):
         moves[row] = _refine_layer(

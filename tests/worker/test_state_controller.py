@@ -1,0 +1,120 @@
+"""EPLB state (optional per layer, views of global tensors) and the controller (one process)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moe_worker.config import EPLBConfig, ModelConfig
+from moe_worker.eplb.controller import EPLBController, EPLBRegistrationError, step_eplb_after
+from moe_worker.eplb.policy import Placement, default_placement
+from moe_worker.eplb.state import EPLBLayerState, EPLBState, EPLBStateError
+from moe_worker.model.experts import SyntheticSource
+from moe_worker.model.moe import EPGroup, build_model
+
+
+def small_model():  # type: ignore[no-untyped-def]
+    config = ModelConfig(num_experts=8, num_layers=3, hidden_size=16, intermediate_size=8)
+    placement = default_placement(3, 8, 10)
+    return build_model(SyntheticSource(config), placement, EPGroup()), placement
+
+
+def test_layer_state_is_a_view_of_the_global_tensors() -> None:
+    placement = default_placement(3, 8, 10)
+    state = EPLBState(placement, window_size=5)
+    layer = EPLBLayerState()
+    layer.set_layer_state(1, state)
+    assert layer.phy2log is not None and layer.phy2log.data_ptr() == state.phy2log[1].data_ptr()
+    new = Placement.from_phy2log(np.tile([2, 3, 4, 5, 6, 7, 0, 1, 2, 2], (3, 1)), 8)
+    state.commit(new, layers=range(3))
+    assert layer.phy2log.tolist() == [2, 3, 4, 5, 6, 7, 0, 1, 2, 2]
+    assert layer.replica_count is not None and int(layer.replica_count[2]) == 3
+    layer.record(torch.ones(10, dtype=torch.long))
+    assert int(state.load_window.sum()) == 10
+
+
+def test_missing_tensor_is_named() -> None:
+    layer = EPLBLayerState()
+    with pytest.raises(EPLBStateError, match="log2phy"):
+        layer.phy2log = torch.zeros(4, dtype=torch.long)
+        layer.validate()
+
+
+def test_window_slides_and_clears() -> None:
+    state = EPLBState(default_placement(1, 2, 2), window_size=2)
+    layer = EPLBLayerState()
+    layer.set_layer_state(0, state)
+    for tokens in (1, 2, 4):
+        if tokens > 1:
+            state.advance_window()  # the controller advances after each step's reads
+        layer.record(torch.full((2,), tokens))
+    # A window of 2 steps holds the last two (2 and 4 tokens per slot).
+    assert state.window_slot_load().tolist() == [[6, 6]]
+    state.clear_window()
+    assert int(state.window_slot_load().sum()) == 0
+
+
+def test_layers_without_state_use_the_load_time_map() -> None:
+    model, _ = small_model()
+    assert all(layer.eplb_state is None for layer in model.layers)
+    out = model(torch.randn(4, 16))
+    assert out.shape == (4, 16)
+
+
+class Wrapper:
+    """A vision-language style wrapper: not MoE itself, exposes its language model."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner = inner
+
+    def get_language_model(self):  # type: ignore[no-untyped-def]
+        return self.inner
+
+
+class NotMoE:
+    moe_layers: list = []
+
+
+def test_registers_wrapped_main_and_draft_models() -> None:
+    main, placement = small_model()
+    draft, _ = small_model()
+    controller = EPLBController(EPLBConfig(window_size=4, step_interval=10))
+    assert controller.register_model(Wrapper(main), placement) is main
+    assert controller.register_draft_model(Wrapper(draft), placement) is draft
+    assert set(controller.models) == {"main", "draft"}
+    assert all(layer.eplb_state is not None for layer in main.layers + draft.layers)
+
+
+def test_model_without_moe_layers_fails_loudly() -> None:
+    controller = EPLBController(EPLBConfig())
+    with pytest.raises(EPLBRegistrationError, match="no MoE layers"):
+        controller.register_model(NotMoE(), default_placement(1, 2, 2))
+    with pytest.raises(EPLBRegistrationError, match="draft"):
+        controller.register_draft_model(Wrapper(NotMoE()), default_placement(1, 2, 2))
+
+
+class TinyEngine:
+    def __init__(self, config: EPLBConfig) -> None:
+        self.model, placement = small_model()
+        self.eplb = EPLBController(config)
+        self.eplb.register_model(self.model, placement)
+        self.forwards = 0
+
+    @step_eplb_after
+    def step(self) -> None:
+        self.model(torch.randn(8, 16))
+        self.forwards += 1
+
+
+def test_decorator_steps_controller_and_triggers_on_schedule() -> None:
+    engine = TinyEngine(EPLBConfig(window_size=3, step_interval=5, log_balancedness=True))
+    for _ in range(13):
+        engine.step()
+    assert engine.eplb.step_count == engine.forwards == 13
+    # First rebalance when the window has filled once (step 3), then every 5 steps.
+    assert [r.trigger for r in engine.eplb.history] == ["interval"] * 3
+    assert len(engine.eplb.balancedness_log) == 13
+    engine.eplb.request_rebalance()
+    engine.step()
+    assert engine.eplb.history[-1].trigger == "manual"
