@@ -174,6 +174,40 @@ def plan(
             console.print(f"{key}: {report[key]}")
 
 
+@app.command()
+def worker(
+    config: Path = typer.Option(..., "--config", help="Worker config (YAML or JSON)."),
+    steps: int | None = typer.Option(None, "--steps", help="Override the config's steps."),
+) -> None:
+    """Run one EP rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment)."""
+    from moe_worker.main import main as worker_main
+
+    argv = ["--config", str(config)] + ([] if steps is None else ["--steps", str(steps)])
+    raise typer.Exit(code=worker_main(argv))
+
+
+@app.command()
+def verify(
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="HF-format MoE checkpoint directory."
+    ),
+    ep_size: int = typer.Option(..., "--ep-size", help="Number of local EP ranks."),
+    placement: str = typer.Option("balanced", "--placement", help="random or balanced."),
+    input_path: Path = typer.Option(..., "--input", help="Hidden states [T, H] (.npy)."),
+    output_path: Path = typer.Option(..., "--output", help="Where to write outputs [L, T, H]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random placement."),
+) -> None:
+    """Apply every MoE layer of a checkpoint under EP to the input; write the outputs."""
+    from moe_worker.model.checkpoint import CheckpointError
+    from moe_worker.verify import verify as run_verify
+
+    try:
+        shape = run_verify(checkpoint, ep_size, placement, input_path, output_path, seed)
+    except (CheckpointError, ValueError, OSError) as exc:
+        fail(str(exc))
+    console.print(f"wrote {output_path}: outputs {list(shape)} (layers, tokens, hidden)")
+
+
 def main() -> None:
     app()
 
