@@ -30,8 +30,9 @@ def test_layer_state_is_a_view_of_the_global_tensors() -> None:
     state.commit(new, layers=range(3))
     assert layer.phy2log.tolist() == [2, 3, 4, 5, 6, 7, 0, 1, 2, 2]
     assert layer.replica_count is not None and int(layer.replica_count[2]) == 3
-    layer.record(torch.ones(10, dtype=torch.long))
-    assert int(state.load_window.sum()) == 10
+    layer.note_step(torch.arange(10).view(5, 2))
+    state.record_step([None, layer, None])
+    assert state.load_window[0, 1].tolist() == [1] * 10 and int(state.load_window.sum()) == 10
 
 
 def test_missing_tensor_is_named() -> None:
@@ -48,7 +49,8 @@ def test_window_slides_and_clears() -> None:
     for tokens in (1, 2, 4):
         if tokens > 1:
             state.advance_window()  # the controller advances after each step's reads
-        layer.record(torch.full((2,), tokens))
+        layer.note_step(torch.tensor([0, 1]).repeat(tokens))
+        state.record_step([layer])
     # A window of 2 steps holds the last two (2 and 4 tokens per slot).
     assert state.window_slot_load().tolist() == [[6, 6]]
     state.clear_window()

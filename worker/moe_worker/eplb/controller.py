@@ -113,6 +113,9 @@ class EPLBController:
     def step(self) -> list[RebalanceResult]:
         """Called after every forward step."""
         self.step_count += 1
+        for registered in self.models.values():
+            layers = registered.model.moe_layers
+            registered.state.record_step([layer.eplb_state for layer in layers])
         results = []
         if (
             self.config.log_balancedness

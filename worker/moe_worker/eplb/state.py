@@ -37,6 +37,7 @@ class EPLBLayerState:
     replica_count: torch.Tensor | None = None  # [E]
     load_window: torch.Tensor | None = None  # [W, P]
     window_position: list[int] = field(default_factory=lambda: [0])  # shared with the model
+    step_slots: torch.Tensor | None = None  # [T, k] slots this step's tokens went to
 
     def set_layer_state(self, layer: int, state: EPLBState) -> None:
         """Point every tensor at layer ``layer`` of the global ``state``."""
@@ -51,10 +52,9 @@ class EPLBLayerState:
             if getattr(self, name) is None:
                 raise EPLBStateError(f"EPLB requires {name} in the layer state; it is missing")
 
-    def record(self, slot_tokens: torch.Tensor) -> None:
-        """Add this step's tokens per physical slot [P] to the current window row."""
-        assert self.load_window is not None
-        self.load_window[self.window_position[0]] += slot_tokens.to(self.load_window.dtype)
+    def note_step(self, slots: torch.Tensor) -> None:
+        """Remember which physical slots [T, k] this step's tokens use (recorded at step end)."""
+        self.step_slots = slots
 
 
 class EPLBState:
@@ -108,6 +108,18 @@ class EPLBState:
             padded[:, :replicas] = placement.log2phy[layer]
             self.log2phy[layer].copy_(torch.from_numpy(padded))
         self.mapping_generation += 1
+
+    def record_step(self, layers: list[EPLBLayerState | None]) -> None:
+        """Add the step's tokens per slot of every layer to the current window row, at once."""
+        keys = []
+        num_physical = self.phy2log.shape[1]
+        for index, layer in enumerate(layers):
+            if layer is not None and layer.step_slots is not None:
+                keys.append(layer.step_slots.flatten() + index * num_physical)
+                layer.step_slots = None
+        if keys:
+            counts = torch.bincount(torch.cat(keys), minlength=self.num_layers * num_physical)
+            self.load_window[self.window_position[0]] += counts.view(self.num_layers, -1)
 
     def advance_window(self) -> None:
         """Start the next step's window row (clearing what it held W steps ago)."""

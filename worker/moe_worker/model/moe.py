@@ -92,9 +92,8 @@ class MoELayer:
                 combine_weights_for(hidden, forced_ids, self.router, self.config),
             )
         slots = self.physical_slots(ids, token_offset)  # [T, k]
-        if self.eplb_state is not None and self.eplb_state.load_window is not None:
-            total = self.eplb_state.load_window.shape[1]
-            self.eplb_state.record(torch.bincount(slots.flatten(), minlength=total))
+        if self.eplb_state is not None:
+            self.eplb_state.note_step(slots)
         out = self._routed(hidden, slots, combine)
         if self.shared is not None:
             out = out + self.shared(hidden).float()
@@ -129,11 +128,19 @@ class MoELayer:
 
     def _compute(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Run each row through the expert in its local slot: rows [N, H], slot [N]."""
-        out = torch.empty_like(rows)
-        for s in torch.unique(slot).tolist():
-            mask = slot == s
-            out[mask] = swiglu(rows[mask], *(self.slots[name][s] for name in EXPERT_TENSORS))
-        return out
+        order = torch.argsort(slot, stable=True)
+        counts = torch.bincount(slot, minlength=self.slots_per_rank).tolist()
+        grouped = rows[order]
+        out = torch.empty_like(grouped)
+        start = 0
+        for s, count in enumerate(counts):
+            if count:
+                weights = (self.slots[name][s] for name in EXPERT_TENSORS)
+                out[start : start + count] = swiglu(grouped[start : start + count], *weights)
+                start += count
+        result = torch.empty_like(rows)
+        result[order] = out
+        return result
 
 
 class MoEModel:
