@@ -1,9 +1,11 @@
-"""Run a function on N local ranks (spawned processes, gloo on 127.0.0.1) and collect results."""
+"""Run a function on N local ranks (spawned processes on 127.0.0.1) and collect the results."""
 
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -22,11 +24,8 @@ def _portable(value: Any) -> Any:
     import torch
 
     if isinstance(value, torch.Tensor):
-        return (
-            value.detach().cpu().float().numpy()
-            if value.is_floating_point()
-            else value.cpu().numpy()
-        )
+        value = value.detach().cpu()
+        return value.float().numpy() if value.is_floating_point() else value.numpy()
     if isinstance(value, (list, tuple)):
         return type(value)(_portable(v) for v in value)
     if isinstance(value, dict):
@@ -35,15 +34,18 @@ def _portable(value: Any) -> Any:
 
 
 def _entry(
-    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any
+    rank: int, world: int, port: int, backend: str, fn: Callable[..., Any], args: tuple, queue: Any
 ) -> None:
+    import torch
     import torch.distributed as dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         if world > 1:
             dist.init_process_group(
-                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+                backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
             )
         queue.put((rank, "ok", _portable(fn(rank, world, *args))))
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -53,24 +55,38 @@ def _entry(
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo", timeout: float = 240.0
+) -> list[Any]:
     """``fn(rank, world, *args)`` on every rank; results by rank (tensors as numpy arrays).
 
-    A failure on any rank is raised here with that rank's traceback.
+    ``backend="nccl"`` gives rank r GPU r. A failure on any rank, or a rank that dies without
+    reporting, is raised here.
     """
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
     processes = [
-        context.Process(target=_entry, args=(rank, world, port, fn, args, queue), daemon=True)
+        context.Process(
+            target=_entry, args=(rank, world, port, backend, fn, args, queue), daemon=True
+        )
         for rank in range(world)
     ]
     for process in processes:
         process.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout)
+        while len(results) < world:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise AssertionError(f"a rank died with exit code {dead[0]}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"ranks did not finish within {timeout} s") from None
+                continue
             if status != "ok":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             results[rank] = value
