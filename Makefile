@@ -26,6 +26,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/placement.py
+	$(BIN)/python bench/engine.py --shape tiny
 
 lint: setup
 	$(BIN)/ruff check operator worker tests bench

@@ -140,3 +140,19 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 2 and "epSize" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"model": {"dtype": "float16"}}, "model.dtype: float16 needs a GPU"),
+        ({"eplb": {"communicator": "torch_nccl"}}, "eplb.communicator: torch_nccl needs GPUs"),
+    ],
+)
+def test_engine_rejects_what_the_cpu_cannot_run(data: dict, message: str) -> None:
+    import torch
+
+    from moe_worker.engine import check_platform
+
+    with pytest.raises(ValueError, match=message):
+        check_platform(WorkerConfig.model_validate(data), torch.device("cpu"))

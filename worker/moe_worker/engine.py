@@ -56,6 +56,21 @@ def init_group(env: RankEnv, device: torch.device, timeout_s: float = 120.0) -> 
     )
 
 
+def check_platform(config: WorkerConfig, device: torch.device) -> None:
+    """Reject settings this device cannot run, naming the field."""
+    if device.type != "cuda":
+        if config.model.dtype == "float16":
+            raise ValueError("model.dtype: float16 needs a GPU; use float32 or bfloat16 on CPU")
+        if config.eplb.communicator in ("torch_nccl", "pynccl"):
+            raise ValueError(
+                f"eplb.communicator: {config.eplb.communicator} needs GPUs; use auto or torch_gloo"
+            )
+    if config.eplb.enabled and config.eplb.use_async:
+        log.warning(
+            "eplb.useAsync: asynchronous rebalancing is not built yet; rebalances run synchronously"
+        )
+
+
 @dataclass
 class StepStats:
     step: int
@@ -77,6 +92,7 @@ class Engine:
             raise ValueError(f"world size {world} differs from epSize {config.ep_size}")
         self.config = config
         self.device = device or torch.device("cpu")
+        check_platform(config, self.device)
         self.ep = EPGroup(rank=rank, size=world, group=None, device=self.device)
         self.source = source or make_source(config)
         model_config = self.source.config
