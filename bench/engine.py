@@ -1,9 +1,10 @@
-"""Engine benchmark: MoE step time and tokens/s, and the cost of EPLB load recording.
+"""Engine benchmark: MoE step time and tokens/s, and the cost of EPLB recording and metrics.
 
-One EP rank runs the step loop on a synthetic model with the zipf routing simulator. EPLB on
-(load recorded every step, controller stepping; no rebalance falls inside the run) and off (no
-layer state, no controller) alternate in rounds on the same model, so both see the same
-machine state. Prints one JSON line per shape.
+One EP rank runs the step loop on a synthetic model with the zipf routing simulator. Four modes
+alternate in rounds on the same model, so all see the same machine state: EPLB off (no layer
+state, no controller), EPLB on (load recorded every step, controller stepping; no rebalance
+falls inside the run), and the serving loop with Prometheus metrics off and on. Prints one JSON
+line per shape.
 
     python bench/engine.py --shape tiny            # CPU
     python bench/engine.py --shape qwen3 --device cuda
@@ -16,33 +17,49 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from moe_worker.config import WorkerConfig
 from moe_worker.engine import Engine
+from moe_worker.metrics import WorkerMetrics
+from moe_worker.server import WorkerStatus
+from moe_worker.service import WorkerService
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
-        "model": {"numLayers": 4, "hiddenSize": 64, "numExperts": 16, "topK": 2,
-                  "intermediateSize": 64},
+        "model": {
+            "numLayers": 4,
+            "hiddenSize": 64,
+            "numExperts": 16,
+            "topK": 2,
+            "intermediateSize": 64,
+        },
         "tokens": 256,
     },
     # Qwen3-30B-A3B's MoE layers: hidden 2048, 128 experts, top-8, expert FFN 768, bf16.
     "qwen3": {
-        "model": {"numLayers": 8, "hiddenSize": 2048, "numExperts": 128, "topK": 8,
-                  "intermediateSize": 768, "dtype": "bfloat16", "renormalize": True},
+        "model": {
+            "numLayers": 8,
+            "hiddenSize": 2048,
+            "numExperts": 128,
+            "topK": 8,
+            "intermediateSize": 768,
+            "dtype": "bfloat16",
+            "renormalize": True,
+        },
         "tokens": 512,
     },
 }
 
 
-def timed_steps(engine: Engine, steps: int) -> list[float]:
+def timed(step: Callable[[], None], engine: Engine, steps: int) -> list[float]:
     samples = []
     for _ in range(steps):
         started = time.perf_counter()
-        engine.step()
+        step()
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         samples.append(time.perf_counter() - started)
@@ -63,35 +80,48 @@ def run(shape: str, device: str, rounds: int, steps: int) -> dict[str, Any]:
     controller = engine.eplb
     assert controller is not None
     layer_states = [layer.eplb_state for layer in engine.model.layers]
+    metrics = WorkerMetrics("bench", 0, "torch_gloo", "incremental", False)
+    with_metrics = WorkerService(engine, WorkerStatus(), metrics)
+    without_metrics = WorkerService(engine, WorkerStatus(), None)
 
     def set_eplb(on: bool) -> None:
         engine.eplb = controller if on else None
         for layer, state in zip(engine.model.layers, layer_states, strict=True):
             layer.eplb_state = state if on else None
 
-    timed_steps(engine, 5)  # warm-up
-    samples: dict[bool, list[float]] = {True: [], False: []}
+    modes: dict[str, tuple[bool, Callable[[], None]]] = {
+        "eplb_off": (False, engine.step),
+        "eplb_on": (True, engine.step),
+        "service_metrics_off": (True, without_metrics.step),
+        "service_metrics_on": (True, with_metrics.step),
+    }
+    timed(engine.step, engine, 5)  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in modes}
     for index in range(rounds):
-        for on in (True, False) if index % 2 == 0 else (False, True):
-            set_eplb(on)
-            samples[on].extend(timed_steps(engine, steps))
+        names = list(modes) if index % 2 == 0 else list(reversed(modes))
+        for name in names:
+            eplb, step = modes[name]
+            set_eplb(eplb)
+            samples[name].extend(timed(step, engine, steps))
     set_eplb(True)
-    on_s, off_s = statistics.median(samples[True]), statistics.median(samples[False])
+    p50 = {name: statistics.median(values) for name, values in samples.items()}
     tokens = spec["tokens"]
     return {
         "bench": "engine",
         "shape": shape,
         "model": spec["model"],
         "tokens_per_step": tokens,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "steps_each": len(samples[True]),
-        "step_ms_eplb_on_p50": on_s * 1e3,
-        "step_ms_eplb_off_p50": off_s * 1e3,
-        "tokens_per_s_eplb_on": tokens / on_s,
-        "tokens_per_s_eplb_off": tokens / off_s,
-        "recording_overhead_ratio": on_s / off_s - 1.0,
+        "steps_each": len(samples["eplb_on"]),
+        **{f"step_ms_{name}_p50": value * 1e3 for name, value in p50.items()},
+        "tokens_per_s_eplb_on": tokens / p50["eplb_on"],
+        "tokens_per_s_eplb_off": tokens / p50["eplb_off"],
+        "recording_overhead_ratio": p50["eplb_on"] / p50["eplb_off"] - 1.0,
+        "metrics_overhead_ratio": p50["service_metrics_on"] / p50["service_metrics_off"] - 1.0,
     }
 
 

@@ -104,6 +104,8 @@ def test_two_worker_processes_run_and_rebalance(tmp_path: Path) -> None:
         "eplb": {"numRedundantExperts": 2, "windowSize": 8, "stepInterval": 8},
         "workload": {"kind": "zipf", "tokensPerStep": 64, "zipfExponent": 1.5},
         "device": "cpu",
+        "metrics": {"port": 0},
+        "control": {"port": 0},
     }
     path = tmp_path / "worker.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -104,9 +104,33 @@ class WorkloadConfig(WireModel):
         return self
 
 
+class MetricsConfig(WireModel):
+    """Prometheus metrics served by every rank."""
+
+    enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz.")
+    port: int = Field(
+        9400, ge=0, lt=65536, description="Port of rank 0 on a host; local rank r uses port + r."
+    )
+    per_expert: bool = Field(False, description="Export per-expert load (layer x expert series).")
+    update_interval: int = Field(10, gt=0, description="Steps between balancedness updates.")
+
+
+class ControlConfig(WireModel):
+    """The leader's control API (bearer token from a file or MOE_CONTROL_TOKEN)."""
+
+    enabled: bool = Field(True, description="Serve the control API on the leader (rank 0).")
+    port: int = Field(9390, ge=0, lt=65536, description="Port of the control API.")
+    token_file: str | None = Field(None, description="File holding the bearer token.")
+
+
 class WorkerConfig(WireModel):
     """Everything one rank needs besides its rank and the rendezvous address."""
 
+    deployment: str = Field(
+        "local", min_length=1, max_length=253, description="Deployment name (metric label)."
+    )
+    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig())
+    control: ControlConfig = Field(default_factory=lambda: ControlConfig())
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     eplb: EPLBConfig = Field(default_factory=lambda: EPLBConfig())
     workload: WorkloadConfig = Field(default_factory=lambda: WorkloadConfig())

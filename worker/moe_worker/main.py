@@ -1,7 +1,9 @@
 """Entry point of one EP rank: ``python -m moe_worker --config FILE`` or ``moe-eplb worker``.
 
 Rank, world size and the rendezvous address come from the environment (RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT), as the pod template sets them.
+MASTER_ADDR, MASTER_PORT, and LOCAL_RANK for the port offset), as the pod template sets them.
+Serves /metrics, /healthz, /readyz (port metrics.port + local rank) and, on rank 0, the control
+API (control.port). SIGTERM stops every rank at the same step; the process then exits 0.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -25,28 +29,53 @@ def load_config(path: str | Path) -> WorkerConfig:
     return WorkerConfig.model_validate(data or {})
 
 
-def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict:
+def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[str, Any]:
     import torch.distributed as dist
 
     from moe_worker.engine import Engine, init_group, resolve_device
+    from moe_worker.metrics import WorkerMetrics
+    from moe_worker.server import WorkerStatus, read_token, serve_control, serve_metrics
+    from moe_worker.service import WorkerService
 
+    status = WorkerStatus()
+    signal.signal(signal.SIGTERM, lambda *_: setattr(status, "stop_requested", True))
+    metrics = None
+    servers = []
+    if config.metrics.enabled:
+        metrics = WorkerMetrics(
+            config.deployment,
+            env.rank,
+            config.eplb.communicator,
+            config.eplb.policy,
+            config.eplb.use_async,
+            config.metrics.per_expert,
+        )
+        local_rank = int(os.environ.get("LOCAL_RANK", env.rank))
+        port = config.metrics.port + local_rank if config.metrics.port else 0
+        servers.append(serve_metrics(port, metrics.exposition, status))
+    if config.control.enabled and env.rank == 0:
+        servers.append(
+            serve_control(config.control.port, status, read_token(config.control.token_file))
+        )
     device = resolve_device(config.device, env.rank)
     init_group(env, device)
     try:
         engine = Engine(config, env.rank, env.world_size, device)
-        total = config.steps if steps is None else steps
-        stats = engine.run(total)
-        summary: dict[str, object] = {
+        service = WorkerService(engine, status, metrics, config.metrics.update_interval)
+        service.run(config.steps if steps is None else steps)
+        summary: dict[str, Any] = {
             "rank": env.rank,
             "steps": engine.step_index,
             "tokens": engine.tokens_processed,
-            "mean_step_s": sum(s.seconds for s in stats) / max(len(stats), 1),
+            "stopped_by_signal": service.stopping,
         }
         if engine.eplb is not None:
             summary["rebalances"] = [r.result for r in engine.eplb.history]
             summary["balancedness"] = engine.eplb.current_balancedness()
         return summary
     finally:
+        for server in servers:
+            server.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -54,7 +83,9 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe_worker", description="Run one EP rank.")
     parser.add_argument("--config", required=True, help="WorkerConfig as YAML or JSON.")
-    parser.add_argument("--steps", type=int, default=None, help="Override config steps.")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="Override config steps (0: run until stopped)."
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:

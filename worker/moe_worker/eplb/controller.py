@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -20,7 +21,7 @@ from moe_worker.config import EPLBConfig
 
 from .communicator import Communicator, create_communicator
 from .policy import Placement
-from .rebalance import RebalanceResult, rebalance
+from .rebalance import RebalanceResult, global_logical_load, rebalance
 from .state import EPLBLayerState, EPLBState
 
 log = logging.getLogger("moe_worker.eplb")
@@ -156,15 +157,26 @@ class EPLBController:
             )
         return result
 
-    def current_balancedness(self, name: str = "main") -> float:
-        """Measured over the window, all ranks' tokens: mean over layers of mean/max rank load."""
+    def measured_layer_balancedness(self, name: str = "main") -> np.ndarray:
+        """Per layer [L], over the window and all ranks' tokens: mean / max rank load.
+
+        A collective: every rank must call it at the same step.
+        """
         slot_load = self.models[name].state.window_slot_load().double()
         if self.world > 1:
             dist.all_reduce(slot_load, group=self.group)
         rank_load = slot_load.view(slot_load.shape[0], self.world, -1).sum(dim=2)
         peak = rank_load.max(dim=1).values
         ratio = torch.where(peak > 0, rank_load.mean(dim=1) / peak.clamp_min(1e-30), 1.0)
-        return float(ratio.mean())
+        return ratio.cpu().numpy()
+
+    def current_balancedness(self, name: str = "main") -> float:
+        """Mean over layers of ``measured_layer_balancedness`` (a collective)."""
+        return float(self.measured_layer_balancedness(name).mean())
+
+    def window_logical_load(self, name: str = "main") -> np.ndarray:
+        """Tokens per logical expert over the window, all ranks: [L, E] (a collective)."""
+        return global_logical_load(self.models[name].state, self.group, self.world)
 
     def log_balancedness(self) -> None:
         value = self.current_balancedness()

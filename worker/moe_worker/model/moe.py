@@ -66,6 +66,7 @@ class MoELayer:
         self.slots_per_rank = next(iter(slots.values())).shape[0]
         # EPLB state: None means EPLB is off for this layer; the load-time map then stays.
         self.eplb_state: EPLBLayerState | None = None
+        self.computed_pairs = 0  # (token, expert) pairs this rank's slots computed, cumulative
         self._static_log2phy = static_log2phy.to(ep.device)  # [E, R]
         self._static_count = (static_log2phy >= 0).sum(dim=1).to(ep.device)  # [E]
 
@@ -118,6 +119,7 @@ class MoELayer:
             slot_in = _all_to_all(local_slot, send_counts, recv_counts, self.ep)
         else:
             rows_in, slot_in = rows, local_slot
+        self.computed_pairs += rows_in.shape[0]
         computed = self._compute(rows_in, slot_in)
         if self.ep.size > 1:
             computed = _all_to_all(computed, recv_counts, send_counts, self.ep)

@@ -1,0 +1,264 @@
+"""The worker's Prometheus metrics: one table of specs, one registry per process.
+
+Every series carries ``deployment`` and ``rank`` labels so one Prometheus can serve many
+deployments; label values are bounded (layer and expert indices, fixed trigger/result names).
+Per-expert series exist only when ``metrics.perExpert`` is on, and only on the leader (rank 0),
+since the loads they show are summed over all ranks.
+
+``python -m moe_worker.metrics > docs/metrics.md`` regenerates the reference (a test checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+VERSION = "0.1.0"
+TRIGGERS = ("interval", "manual", "resize")
+RESULTS = ("ok", "skipped", "aborted", "failed")
+BASE_LABELS = ("deployment", "rank")
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+REBALANCE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # as exposed (counters end in _total)
+    kind: str  # counter | gauge | histogram | info
+    labels: tuple[str, ...]  # beyond deployment and rank
+    help: str
+
+
+SPECS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "moe_balancedness",
+        "gauge",
+        (),
+        "Mean over MoE layers of mean rank load / max rank load over the load window "
+        "(all ranks' tokens); 1 is perfect balance.",
+    ),
+    MetricSpec(
+        "moe_layer_balancedness",
+        "gauge",
+        ("layer",),
+        "Mean rank load / max rank load of one MoE layer over the load window.",
+    ),
+    MetricSpec(
+        "moe_rank_routed_tokens_total",
+        "counter",
+        (),
+        "Token-expert pairs computed by this rank's expert slots, summed over layers.",
+    ),
+    MetricSpec(
+        "moe_tokens_processed_total",
+        "counter",
+        (),
+        "Tokens of this rank's batches that completed a forward step.",
+    ),
+    MetricSpec("moe_steps_total", "counter", (), "Forward steps completed."),
+    MetricSpec(
+        "moe_step_duration_seconds",
+        "histogram",
+        (),
+        "Wall time of a forward step, including EPLB bookkeeping.",
+    ),
+    MetricSpec(
+        "moe_rebalances_total",
+        "counter",
+        ("trigger", "result"),
+        "Rebalances by trigger (interval, manual, resize) and result "
+        "(ok, skipped, aborted, failed).",
+    ),
+    MetricSpec(
+        "moe_rebalance_duration_seconds",
+        "histogram",
+        (),
+        "Wall time of a rebalance: loads, placement, weight transfer and commit.",
+    ),
+    MetricSpec(
+        "moe_rebalance_transferred_bytes_total",
+        "counter",
+        (),
+        "Expert weight bytes this rank received in rebalances.",
+    ),
+    MetricSpec(
+        "moe_rebalance_moved_expert_copies_total",
+        "counter",
+        (),
+        "Expert copies moved by rebalances (new (layer, rank, expert) pairs), all ranks.",
+    ),
+    MetricSpec(
+        "moe_rebalancing",
+        "gauge",
+        (),
+        "1 while a rebalance is pending or running on this rank, else 0.",
+    ),
+    MetricSpec("moe_ep_size", "gauge", (), "Number of expert-parallel ranks."),
+    MetricSpec(
+        "moe_topology_generation",
+        "gauge",
+        (),
+        "Generation of the rank group (increases with every elastic resize).",
+    ),
+    MetricSpec(
+        "moe_mapping_generation",
+        "gauge",
+        (),
+        "Generation of the expert map (increases with every committed rebalance).",
+    ),
+    MetricSpec(
+        "moe_worker_info",
+        "info",
+        ("communicator", "policy", "async", "version"),
+        "Static facts about the worker: communicator, placement policy, async mode, "
+        "version (value 1).",
+    ),
+    MetricSpec(
+        "moe_expert_load_tokens",
+        "gauge",
+        ("layer", "expert"),
+        "Tokens routed to a logical expert over the load window, all ranks (leader only; "
+        "only with metrics.perExpert).",
+    ),
+)
+
+
+def _base(name: str, kind: str) -> str:
+    """prometheus_client adds _total to counters and _info to infos itself."""
+    if kind == "counter":
+        return name.removesuffix("_total")
+    if kind == "info":
+        return name.removesuffix("_info")
+    return name
+
+
+class WorkerMetrics:
+    """This rank's metric objects; the engine loop feeds them."""
+
+    def __init__(
+        self,
+        deployment: str,
+        rank: int,
+        communicator: str,
+        policy: str,
+        use_async: bool,
+        per_expert: bool = False,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.base = {"deployment": deployment, "rank": str(rank)}
+        self.per_expert = per_expert and rank == 0
+        self._metrics: dict[str, object] = {}
+        for spec in SPECS:
+            if spec.name == "moe_expert_load_tokens" and not self.per_expert:
+                continue
+            labels = BASE_LABELS + spec.labels
+            if spec.kind == "counter":
+                metric: object = Counter(
+                    _base(spec.name, "counter"), spec.help, labels, registry=self.registry
+                )
+            elif spec.kind == "gauge":
+                metric = Gauge(spec.name, spec.help, labels, registry=self.registry)
+            elif spec.kind == "histogram":
+                buckets = REBALANCE_BUCKETS if "rebalance" in spec.name else STEP_BUCKETS
+                metric = Histogram(
+                    spec.name, spec.help, labels, buckets=buckets, registry=self.registry
+                )
+            else:
+                metric = Info(
+                    _base(spec.name, "info"), spec.help, BASE_LABELS, registry=self.registry
+                )
+            self._metrics[spec.name] = metric
+        self._child("moe_worker_info").info(
+            {
+                "communicator": communicator,
+                "policy": policy,
+                "async": str(use_async).lower(),
+                "version": VERSION,
+            }
+        )
+        for trigger in TRIGGERS:
+            for result in RESULTS:
+                self._child("moe_rebalances_total", trigger=trigger, result=result)
+        for name in (
+            "moe_rank_routed_tokens_total",
+            "moe_tokens_processed_total",
+            "moe_steps_total",
+            "moe_rebalance_transferred_bytes_total",
+            "moe_rebalance_moved_expert_copies_total",
+        ):
+            self._child(name)
+        self._child("moe_rebalancing").set(0)
+
+    def _child(self, name: str, **labels: str):  # type: ignore[no-untyped-def]
+        return self._metrics[name].labels(**self.base, **labels)  # type: ignore[attr-defined]
+
+    def observe_step(self, seconds: float, tokens: int, routed_pairs: int) -> None:
+        self._child("moe_steps_total").inc()
+        self._child("moe_tokens_processed_total").inc(tokens)
+        self._child("moe_rank_routed_tokens_total").inc(routed_pairs)
+        self._child("moe_step_duration_seconds").observe(seconds)
+
+    def observe_rebalance(
+        self, trigger: str, result: str, seconds: float, bytes_received: int, copies_moved: int
+    ) -> None:
+        self._child("moe_rebalances_total", trigger=trigger, result=result).inc()
+        if result == "ok":
+            self._child("moe_rebalance_duration_seconds").observe(seconds)
+            self._child("moe_rebalance_transferred_bytes_total").inc(bytes_received)
+            self._child("moe_rebalance_moved_expert_copies_total").inc(copies_moved)
+
+    def set_rebalancing(self, active: bool) -> None:
+        self._child("moe_rebalancing").set(1 if active else 0)
+
+    def set_topology(self, ep_size: int, topology_generation: int, mapping_generation: int) -> None:
+        self._child("moe_ep_size").set(ep_size)
+        self._child("moe_topology_generation").set(topology_generation)
+        self._child("moe_mapping_generation").set(mapping_generation)
+
+    def set_balancedness(self, per_layer: np.ndarray) -> None:
+        self._child("moe_balancedness").set(float(per_layer.mean()))
+        for layer, value in enumerate(per_layer):
+            self._child("moe_layer_balancedness", layer=str(layer)).set(float(value))
+
+    def set_expert_load(self, load: np.ndarray) -> None:
+        """Window load per logical expert [L, E] (leader, per-expert series on)."""
+        if not self.per_expert:
+            return
+        for layer in range(load.shape[0]):
+            for expert in range(load.shape[1]):
+                self._child("moe_expert_load_tokens", layer=str(layer), expert=str(expert)).set(
+                    float(load[layer, expert])
+                )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def reference_markdown() -> str:
+    lines = [
+        "<!-- GENERATED by `python -m moe_worker.metrics > docs/metrics.md`; do not edit. -->",
+        "# Worker metrics",
+        "",
+        "Every rank serves these at `/metrics` (port `metrics.port` + local rank). All series",
+        "carry the labels `deployment` and `rank`; the table lists the others.",
+        "",
+        "| name | type | labels | meaning |",
+        "|---|---|---|---|",
+    ]
+    for spec in SPECS:
+        labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"
+        lines.append(f"| `{spec.name}` | {spec.kind} | {labels} | {spec.help} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
