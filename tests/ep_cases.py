@@ -150,8 +150,25 @@ def attach_state(model: MoEModel, placement: Placement, device: torch.device) ->
     return state
 
 
+def make_test_communicator(name: str, rank: int, world: int, device: torch.device, store_port: int):  # type: ignore[no-untyped-def]
+    """A communicator as the engine would build it: gloo on its own group, pynccl via a store."""
+    import torch.distributed as dist
+
+    if name == "pynccl":
+        store = dist.TCPStore("127.0.0.1", store_port, world, rank == 0)
+        return create_communicator(name, rank=rank, world=world, store=store, device=device)
+    if name == "torch_gloo" and world > 1:
+        return create_communicator(name, group=dist.new_group(backend="gloo"), device=device)
+    return create_communicator(name, device=device)
+
+
 def fingerprint_run(
-    rank: int, world: int, seed: int, device: str = "cpu", communicator: str = "torch_gloo"
+    rank: int,
+    world: int,
+    seed: int,
+    device: str = "cpu",
+    communicator: str = "torch_gloo",
+    store_port: int = 0,
 ) -> list:
     """Apply the target sequence; list every slot whose weights are not exactly its expert's."""
     config = ModelConfig.model_validate(REBALANCE_CONFIG)
@@ -160,7 +177,7 @@ def fingerprint_run(
     initial = default_placement(config.num_layers, config.num_experts, REBALANCE_PHYSICAL)
     model = build_model(source, initial, EPGroup(rank=rank, size=world, device=target))
     state = attach_state(model, initial, target)
-    comm = create_communicator(communicator, device=target)
+    comm = make_test_communicator(communicator, rank, world, target, store_port)
     slots = REBALANCE_PHYSICAL // world
     wrong = []
     for step, (kind, new) in enumerate(rebalance_targets(world, seed)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import free_port, run_ranks
 from ep_cases import (
     EP_CONFIGS,
     check_ep_outputs,
@@ -34,8 +34,11 @@ def test_ep_outputs_equal_reference_over_nccl() -> None:
         check_ep_outputs(2, config, placements, by_rank)
 
 
-def test_rebalance_moves_exact_weights_over_nccl() -> None:
-    for rank_wrong in run_ranks(fingerprint_run, 2, 11, "cuda", "torch_nccl", backend="nccl"):
+@pytest.mark.parametrize("communicator", ["torch_nccl", "pynccl", "torch_gloo"])
+def test_executor_suite_on_every_gpu_backend(communicator: str) -> None:
+    """Fingerprinted weights, random plans, duplicates, unchanged slots, empty plans."""
+    args = (11, "cuda", communicator, free_port())
+    for rank_wrong in run_ranks(fingerprint_run, 2, *args, backend="nccl"):
         assert rank_wrong == []
 
 

@@ -101,7 +101,7 @@ def test_two_worker_processes_run_and_rebalance(tmp_path: Path) -> None:
         "epSize": 2,
         "steps": 24,
         "model": {"numExperts": 8, "numLayers": 2, "hiddenSize": 16, "intermediateSize": 8},
-        "eplb": {"numRedundantExperts": 2, "windowSize": 8, "stepInterval": 8},
+        "eplb": {"numRedundantExperts": 2, "windowSize": 8, "stepInterval": 8, "useAsync": False},
         "workload": {"kind": "zipf", "tokensPerStep": 64, "zipfExponent": 1.5},
         "device": "cpu",
         "metrics": {"port": 0},

@@ -110,7 +110,9 @@ class TinyEngine:
 
 
 def test_decorator_steps_controller_and_triggers_on_schedule() -> None:
-    engine = TinyEngine(EPLBConfig(window_size=3, step_interval=5, log_balancedness=True))
+    engine = TinyEngine(
+        EPLBConfig(window_size=3, step_interval=5, log_balancedness=True, use_async=False)
+    )
     for _ in range(13):
         engine.step()
     assert engine.eplb.step_count == engine.forwards == 13

@@ -46,6 +46,9 @@ class EPLBConfig(WireModel):
     communicator: CommunicatorName = Field(
         "auto", description="Weight-exchange backend; auto picks by platform and mode."
     )
+    rebalance_timeout_s: float = Field(
+        120.0, gt=0, description="Deadline of a rebalance; past it every rank abandons it."
+    )
 
 
 class ModelConfig(WireModel):

@@ -10,11 +10,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from moe_worker.config import RankEnv, WorkerConfig
+from moe_worker.eplb.communicator import Communicator, create_communicator, resolve_auto
 from moe_worker.eplb.controller import EPLBController, step_eplb_after
 from moe_worker.eplb.policy import Placement, default_placement
 from moe_worker.model.experts import DTYPES, SyntheticSource, WeightSource
@@ -45,8 +47,6 @@ def init_group(env: RankEnv, device: torch.device, timeout_s: float = 120.0) -> 
     """Join the default process group (gloo on CPU, NCCL on GPU) at MASTER_ADDR:MASTER_PORT."""
     if env.world_size == 1 or dist.is_initialized():
         return
-    from datetime import timedelta
-
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
@@ -65,10 +65,46 @@ def check_platform(config: WorkerConfig, device: torch.device) -> None:
             raise ValueError(
                 f"eplb.communicator: {config.eplb.communicator} needs GPUs; use auto or torch_gloo"
             )
-    if config.eplb.enabled and config.eplb.use_async:
-        log.warning(
-            "eplb.useAsync: asynchronous rebalancing is not built yet; rebalances run synchronously"
+
+
+def make_eplb_channels(
+    config: WorkerConfig, rank: int, world: int, device: torch.device
+) -> tuple[Communicator, dist.ProcessGroup | None]:
+    """The weight-exchange communicator and the gloo group for async agreement.
+
+    Every rank calls this at start-up with the same config, so groups are created in the same
+    order everywhere. Async rebalances never share the forward pass's communicator: torch_gloo
+    gets its own gloo group, torch_nccl its own NCCL group, pynccl its own NCCL communicator
+    (its id travels through a TCPStore on MASTER_PORT + 1).
+    """
+    eplb = config.eplb
+    name = (
+        resolve_auto(device, eplb.use_async) if eplb.communicator == "auto" else eplb.communicator
+    )
+    if world == 1:
+        return create_communicator(name, device=device, rank=0, world=1, store=_local_store()), None
+    timeout = timedelta(seconds=eplb.rebalance_timeout_s)
+    control_group = dist.new_group(backend="gloo", timeout=timeout) if eplb.use_async else None
+    if name == "torch_gloo" and (eplb.use_async or device.type == "cuda"):
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        return create_communicator(name, group=group, device=device), control_group
+    if name == "torch_nccl" and eplb.use_async:
+        group = dist.new_group(backend="nccl", timeout=timeout)
+        return create_communicator(name, group=group, device=device), control_group
+    if name == "pynccl":
+        env = RankEnv.from_environ(dict(os.environ))
+        store = dist.TCPStore(
+            env.master_addr, env.master_port + 1, world, rank == 0, timeout=timeout
         )
+        return (
+            create_communicator(name, rank=rank, world=world, store=store, device=device),
+            control_group,
+        )
+    return create_communicator(name, device=device), control_group
+
+
+def _local_store() -> dist.Store:
+    return dist.HashStore()
 
 
 @dataclass
@@ -104,7 +140,10 @@ class Engine:
         self.model: MoEModel = build_model(self.source, self.placement, self.ep)
         self.eplb: EPLBController | None = None
         if config.eplb.enabled:
-            self.eplb = EPLBController(config.eplb, rank, world, None, self.device)
+            communicator, control_group = make_eplb_channels(config, rank, world, self.device)
+            self.eplb = EPLBController(
+                config.eplb, rank, world, None, self.device, communicator, control_group
+            )
             self.eplb.register_model(self.model, self.placement)
         self.simulate_routing = model_config.source == "synthetic"
         self.simulator = RoutingSimulator(

@@ -54,7 +54,7 @@ class WorkerService:
 
     def _after_rebalances(self) -> None:
         controller = self.engine.eplb
-        if controller is None or len(controller.history) == self._seen_rebalances:
+        if controller is None:
             return
         for result in controller.history[self._seen_rebalances :]:
             if self.metrics is not None:
@@ -65,12 +65,11 @@ class WorkerService:
                     result.bytes_received,
                     result.copies_moved,
                 )
-            if result.trigger == "manual":
-                with self.status.lock:
-                    self.status.rebalancing = False
         self._seen_rebalances = len(controller.history)
+        with self.status.lock:
+            self.status.rebalancing = controller.rebalancing
         if self.metrics is not None:
-            self.metrics.set_rebalancing(False)
+            self.metrics.set_rebalancing(controller.rebalancing)
 
     def _relay_control(self) -> None:
         with self.status.lock:
@@ -89,6 +88,9 @@ class WorkerService:
                 self.metrics.set_rebalancing(True)
         if stop:
             self.stopping = True
+            if self.engine.eplb is not None:
+                self.engine.eplb.shutdown()  # abandon an in-flight rebalance, same step everywhere
+                self._after_rebalances()
 
     def _update_balancedness(self) -> None:
         controller = self.engine.eplb
@@ -141,4 +143,7 @@ class WorkerService:
             self.status.ready = True
         while not self.stopping and (steps == 0 or self.engine.step_index < steps):
             self.step()
+        if self.engine.eplb is not None and not self.stopping:
+            self.engine.eplb.shutdown()  # the step budget ran out: same step on every rank
+            self._after_rebalances()
         log.info("rank %d stopped after %d steps", self.engine.ep.rank, self.engine.step_index)

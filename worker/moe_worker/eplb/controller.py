@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from moe_worker.config import EPLBConfig
 
+from .async_worker import AsyncRebalance, FaultHook
 from .communicator import Communicator, create_communicator
 from .policy import Placement
 from .rebalance import RebalanceResult, global_logical_load, rebalance
@@ -55,13 +56,21 @@ class EPLBController:
         group: dist.ProcessGroup | None = None,
         device: torch.device | str = "cpu",
         communicator: Communicator | None = None,
+        control_group: dist.ProcessGroup | None = None,
+        fault_hook: FaultHook | None = None,
     ) -> None:
+        """``communicator`` moves weights (for async: one with its own group and stream);
+        ``control_group`` (gloo) carries the per-step agreement of async rebalances."""
         self.config = config
         self.rank, self.world, self.group = rank, world, group
         self.device = torch.device(device)
         self.communicator = communicator or create_communicator(
-            config.communicator, group=group, device=self.device
+            config.communicator, use_async=config.use_async, group=group, device=self.device
         )
+        self.control_group = control_group
+        self.fault_hook = fault_hook
+        self._async: AsyncRebalance | None = None
+        self._async_queue: list[tuple[str, str]] = []
         self.models: dict[str, RegisteredModel] = {}
         self.step_count = 0
         self.history: list[RebalanceResult] = []
@@ -123,13 +132,87 @@ class EPLBController:
             and self.step_count % self.config.log_balancedness_interval == 0
         ):
             self.log_balancedness()
+        if self._async is not None:
+            results.extend(self._poll_async())
         trigger = self._due()
         if trigger is not None:
             self._requested = None
-            results = [self.rebalance_now(trigger)]
+            if not self.config.use_async:
+                results = [self.rebalance_now(trigger)]
+            elif self._async is None and not self._async_queue:
+                self._async_queue = [(name, trigger) for name in self.models]
+                results.extend(self._start_next_async())
+            else:
+                log.info(
+                    "step %d: %s rebalance skipped, one is in flight", self.step_count, trigger
+                )
         for registered in self.models.values():
             registered.state.advance_window()
         return results
+
+    @property
+    def rebalancing(self) -> bool:
+        """A rebalance is requested, queued or in flight."""
+        return self._requested is not None or self._async is not None or bool(self._async_queue)
+
+    def _start_next_async(self) -> list[RebalanceResult]:
+        """Start the next queued model's async rebalance (skipping models with no load)."""
+        results = []
+        while self._async_queue and self._async is None:
+            name, trigger = self._async_queue.pop(0)
+            registered = self.models[name]
+            load = global_logical_load(registered.state, self.group, self.world)
+            if load.sum() == 0:
+                skipped = RebalanceResult(
+                    trigger, "skipped", mapping_generation=registered.state.mapping_generation
+                )
+                self.history.append(skipped)
+                results.append(skipped)
+                continue
+            self._async = AsyncRebalance(
+                registered.state,
+                registered.model.moe_layers,
+                self.config.policy,
+                load,
+                self.rank,
+                self.world,
+                self.communicator,
+                self.control_group,
+                self.config.rebalance_timeout_s,
+                trigger,
+                self.device,
+                self.fault_hook,
+            )
+        return results
+
+    def _poll_async(self) -> list[RebalanceResult]:
+        assert self._async is not None
+        result = self._async.poll()
+        if result is None:
+            return []
+        self._async = None
+        self.history.append(result)
+        log.info(
+            "async rebalance (%s): %s, balancedness %.4f -> %.4f, %d copies moved%s",
+            result.trigger,
+            result.result,
+            result.balancedness_before,
+            result.balancedness_after,
+            result.copies_moved,
+            f" ({result.error})" if result.error else "",
+        )
+        if result.result != "ok":
+            self._async_queue.clear()
+        return [result, *self._start_next_async()]
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abandon an in-flight async rebalance (all ranks call it at the same step)."""
+        self._async_queue.clear()
+        if self._async is not None:
+            result = self._async._abandon("shutting down")
+            self.history.append(result)
+            self._async.wait_stopped(timeout)
+            self._async = None
 
     def rebalance_now(self, trigger: str) -> RebalanceResult:
         result = RebalanceResult(trigger, "skipped")

@@ -94,8 +94,14 @@ class EPLBState:
             self.phy2log.cpu().numpy().copy(), int(self.replica_count.shape[1])
         )
 
-    def commit(self, placement: Placement, layers: range | list[int]) -> None:
-        """Write ``placement``'s maps for ``layers`` into the global tensors, in place."""
+    def commit(
+        self, placement: Placement, layers: range | list[int], new_generation: bool = True
+    ) -> None:
+        """Write ``placement``'s maps for ``layers`` into the global tensors, in place.
+
+        ``new_generation``: this commit starts a new mapping generation (an async rebalance
+        commits layer by layer and starts one generation with its first layer).
+        """
         replicas = placement.log2phy.shape[2]
         if replicas > self.max_replicas:
             raise EPLBStateError(
@@ -107,7 +113,8 @@ class EPLBState:
             padded = np.full((placement.num_logical, self.max_replicas), -1, dtype=np.int64)
             padded[:, :replicas] = placement.log2phy[layer]
             self.log2phy[layer].copy_(torch.from_numpy(padded))
-        self.mapping_generation += 1
+        if new_generation:
+            self.mapping_generation += 1
 
     def record_step(self, layers: list[EPLBLayerState | None]) -> None:
         """Add the step's tokens per slot of every layer to the current window row, at once."""

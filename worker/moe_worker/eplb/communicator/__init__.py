@@ -5,7 +5,14 @@
 
 from __future__ import annotations
 
-from .base import Communicator, UnknownCommunicatorError, available, create_communicator, register
+from .base import (
+    Communicator,
+    UnknownCommunicatorError,
+    available,
+    create_communicator,
+    register,
+    resolve_auto,
+)
 
 __all__ = [
     "Communicator",
@@ -13,4 +20,5 @@ __all__ = [
     "available",
     "create_communicator",
     "register",
+    "resolve_auto",
 ]

@@ -57,20 +57,30 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_communicator(name: str, **kwargs: Any) -> Communicator:
-    """A communicator by registered name; ``auto`` picks by platform (CPU: torch_gloo)."""
+def resolve_auto(device: torch.device | str | None, use_async: bool) -> str:
+    """What ``auto`` means on this platform and in this mode.
+
+    - CPU: ``torch_gloo`` (the only backend for host tensors).
+    - GPU, synchronous: ``torch_nccl``; the rebalance runs on the step loop's thread and stream
+      between steps, so sharing the forward pass's NCCL communicator is safe, and it is fastest.
+    - GPU, asynchronous: ``pynccl``; transfers are issued from a background thread on another
+      stream while the forward pass runs its own collectives, and NCCL operations from two
+      streams on one communicator can deadlock. pynccl has its own communicator and stream.
+    """
+    if device is None or torch.device(device).type != "cuda":
+        return "torch_gloo"
+    return "pynccl" if use_async else "torch_nccl"
+
+
+def create_communicator(name: str, use_async: bool = False, **kwargs: Any) -> Communicator:
+    """A communicator by registered name (``auto``: see ``resolve_auto``)."""
     _load_builtin()
     if name == "auto":
-        device = kwargs.get("device")
-        name = (
-            "torch_nccl"
-            if device is not None and torch.device(device).type == "cuda"
-            else "torch_gloo"
-        )
+        name = resolve_auto(kwargs.get("device"), use_async)
     if name not in _REGISTRY:
         raise UnknownCommunicatorError(name)
     return _REGISTRY[name](**kwargs)
 
 
 def _load_builtin() -> None:
-    from . import torch_p2p  # noqa: F401  (registers its names)
+    from . import pynccl, torch_p2p  # noqa: F401  (they register their names)

@@ -1,7 +1,11 @@
-"""torch.distributed point-to-point: batched isend/irecv on the EP process group.
+"""torch.distributed point-to-point backends.
 
-Registered as ``torch_gloo`` (CPU tensors over gloo) and ``torch_nccl`` (GPU tensors over
-NCCL): the same calls, the group's backend decides the transport.
+- ``torch_nccl``: batched isend/irecv of GPU tensors on an NCCL group.
+- ``torch_gloo``: gloo on a (separate) gloo group. CPU tensors go directly; GPU tensors are
+  staged through pinned host buffers in chunks, pipelined: while one chunk is on the wire the
+  next is copied device->host (a chunk's copy is complete before its send starts), and a
+  received chunk is copied host->device while the next one arrives. Operations run one after
+  another in the queued order, which every rank shares, so they cannot deadlock.
 """
 
 from __future__ import annotations
@@ -13,32 +17,131 @@ import torch.distributed as dist
 
 from .base import Communicator, register
 
+CHUNK_BYTES = 32 << 20
 
-class TorchP2PCommunicator(Communicator):
+
+def _wait(work: Any) -> None:
+    if work is None:
+        raise RuntimeError("this rank is not in the communicator's group")
+    work.wait()
+
+
+def _global(group: dist.ProcessGroup | None, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+@register("torch_nccl")
+class TorchNcclCommunicator(Communicator):
     def __init__(self, group: dist.ProcessGroup | None = None, **_: Any) -> None:
         self.group = group
         self._ops: list[dist.P2POp] = []
 
-    def _global(self, rank: int) -> int:
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
-
     def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
         self._ops.append(
-            dist.P2POp(dist.isend, tensor.contiguous(), self._global(dst_rank), self.group)
+            dist.P2POp(dist.isend, tensor.contiguous(), _global(self.group, dst_rank), self.group)
         )
 
     def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
         if not tensor.is_contiguous():
             raise ValueError("receive buffers must be contiguous")
-        self._ops.append(dist.P2POp(dist.irecv, tensor, self._global(src_rank), self.group))
+        self._ops.append(dist.P2POp(dist.irecv, tensor, _global(self.group, src_rank), self.group))
 
     def execute(self) -> None:
         ops, self._ops = self._ops, []
-        if not ops:
-            return
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
 
 
-register("torch_gloo")(TorchP2PCommunicator)
-register("torch_nccl")(TorchP2PCommunicator)
+@register("torch_gloo")
+class TorchGlooCommunicator(Communicator):
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        **_: Any,
+    ) -> None:
+        self.group = group
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.chunk_bytes = chunk_bytes
+        self._ops: list[tuple[str, torch.Tensor, int]] = []
+        self._pinned: list[torch.Tensor] = []
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @property
+    def stream(self) -> Any | None:
+        return self._copy_stream
+
+    def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
+        self._ops.append(("send", tensor.contiguous(), _global(self.group, dst_rank)))
+
+    def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
+        if not tensor.is_contiguous():
+            raise ValueError("receive buffers must be contiguous")
+        self._ops.append(("recv", tensor, _global(self.group, src_rank)))
+
+    def _buffers(self) -> list[torch.Tensor]:
+        if not self._pinned:
+            self._pinned = [
+                torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)
+            ]
+        return self._pinned
+
+    def execute(self) -> None:
+        ops, self._ops = self._ops, []
+        for kind, tensor, peer in ops:
+            if not tensor.is_cuda:
+                work = (dist.isend if kind == "send" else dist.irecv)(
+                    tensor, peer, group=self.group
+                )
+                _wait(work)
+            elif kind == "send":
+                self._send_staged(tensor, peer)
+            else:
+                self._recv_staged(tensor, peer)
+
+    def _chunks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        flat = tensor.view(-1).view(torch.uint8)
+        return [flat[i : i + self.chunk_bytes] for i in range(0, flat.numel(), self.chunk_bytes)]
+
+    def _send_staged(self, tensor: torch.Tensor, peer: int) -> None:
+        assert self._copy_stream is not None
+        buffers = self._buffers()
+        chunks = self._chunks(tensor)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        pending: list[Any] = [None, None]
+        events: list[torch.cuda.Event] = []
+        for index, chunk in enumerate(chunks):
+            slot = index % 2
+            if pending[slot] is not None:
+                pending[slot].wait()  # the buffer is free once its previous send completed
+            host = buffers[slot][: chunk.numel()]
+            with torch.cuda.stream(self._copy_stream):
+                host.copy_(chunk, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            events.append(event)
+            event.synchronize()  # device->host copy complete before the send starts
+            pending[slot] = dist.isend(host, peer, group=self.group)
+        for work in pending:
+            if work is not None:
+                work.wait()
+
+    def _recv_staged(self, tensor: torch.Tensor, peer: int) -> None:
+        assert self._copy_stream is not None
+        buffers = self._buffers()
+        chunks = self._chunks(tensor)
+        copies: list[Any] = [None, None]
+        for index, chunk in enumerate(chunks):
+            slot = index % 2
+            if copies[slot] is not None:
+                copies[slot].synchronize()  # the previous host->device copy left this buffer
+            host = buffers[slot][: chunk.numel()]
+            _wait(dist.irecv(host, peer, group=self.group))
+            with torch.cuda.stream(self._copy_stream):
+                chunk.copy_(host, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            copies[slot] = event
+        self._copy_stream.synchronize()

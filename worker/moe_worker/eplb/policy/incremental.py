@@ -113,6 +113,23 @@ def _fix_replica_counts(
     return relabels
 
 
+def _sizes(weight: np.ndarray, counts: np.ndarray, layout: np.ndarray) -> np.ndarray:
+    """Load of the replica in every slot: layout [L, G, S] -> [L, G, S]."""
+    flat = layout.reshape(layout.shape[0], -1)
+    return np.take_along_axis(weight / np.maximum(counts, 1), flat, axis=1).reshape(layout.shape)
+
+
+def _without_duplicates(weight: np.ndarray, layout: np.ndarray, num_logical: int) -> np.ndarray:
+    """Swap apart two replicas of an expert on one GPU (e.g. from a resize), when possible."""
+    num_layers, num_gpus, _ = layout.shape
+    counts = Placement.from_phy2log(layout.reshape(num_layers, -1), num_logical).replica_count
+    expert = layout.copy()
+    size = _sizes(weight, counts, expert)
+    no_home = np.full((num_layers, num_logical), -1, dtype=np.int64)
+    repair_duplicates(size, expert, np.zeros(num_gpus, dtype=np.int64), no_home)
+    return expert
+
+
 def incremental_policy(
     weight: np.ndarray,
     num_physical: int,
@@ -143,8 +160,8 @@ def incremental_policy(
         layout = _drop_retired(weight, layout, num_logical)
     elif num_gpus > old_gpus:
         layout = _add_joined(weight, layout, num_gpus, num_logical)
-    unchanged = np.ascontiguousarray(layout, dtype=np.int64)
-    layout = unchanged.copy()
+    layout = _without_duplicates(weight, np.ascontiguousarray(layout, dtype=np.int64), num_logical)
+    unchanged = layout.copy()
     relabels = _fix_replica_counts(weight, layout, num_gpus, count_margin)
     start = Placement.from_phy2log(layout.reshape(num_layers, num_physical), num_logical)
     counts = start.replica_count
@@ -169,11 +186,8 @@ def incremental_policy(
     else:
         home_node = np.full((num_layers, num_logical), -1, dtype=np.int64)
         node_of_gpu = np.zeros(num_gpus, dtype=np.int64)
-    expert = np.ascontiguousarray(layout, dtype=np.int64).copy()
-    size = np.take_along_axis(weight / counts, expert.reshape(num_layers, -1), axis=1).reshape(
-        expert.shape
-    )
-    repair_duplicates(size, expert, node_of_gpu, np.full_like(home_node, -1))
+    expert = layout.copy()
+    size = _sizes(weight, counts, expert)
     origin = np.zeros((num_layers, num_gpus, num_logical), dtype=bool)
     kept = min(old_gpus, num_gpus)
     origin[:, :kept] = gpu_expert_presence(previous.phy2log, old_gpus, num_logical)[:, :kept]

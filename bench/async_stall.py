@@ -1,0 +1,167 @@
+"""Async-stall benchmark: step times while a rebalance runs, async vs a synchronous stall.
+
+Two GPUs, EP 2, the Qwen3-30B-A3B-shaped stack of the engine benchmark (hidden 2048, 128
+experts, top-8, FFN 768, bf16), zipf routing. In one run: steady decoding; then an asynchronous
+rebalance (policy ``balanced``, which re-plans fully and moves well over a quarter of the
+expert copies) while steps continue; then a synchronous rebalance to a placement planned for
+shifted loads, inside one step. Prints one JSON line: step time p50/p99 in steady state and
+while the async rebalance is in flight, the sync stall, and the copies moved.
+
+    python bench/async_stall.py [--layers 8] [--steady-steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_worker.config import WorkerConfig
+from moe_worker.engine import Engine
+from moe_worker.eplb.communicator import create_communicator
+from moe_worker.eplb.policy import compute_placement, moved_copies
+from moe_worker.eplb.rebalance import apply_placement
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _timed(engine: Engine, device: torch.device) -> float:
+    started = time.perf_counter()
+    engine.step()
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def _rank(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+    )
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    config = WorkerConfig.model_validate(
+        {
+            "epSize": 2,
+            "model": {
+                "numLayers": args.layers,
+                "hiddenSize": 2048,
+                "numExperts": 128,
+                "topK": 8,
+                "intermediateSize": 768,
+                "dtype": "bfloat16",
+            },
+            "eplb": {
+                "numRedundantExperts": 16,
+                "windowSize": args.steady_steps,
+                "stepInterval": 1_000_000_000,
+                "policy": "balanced",
+                "useAsync": True,
+            },
+            "workload": {"kind": "zipf", "tokensPerStep": args.tokens, "zipfExponent": 1.2},
+            "device": "cuda",
+        }
+    )
+    engine = Engine(config, rank, 2, device)
+    controller = engine.eplb
+    assert controller is not None
+    for _ in range(5):
+        _timed(engine, device)
+    steady = [_timed(engine, device) for _ in range(args.steady_steps)]
+    before = controller.models["main"].state.placement()
+
+    controller.request_rebalance("manual")
+    during: list[float] = []
+    started = time.perf_counter()
+    while True:
+        during.append(_timed(engine, device))
+        if not controller.rebalancing or len(during) > 10_000:
+            break
+    async_seconds = time.perf_counter() - started
+    result = controller.history[-1]
+    after_async = controller.models["main"].state.placement()
+
+    # A synchronous rebalance inside one step: to the plan for loads shifted by half the experts.
+    load = controller.window_logical_load()
+    shifted = compute_placement(
+        "balanced", np.roll(load, 64, axis=1), num_physical=after_async.num_physical, num_gpus=2
+    )
+    sync_comm = create_communicator("torch_nccl", device=device)
+    torch.cuda.synchronize(device)
+    dist.barrier()
+    step_started = time.perf_counter()
+    engine.step()
+    apply_placement(
+        controller.models["main"].state, engine.model.layers, shifted, rank, 2, sync_comm
+    )
+    torch.cuda.synchronize(device)
+    sync_step = time.perf_counter() - step_started
+    after_sync = [_timed(engine, device) for _ in range(10)]
+    slots = before.num_physical
+    if rank == 0:
+        steady_p99 = _pct(steady, 99)
+        queue.put(
+            {
+                "bench": "async_stall",
+                "device": torch.cuda.get_device_name(device),
+                "torch": torch.__version__,
+                "layers": args.layers,
+                "tokens_per_rank_step": args.tokens,
+                "communicator_async": type(controller.communicator).__name__,
+                "steady_steps": len(steady),
+                "steady_p50_ms": statistics.median(steady) * 1e3,
+                "steady_p99_ms": steady_p99 * 1e3,
+                "async_result": result.result,
+                "async_steps": len(during),
+                "async_seconds": async_seconds,
+                "async_p50_ms": statistics.median(during) * 1e3,
+                "async_p99_ms": _pct(during, 99) * 1e3,
+                "async_p99_over_steady_p99": _pct(during, 99) / steady_p99,
+                "async_moved_copy_fraction": float(moved_copies(before, after_async, 2, 2).sum())
+                / (slots * args.layers),
+                "sync_step_ms": sync_step * 1e3,
+                "sync_stall_ms": (sync_step - statistics.median(steady)) * 1e3,
+                "sync_moved_copy_fraction": float(moved_copies(after_async, shifted, 2, 2).sum())
+                / (slots * args.layers),
+                "after_sync_p50_ms": statistics.median(after_sync) * 1e3,
+            }
+        )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--steady-steps", type=int, default=100)
+    args = parser.parse_args()
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = _port()
+    processes = [context.Process(target=_rank, args=(rank, args, port, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    print(json.dumps(queue.get(timeout=900)), flush=True)
+    for process in processes:
+        process.join()
+
+
+if __name__ == "__main__":
+    main()

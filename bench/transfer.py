@@ -1,0 +1,149 @@
+"""Weight-transfer benchmark: a rebalance moving DeepSeek-V3-sized experts between two GPUs.
+
+Each expert is three bf16 tensors of 7168 x 2048 (88 MB). Rank 0 sends half of the experts to
+rank 1 while rank 1 sends the other half to rank 0, through each communicator backend, in one
+run. Reports GB/s per direction (bytes one rank sends / wall time of the exchange, median of
+--repeats) and the ratio to the link's 450 GB/s per direction (H200 NVLink, NV18). One JSON line
+per backend.
+
+    python bench/transfer.py [--experts 32] [--backends torch_nccl,pynccl,torch_gloo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_worker.eplb.communicator import create_communicator
+
+HIDDEN, FFN = 7168, 2048
+LINK_GBPS = 450.0
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _communicator(name: str, rank: int, device: torch.device, store_port: int) -> Any:
+    if name == "pynccl":
+        store = dist.TCPStore("127.0.0.1", store_port, 2, rank == 0)
+        return create_communicator(name, rank=rank, world=2, store=store, device=device)
+    if name == "torch_gloo":
+        return create_communicator(name, group=dist.new_group(backend="gloo"), device=device)
+    return create_communicator(name, device=device)
+
+
+def _rank(
+    rank: int, args: argparse.Namespace, port: int, store_ports: list[int], queue: Any
+) -> None:
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    per_rank = args.experts // 2
+    shapes = [(FFN, HIDDEN), (FFN, HIDDEN), (HIDDEN, FFN)]
+    send = [
+        [torch.randn(s, device=device, dtype=torch.bfloat16) for s in shapes]
+        for _ in range(per_rank)
+    ]
+    recv = [
+        [torch.empty(s, device=device, dtype=torch.bfloat16) for s in shapes]
+        for _ in range(per_rank)
+    ]
+    peer = 1 - rank
+    sent_bytes = sum(t.numel() * t.element_size() for expert in send for t in expert)
+    for index, name in enumerate(args.backends):
+        communicator = _communicator(name, rank, device, store_ports[index])
+        samples = []
+        for repeat in range(args.repeats + 1):
+            # Both ranks queue in one global order: rank 0's experts first, then rank 1's.
+            for owner in (0, 1):
+                for e in range(per_rank):
+                    for tensor_index in range(3):
+                        if owner == rank:
+                            communicator.add_send(send[e][tensor_index], peer)
+                        else:
+                            communicator.add_recv(recv[e][tensor_index], peer)
+            torch.cuda.synchronize(device)
+            dist.barrier()
+            started = time.perf_counter()
+            communicator.execute()
+            torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - started
+            if repeat > 0:  # the first run warms up connections and buffers
+                samples.append(elapsed)
+        # The bytes arrived intact: what rank r received sums to what its peer sent.
+        sums = torch.tensor(
+            [
+                sum(float(t.float().sum()) for e in send for t in e),
+                sum(float(t.float().sum()) for e in recv for t in e),
+            ],
+            device=device,
+        )
+        gathered = [torch.zeros_like(sums) for _ in range(2)]
+        dist.all_gather(gathered, sums)
+        exact = bool(
+            torch.isclose(gathered[0][1], gathered[1][0])
+            and torch.isclose(gathered[1][1], gathered[0][0])
+        )
+        for expert in recv:
+            for tensor in expert:
+                tensor.zero_()
+        if rank == 0:
+            seconds = statistics.median(samples)
+            gbps = sent_bytes / seconds / 1e9
+            queue.put(
+                {
+                    "bench": "transfer",
+                    "backend": name,
+                    "experts_moved": args.experts,
+                    "bytes_per_direction": sent_bytes,
+                    "seconds_p50": seconds,
+                    "gb_per_s_per_direction": gbps,
+                    "ratio_to_link": gbps / LINK_GBPS,
+                    "device": torch.cuda.get_device_name(device),
+                    "torch": torch.__version__,
+                    "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
+                    "received_ok": exact,
+                }
+            )
+        dist.barrier()
+        if hasattr(communicator, "close"):
+            communicator.close()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backends", default="torch_nccl,pynccl,torch_gloo")
+    args = parser.parse_args()
+    args.backends = args.backends.split(",")
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port, store_ports = _port(), [_port() for _ in args.backends]
+    processes = [
+        context.Process(target=_rank, args=(rank, args, port, store_ports, queue))
+        for rank in range(2)
+    ]
+    for process in processes:
+        process.start()
+    for _ in args.backends:
+        print(json.dumps(queue.get(timeout=600)), flush=True)
+    for process in processes:
+        process.join()
+
+
+if __name__ == "__main__":
+    main()
