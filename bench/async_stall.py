@@ -1,10 +1,11 @@
 """Async-stall benchmark: step times while a rebalance runs, async vs a synchronous stall.
 
 Two GPUs, EP 2, the Qwen3-30B-A3B-shaped stack of the engine benchmark (hidden 2048, 128
-experts, top-8, FFN 768, bf16), zipf routing. In one run: steady decoding; then an asynchronous
-rebalance (policy ``balanced``, which re-plans fully and moves well over a quarter of the
-expert copies) while steps continue; then a synchronous rebalance to a placement planned for
-shifted loads, inside one step. Prints one JSON line: step time p50/p99 in steady state and
+experts, top-8, FFN 768, bf16), zipf routing. In one run: a balanced placement for the load, and
+steady decoding on it; then an asynchronous rebalance to the same placement with the two ranks'
+slots exchanged (equal balance, so step times stay comparable, and every expert copy moves)
+while steps continue; then steady steps again; then a synchronous rebalance back, inside one
+step. Prints one JSON line: step time p50/p99 in steady state and
 while the async rebalance is in flight, the sync stall, and the copies moved.
 
     python bench/async_stall.py [--layers 8] [--steady-steps 100]
@@ -27,8 +28,9 @@ import torch.multiprocessing as mp
 
 from moe_worker.config import WorkerConfig
 from moe_worker.engine import Engine
+from moe_worker.eplb.async_worker import AsyncRebalance
 from moe_worker.eplb.communicator import create_communicator
-from moe_worker.eplb.policy import compute_placement, moved_copies
+from moe_worker.eplb.policy import Placement, compute_placement, moved_copies
 from moe_worker.eplb.rebalance import apply_placement
 
 
@@ -81,39 +83,60 @@ def _rank(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     engine = Engine(config, rank, 2, device)
     controller = engine.eplb
     assert controller is not None
-    for _ in range(5):
+    state = controller.models["main"].state
+    layers = engine.model.layers
+    sync_comm = create_communicator("torch_nccl", device=device)
+    for _ in range(20):
         _timed(engine, device)
+    # Steady state on a balanced placement for this load.
+    load = controller.window_logical_load()
+    base = compute_placement(
+        "balanced", load, num_physical=state.placement().num_physical, num_gpus=2
+    )
+    apply_placement(state, layers, base, rank, 2, sync_comm)
     steady = [_timed(engine, device) for _ in range(args.steady_steps)]
-    before = controller.models["main"].state.placement()
 
-    controller.request_rebalance("manual")
+    # The same balance with the two ranks' slots exchanged: every copy on a rank moves.
+    def swapped(placement: Placement) -> Placement:
+        grid = placement.phy2log.reshape(placement.num_layers, 2, -1)[:, ::-1]
+        return Placement.from_phy2log(grid.reshape(placement.num_layers, -1), placement.num_logical)
+
+    target = swapped(base)
+    rebalance = AsyncRebalance(
+        state,
+        layers,
+        "balanced",
+        load,
+        rank,
+        2,
+        controller.communicator,
+        controller.control_group,
+        300.0,
+        "manual",
+        device,
+        target=target,
+    )
     during: list[float] = []
     started = time.perf_counter()
-    while True:
-        during.append(_timed(engine, device))
-        if not controller.rebalancing or len(during) > 10_000:
-            break
+    result = None
+    while result is None:
+        step_started = time.perf_counter()
+        engine.step()
+        result = rebalance.poll()
+        torch.cuda.synchronize(device)
+        during.append(time.perf_counter() - step_started)
     async_seconds = time.perf_counter() - started
-    result = controller.history[-1]
-    after_async = controller.models["main"].state.placement()
+    after = [_timed(engine, device) for _ in range(args.steady_steps // 2)]
 
-    # A synchronous rebalance inside one step: to the plan for loads shifted by half the experts.
-    load = controller.window_logical_load()
-    shifted = compute_placement(
-        "balanced", np.roll(load, 64, axis=1), num_physical=after_async.num_physical, num_gpus=2
-    )
-    sync_comm = create_communicator("torch_nccl", device=device)
+    # The synchronous path inside one step: back to the first placement.
     torch.cuda.synchronize(device)
     dist.barrier()
     step_started = time.perf_counter()
     engine.step()
-    apply_placement(
-        controller.models["main"].state, engine.model.layers, shifted, rank, 2, sync_comm
-    )
+    apply_placement(state, layers, base, rank, 2, sync_comm)
     torch.cuda.synchronize(device)
     sync_step = time.perf_counter() - step_started
-    after_sync = [_timed(engine, device) for _ in range(10)]
-    slots = before.num_physical
+    slots = base.num_physical
     if rank == 0:
         steady_p99 = _pct(steady, 99)
         queue.put(
@@ -133,13 +156,12 @@ def _rank(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
                 "async_p50_ms": statistics.median(during) * 1e3,
                 "async_p99_ms": _pct(during, 99) * 1e3,
                 "async_p99_over_steady_p99": _pct(during, 99) / steady_p99,
-                "async_moved_copy_fraction": float(moved_copies(before, after_async, 2, 2).sum())
+                "async_moved_copy_fraction": float(moved_copies(base, target, 2, 2).sum())
                 / (slots * args.layers),
+                "after_p50_ms": statistics.median(after) * 1e3,
+                "after_p99_ms": _pct(after, 99) * 1e3,
                 "sync_step_ms": sync_step * 1e3,
                 "sync_stall_ms": (sync_step - statistics.median(steady)) * 1e3,
-                "sync_moved_copy_fraction": float(moved_copies(after_async, shifted, 2, 2).sum())
-                / (slots * args.layers),
-                "after_sync_p50_ms": statistics.median(after_sync) * 1e3,
             }
         )
     dist.barrier()

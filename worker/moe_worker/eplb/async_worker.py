@@ -51,8 +51,11 @@ class AsyncRebalance:
         trigger: str,
         device: torch.device,
         fault_hook: FaultHook | None = None,
+        target: Placement | None = None,
     ) -> None:
+        """``target``: move to this placement instead of computing one from ``load``."""
         self.state = state
+        self.target = target
         self.layers = layers
         self.policy = policy
         self.load = load
@@ -96,7 +99,7 @@ class AsyncRebalance:
                 self._condition.notify_all()
 
     def _transfer_all(self) -> None:
-        new = compute_placement(
+        new = self.target or compute_placement(
             self.policy,
             self.load,
             num_physical=self.current.num_physical,
