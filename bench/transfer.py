@@ -36,12 +36,16 @@ def _port() -> int:
 
 
 def _communicator(name: str, rank: int, device: torch.device, store_port: int) -> Any:
-    if name == "pynccl":
+    """``pynccl:4`` stripes over 4 NCCL communicators; ``torch_gloo:4`` uses 4 gloo lanes."""
+    base, _, count = name.partition(":")
+    ways = int(count or 1)
+    if base == "pynccl":
         store = dist.TCPStore("127.0.0.1", store_port, 2, rank == 0)
-        return create_communicator(name, rank=rank, world=2, store=store, device=device)
-    if name == "torch_gloo":
-        return create_communicator(name, group=dist.new_group(backend="gloo"), device=device)
-    return create_communicator(name, device=device)
+        return create_communicator(base, rank=rank, world=2, store=store, device=device, stripes=ways)
+    if base == "torch_gloo":
+        groups = [dist.new_group(backend="gloo") for _ in range(ways)]
+        return create_communicator(base, groups=groups, device=device)
+    return create_communicator(base, device=device)
 
 
 def _rank(
@@ -127,7 +131,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--backends", default="torch_nccl,pynccl,torch_gloo")
+    parser.add_argument(
+        "--backends", default="torch_nccl,pynccl,pynccl:2,pynccl:4,torch_gloo,torch_gloo:4"
+    )
     args = parser.parse_args()
     args.backends = args.backends.split(",")
     context = mp.get_context("spawn")

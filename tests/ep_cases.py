@@ -151,15 +151,21 @@ def attach_state(model: MoEModel, placement: Placement, device: torch.device) ->
 
 
 def make_test_communicator(name: str, rank: int, world: int, device: torch.device, store_port: int):  # type: ignore[no-untyped-def]
-    """A communicator as the engine would build it: gloo on its own group, pynccl via a store."""
+    """A communicator as the engine would build it: gloo on its own groups (``torch_gloo:3``:
+    three lanes), pynccl via a store (``pynccl:2``: two striped communicators)."""
     import torch.distributed as dist
 
-    if name == "pynccl":
+    base, _, count = name.partition(":")
+    ways = int(count or 1)
+    if base == "pynccl":
         store = dist.TCPStore("127.0.0.1", store_port, world, rank == 0)
-        return create_communicator(name, rank=rank, world=world, store=store, device=device)
-    if name == "torch_gloo" and world > 1:
-        return create_communicator(name, group=dist.new_group(backend="gloo"), device=device)
-    return create_communicator(name, device=device)
+        return create_communicator(
+            base, rank=rank, world=world, store=store, device=device, stripes=ways
+        )
+    if base == "torch_gloo" and world > 1:
+        groups = [dist.new_group(backend="gloo") for _ in range(ways)]
+        return create_communicator(base, groups=groups, device=device, chunk_bytes=4096)
+    return create_communicator(base, device=device)
 
 
 def fingerprint_run(

@@ -34,7 +34,7 @@ def test_ep_outputs_equal_reference_over_nccl() -> None:
         check_ep_outputs(2, config, placements, by_rank)
 
 
-@pytest.mark.parametrize("communicator", ["torch_nccl", "pynccl", "torch_gloo"])
+@pytest.mark.parametrize("communicator", ["torch_nccl", "pynccl", "pynccl:2", "torch_gloo", "torch_gloo:3"])
 def test_executor_suite_on_every_gpu_backend(communicator: str) -> None:
     """Fingerprinted weights, random plans, duplicates, unchanged slots, empty plans."""
     args = (11, "cuda", communicator, free_port())

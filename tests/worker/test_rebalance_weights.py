@@ -8,9 +8,11 @@ from distributed import run_ranks
 from ep_cases import check_outputs_after_rebalances, fingerprint_run, outputs_after_rebalances
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_every_slot_holds_its_expert_after_each_rebalance(world: int) -> None:
-    for rank_wrong in run_ranks(fingerprint_run, world, 11):
+@pytest.mark.parametrize(("world", "communicator"), [(2, "torch_gloo"), (4, "torch_gloo"), (2, "torch_gloo:3")])
+def test_every_slot_holds_its_expert_after_each_rebalance(world: int, communicator: str) -> None:
+    """The executor suite on gloo: fingerprinted weights, random plans, duplicate replicas,
+    unchanged slots and empty plans; ``torch_gloo:3`` cuts tensors into chunks over 3 lanes."""
+    for rank_wrong in run_ranks(fingerprint_run, world, 11, "cpu", communicator):
         assert rank_wrong == []
 
 

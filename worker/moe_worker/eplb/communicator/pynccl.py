@@ -128,26 +128,34 @@ class PyNcclCommunicator(Communicator):
         device: torch.device | str,
         key: str = "moe-eplb/pynccl/0",
         timeout_s: float = 120.0,
+        stripes: int = 1,
         **_: Any,
     ) -> None:
+        """``stripes`` > 1: that many NCCL communicators, each on its own stream; every
+        tensor is split into that many byte ranges sent side by side."""
         self.library = NcclLibrary.get()
         self.rank, self.world = rank, world
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError("pynccl needs a CUDA device")
-        if rank == 0:
-            uid = self.library.unique_id()
-            store.set(key, bytes(uid.internal))
-        else:
-            store.wait([key], timedelta(seconds=timeout_s))
-            uid = NcclUniqueId()
-            ctypes.memmove(uid.internal, store.get(key), 128)
-        self.comm = ctypes.c_void_p()
-        with torch.cuda.device(self.device):
-            self.library.check(
-                self.library.lib.ncclCommInitRank(ctypes.byref(self.comm), world, uid, rank)
-            )
-        self._stream = torch.cuda.Stream(self.device)
+        self.comms: list[ctypes.c_void_p] = []
+        for stripe in range(stripes):
+            stripe_key = f"{key}/{stripe}"
+            if rank == 0:
+                uid = self.library.unique_id()
+                store.set(stripe_key, bytes(uid.internal))
+            else:
+                store.wait([stripe_key], timedelta(seconds=timeout_s))
+                uid = NcclUniqueId()
+                ctypes.memmove(uid.internal, store.get(stripe_key), 128)
+            comm = ctypes.c_void_p()
+            with torch.cuda.device(self.device):
+                self.library.check(
+                    self.library.lib.ncclCommInitRank(ctypes.byref(comm), world, uid, rank)
+                )
+            self.comms.append(comm)
+        self._streams = [torch.cuda.Stream(self.device) for _ in range(stripes)]
+        self._stream = self._streams[0]
         self._ops: list[tuple[str, torch.Tensor, int]] = []
 
     @property
@@ -167,29 +175,38 @@ class PyNcclCommunicator(Communicator):
         if not ops:
             return
         lib = self.library.lib
-        # Inputs may come from the caller's stream: order our stream after it.
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        stream = ctypes.c_void_p(self._stream.cuda_stream)
-        self.library.check(lib.ncclGroupStart())
-        try:
-            for kind, tensor, peer in ops:
-                code = NCCL_DTYPES.get(tensor.dtype)
-                count = tensor.numel()
-                if code is None:  # any other dtype travels as bytes
-                    code, count = 1, tensor.numel() * tensor.element_size()
-                function = lib.ncclSend if kind == "send" else lib.ncclRecv
-                self.library.check(
-                    function(
-                        ctypes.c_void_p(tensor.data_ptr()), count, code, peer, self.comm, stream
-                    )
-                )
-        finally:
-            self.library.check(lib.ncclGroupEnd())
-        for _, tensor, _ in ops:
-            tensor.record_stream(self._stream)
-        self._stream.synchronize()
+        stripes = len(self.comms)
+        current = torch.cuda.current_stream(self.device)
+        for stripe, (comm, stream) in enumerate(zip(self.comms, self._streams, strict=True)):
+            # Inputs may come from the caller's stream: order our stream after it.
+            stream.wait_stream(current)
+            handle = ctypes.c_void_p(stream.cuda_stream)
+            self.library.check(lib.ncclGroupStart())
+            try:
+                for kind, tensor, peer in ops:
+                    if stripes == 1:
+                        code = NCCL_DTYPES.get(tensor.dtype)
+                        part, count = tensor, tensor.numel()
+                        if code is None:  # any other dtype travels as bytes
+                            code, count = 1, tensor.numel() * tensor.element_size()
+                    else:
+                        flat = tensor.view(-1).view(torch.uint8)
+                        size = -(-flat.numel() // stripes)
+                        part = flat[stripe * size : (stripe + 1) * size]
+                        code, count = 1, part.numel()
+                    if count == 0:
+                        continue
+                    function = lib.ncclSend if kind == "send" else lib.ncclRecv
+                    pointer = ctypes.c_void_p(part.data_ptr())
+                    self.library.check(function(pointer, count, code, peer, comm, handle))
+            finally:
+                self.library.check(lib.ncclGroupEnd())
+        for stream in self._streams:
+            for _, tensor, _ in ops:
+                tensor.record_stream(stream)
+            stream.synchronize()
 
     def close(self) -> None:
-        if self.comm:
-            self.library.check(self.library.lib.ncclCommDestroy(self.comm))
-            self.comm = ctypes.c_void_p()
+        for comm in self.comms:
+            self.library.check(self.library.lib.ncclCommDestroy(comm))
+        self.comms = []

@@ -1,11 +1,12 @@
 """torch.distributed point-to-point backends.
 
 - ``torch_nccl``: batched isend/irecv of GPU tensors on an NCCL group.
-- ``torch_gloo``: gloo on a (separate) gloo group. CPU tensors go directly; GPU tensors are
-  staged through pinned host buffers in chunks, pipelined: while one chunk is on the wire the
-  next is copied device->host (a chunk's copy is complete before its send starts), and a
-  received chunk is copied host->device while the next one arrives. Sends (on a helper thread)
-  and receives each run in the queued order, which every rank shares, so they cannot deadlock.
+- ``torch_gloo``: gloo on separate gloo groups ("lanes"). Tensors are cut into chunks spread
+  over the lanes; CPU chunks go directly; GPU chunks are staged through pinned host buffers,
+  pipelined: while one chunk is on the wire the next is copied device->host (a chunk's copy is
+  complete before its send starts), and a received chunk is copied host->device while the next
+  one arrives. Each (direction, lane) runs in the queued order, which every rank shares, so
+  they cannot deadlock.
 """
 
 from __future__ import annotations
@@ -56,111 +57,122 @@ class TorchNcclCommunicator(Communicator):
 
 @register("torch_gloo")
 class TorchGlooCommunicator(Communicator):
+    """gloo point-to-point over one or more lanes (gloo groups, each its own connection).
+
+    Every tensor is cut into chunks; chunk j travels on lane j mod lanes. Each (direction, lane)
+    runs on its own thread in the queued order, so sends and receives, and the lanes, overlap,
+    while per lane both sides still post in the same order.
+    """
+
     def __init__(
         self,
         group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        groups: list[dist.ProcessGroup] | None = None,
         **_: Any,
     ) -> None:
-        self.group = group
+        self.groups: list[dist.ProcessGroup | None] = list(groups) if groups else [group]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.chunk_bytes = chunk_bytes
         self._ops: list[tuple[str, torch.Tensor, int]] = []
-        self._pinned: dict[str, list[torch.Tensor]] = {}
-        cuda = self.device.type == "cuda"
-        # One copy stream per direction, so device->host and host->device copies overlap.
-        self._streams = (
-            {d: torch.cuda.Stream(self.device) for d in ("send", "recv")} if cuda else {}
-        )
+        self._pinned: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self._streams: dict[tuple[str, int], Any] = {}
 
     @property
     def stream(self) -> Any | None:
-        return self._streams.get("recv")
+        return None  # copies run on per-lane streams and are complete when execute returns
 
     def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
-        self._ops.append(("send", tensor.contiguous(), _global(self.group, dst_rank)))
+        self._ops.append(("send", tensor.contiguous(), _global(self.groups[0], dst_rank)))
 
     def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
         if not tensor.is_contiguous():
             raise ValueError("receive buffers must be contiguous")
-        self._ops.append(("recv", tensor, _global(self.group, src_rank)))
+        self._ops.append(("recv", tensor, _global(self.groups[0], src_rank)))
 
-    def _buffers(self, direction: str) -> list[torch.Tensor]:
-        """Two pinned chunk buffers per direction, allocated once."""
-        if direction not in self._pinned:
-            self._pinned[direction] = [
+    def _buffers(self, key: tuple[str, int]) -> list[torch.Tensor]:
+        """Two pinned chunk buffers per (direction, lane), allocated once."""
+        if key not in self._pinned:
+            self._pinned[key] = [
                 torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)
             ]
-        return self._pinned[direction]
+        return self._pinned[key]
+
+    def _stream(self, key: tuple[str, int]) -> Any:
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(self.device)
+        return self._streams[key]
 
     def execute(self) -> None:
-        """Sends run on a helper thread, receives on this one, each in the queued order: the
-        two directions overlap, and per peer both sides still post in the same order."""
         ops, self._ops = self._ops, []
-        sends = [(tensor, peer) for kind, tensor, peer in ops if kind == "send"]
-        recvs = [(tensor, peer) for kind, tensor, peer in ops if kind == "recv"]
+        lanes = len(self.groups)
+        work: dict[tuple[str, int], list[tuple[torch.Tensor, int]]] = {}
+        for kind, tensor, peer in ops:
+            flat = tensor.view(-1).view(torch.uint8)
+            for index, start in enumerate(range(0, flat.numel(), self.chunk_bytes)):
+                chunk = flat[start : start + self.chunk_bytes]
+                work.setdefault((kind, index % lanes), []).append((chunk, peer))
+        if not work:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # inputs are written
         errors: list[BaseException] = []
-
-        def run_sends() -> None:
-            try:
-                for tensor, peer in sends:
-                    if tensor.is_cuda:
-                        self._send_staged(tensor, peer, self._buffers("send"))
-                    else:
-                        _wait(dist.isend(tensor, peer, group=self.group))
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                errors.append(exc)
-
-        sender = threading.Thread(target=run_sends, name="gloo-send", daemon=True)
-        sender.start()
-        try:
-            for tensor, peer in recvs:
-                if tensor.is_cuda:
-                    self._recv_staged(tensor, peer, self._buffers("recv"))
-                else:
-                    _wait(dist.irecv(tensor, peer, group=self.group))
-        finally:
-            sender.join()
+        threads = [
+            threading.Thread(target=self._run_lane, args=(key, items, errors), daemon=True)
+            for key, items in work.items()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         if errors:
             raise errors[0]
 
-    def _chunks(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        flat = tensor.view(-1).view(torch.uint8)
-        return [flat[i : i + self.chunk_bytes] for i in range(0, flat.numel(), self.chunk_bytes)]
+    def _run_lane(
+        self, key: tuple[str, int], items: list[tuple[torch.Tensor, int]], errors: list[BaseException]
+    ) -> None:
+        kind, lane = key
+        group = self.groups[lane]
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            if not items[0][0].is_cuda:
+                operation = dist.isend if kind == "send" else dist.irecv
+                for chunk, peer in items:
+                    _wait(operation(chunk, peer, group=group))
+            elif kind == "send":
+                self._send_staged(items, group, self._buffers(key), self._stream(key))
+            else:
+                self._recv_staged(items, group, self._buffers(key), self._stream(key))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by execute
+            errors.append(exc)
 
-    def _send_staged(self, tensor: torch.Tensor, peer: int, buffers: list[torch.Tensor]) -> None:
-        stream = self._streams["send"]
-        chunks = self._chunks(tensor)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+    @staticmethod
+    def _send_staged(items: list[tuple[torch.Tensor, int]], group: Any, buffers: list[torch.Tensor], stream: Any) -> None:
         pending: list[Any] = [None, None]
-        events: list[torch.cuda.Event] = []
-        for index, chunk in enumerate(chunks):
+        for index, (chunk, peer) in enumerate(items):
             slot = index % 2
             if pending[slot] is not None:
                 pending[slot].wait()  # the buffer is free once its previous send completed
             host = buffers[slot][: chunk.numel()]
             with torch.cuda.stream(stream):
                 host.copy_(chunk, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-            events.append(event)
-            event.synchronize()  # device->host copy complete before the send starts
-            pending[slot] = dist.isend(host, peer, group=self.group)
+            stream.synchronize()  # device->host copy complete before the send starts
+            pending[slot] = dist.isend(host, peer, group=group)
         for work in pending:
             if work is not None:
                 work.wait()
 
-    def _recv_staged(self, tensor: torch.Tensor, peer: int, buffers: list[torch.Tensor]) -> None:
-        stream = self._streams["recv"]
-        chunks = self._chunks(tensor)
+    @staticmethod
+    def _recv_staged(items: list[tuple[torch.Tensor, int]], group: Any, buffers: list[torch.Tensor], stream: Any) -> None:
         copies: list[Any] = [None, None]
-        for index, chunk in enumerate(chunks):
+        for index, (chunk, peer) in enumerate(items):
             slot = index % 2
             if copies[slot] is not None:
                 copies[slot].synchronize()  # the previous host->device copy left this buffer
             host = buffers[slot][: chunk.numel()]
-            _wait(dist.irecv(host, peer, group=self.group))
+            _wait(dist.irecv(host, peer, group=group))
             with torch.cuda.stream(stream):
                 chunk.copy_(host, non_blocking=True)
                 event = torch.cuda.Event()
