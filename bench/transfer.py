@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--backends", default="torch_nccl,pynccl,pynccl:2,pynccl:4,torch_gloo,torch_gloo:4"
+        "--backends", default="torch_nccl,pynccl,pynccl:2,torch_gloo,torch_gloo:4"
     )
     args = parser.parse_args()
     args.backends = args.backends.split(",")
