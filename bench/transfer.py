@@ -41,7 +41,9 @@ def _communicator(name: str, rank: int, device: torch.device, store_port: int) -
     ways = int(count or 1)
     if base == "pynccl":
         store = dist.TCPStore("127.0.0.1", store_port, 2, rank == 0)
-        return create_communicator(base, rank=rank, world=2, store=store, device=device, stripes=ways)
+        return create_communicator(
+            base, rank=rank, world=2, store=store, device=device, stripes=ways
+        )
     if base == "torch_gloo":
         groups = [dist.new_group(backend="gloo") for _ in range(ways)]
         return create_communicator(base, groups=groups, device=device)

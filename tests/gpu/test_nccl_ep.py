@@ -34,7 +34,10 @@ def test_ep_outputs_equal_reference_over_nccl() -> None:
         check_ep_outputs(2, config, placements, by_rank)
 
 
-@pytest.mark.parametrize("communicator", ["torch_nccl", "pynccl", "pynccl:2", "torch_gloo", "torch_gloo:3"])
+GPU_BACKENDS = ["torch_nccl", "pynccl", "pynccl:2", "torch_gloo", "torch_gloo:3"]
+
+
+@pytest.mark.parametrize("communicator", GPU_BACKENDS)
 def test_executor_suite_on_every_gpu_backend(communicator: str) -> None:
     """Fingerprinted weights, random plans, duplicates, unchanged slots, empty plans."""
     args = (11, "cuda", communicator, free_port())

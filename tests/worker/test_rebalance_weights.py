@@ -8,7 +8,9 @@ from distributed import run_ranks
 from ep_cases import check_outputs_after_rebalances, fingerprint_run, outputs_after_rebalances
 
 
-@pytest.mark.parametrize(("world", "communicator"), [(2, "torch_gloo"), (4, "torch_gloo"), (2, "torch_gloo:3")])
+@pytest.mark.parametrize(
+    ("world", "communicator"), [(2, "torch_gloo"), (4, "torch_gloo"), (2, "torch_gloo:3")]
+)
 def test_every_slot_holds_its_expert_after_each_rebalance(world: int, communicator: str) -> None:
     """The executor suite on gloo: fingerprinted weights, random plans, duplicate replicas,
     unchanged slots and empty plans; ``torch_gloo:3`` cuts tensors into chunks over 3 lanes."""
@@ -34,7 +36,7 @@ def test_unknown_communicator_lists_the_available_ones() -> None:
     assert resolve_auto("cuda", use_async=True) == "pynccl"
 
 
-def test_pynccl_dtype_table_is_fixed_and_needs_a_gpu() -> None:
+def test_pynccl_dtype_table() -> None:
     import torch
 
     from moe_worker.eplb.communicator.pynccl import NCCL_DTYPES

@@ -130,7 +130,10 @@ class TorchGlooCommunicator(Communicator):
             raise errors[0]
 
     def _run_lane(
-        self, key: tuple[str, int], items: list[tuple[torch.Tensor, int]], errors: list[BaseException]
+        self,
+        key: tuple[str, int],
+        items: list[tuple[torch.Tensor, int]],
+        errors: list[BaseException],
     ) -> None:
         kind, lane = key
         group = self.groups[lane]
@@ -149,7 +152,9 @@ class TorchGlooCommunicator(Communicator):
             errors.append(exc)
 
     @staticmethod
-    def _send_staged(items: list[tuple[torch.Tensor, int]], group: Any, buffers: list[torch.Tensor], stream: Any) -> None:
+    def _send_staged(
+        items: list[tuple[torch.Tensor, int]], group: Any, buffers: list[torch.Tensor], stream: Any
+    ) -> None:
         pending: list[Any] = [None, None]
         for index, (chunk, peer) in enumerate(items):
             slot = index % 2
@@ -165,7 +170,9 @@ class TorchGlooCommunicator(Communicator):
                 work.wait()
 
     @staticmethod
-    def _recv_staged(items: list[tuple[torch.Tensor, int]], group: Any, buffers: list[torch.Tensor], stream: Any) -> None:
+    def _recv_staged(
+        items: list[tuple[torch.Tensor, int]], group: Any, buffers: list[torch.Tensor], stream: Any
+    ) -> None:
         copies: list[Any] = [None, None]
         for index, (chunk, peer) in enumerate(items):
             slot = index % 2

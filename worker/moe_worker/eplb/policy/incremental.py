@@ -11,9 +11,8 @@ fixed, so the GPU count may change (elastic resize):
 - an expert whose load per replica exceeds the optimum by more than ``count_margin`` (25%) gets
   spare replicas of other experts relabelled to it (one move each).
 
-Then moves around the heaviest GPU (``refine_by_swaps``: swaps, and relabels that give its
-largest expert one more replica in place of a spare replica elsewhere; moves are counted
-against the old placement) lift each layer to its target: by default ``recover`` (95%) of the
+Then swaps around the heaviest GPU (``refine_by_swaps``; moves are counted against the old
+placement) lift each layer to its target: by default ``recover`` (95%) of the
 gain a full ``balanced`` re-plan would get over the starting point, or an explicit
 balancedness ``target``. A layer never ends worse balanced than before the optional moves.
 Without a previous placement it is the ``balanced`` policy.
@@ -203,7 +202,6 @@ def incremental_policy(
         target_max,
         origin=origin,
         move_budget=budget,
-        weight=weight,
     )
     # Never hand back a layer worse balanced than it was before any optional move.
     result = expert.reshape(num_layers, num_physical)

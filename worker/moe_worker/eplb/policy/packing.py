@@ -253,56 +253,25 @@ def repair_duplicates(
 
 
 @njit
-def _relabel_peak(
-    load: np.ndarray,
-    held: np.ndarray,
-    h: Any,
-    j: Any,
-    d: Any,
-    y: Any,
-    size_d: float,
-    new_d: float,
-    size_y: float,
-    new_y: float,
-) -> float:
-    """Peak load over the GPUs a relabel touches: slot on j changes from expert y to expert d."""
-    peak = 0.0
-    for g in range(load.shape[0]):
-        if g != h and g != j and held[g, d] == 0 and held[g, y] == 0:
-            continue
-        value = load[g] + held[g, d] * (new_d - size_d) + held[g, y] * (new_y - size_y)
-        if g == j:
-            value += new_d - new_y
-        peak = max(peak, value)
-    return peak
-
-
-@njit
 def _refine_layer(
     size: np.ndarray,
     expert: np.ndarray,
     node_of_gpu: np.ndarray,
     home_node: np.ndarray,
     origin: np.ndarray,
-    weight: np.ndarray,
-    relabel: bool,
     target_max: float,
     move_budget: int,
     num_logical: int,
     num_nodes: int,
 ) -> int:
-    """Improve one layer until the heaviest GPU is under ``target_max`` or nothing helps.
+    """Swap replicas between the heaviest GPU and another until the target or no gain.
 
-    Moves: swap two replicas between the heaviest GPU h and another GPU j; and, with
-    ``relabel``, turn a replica on j of an expert that has several into one more replica of
-    h's largest expert (changing both replica counts; ``weight`` [E] gives the loads).
-    ``origin`` [G, E] marks the previous placement's (GPU, expert) pairs: a move costs one for
-    each replica it brings to a GPU where that expert was not before, and refunds one for each
-    earlier move it undoes. Returns the moves used.
+    ``origin`` [G, E] marks the previous placement's (GPU, expert) pairs: a swap costs one move
+    for each replica it brings to a GPU where that expert was not before, and refunds one for
+    each earlier move it undoes. Returns the moves used.
     """
     num_gpus, slots = expert.shape
     held, node_held = _holdings(expert, node_of_gpu, num_logical, num_nodes)
-    count = held.sum(axis=0)
     load = np.zeros(num_gpus)
     for g in range(num_gpus):
         load[g] = size[g].sum()
@@ -311,14 +280,12 @@ def _refine_layer(
         h = np.argmax(load)
         if load[h] <= target_max:
             break
-        # Two candidates: the cheapest move (in copies) that brings the touched GPUs under the
-        # target, and, failing that, the move that lowers their peak the most.
+        # Two candidates: the cheapest swap (in moves) that brings both GPUs under the target,
+        # and, failing that, the swap that lowers their peak the most.
         best = load[h] * (1.0 - 1e-12)
-        best_kind, best_gpu, best_a, best_b, best_cost = -1, -1, -1, -1, 0
+        best_gpu, best_a, best_b, best_cost = -1, -1, -1, 0
         reach_cost, reach_peak = 1 << 30, np.inf
-        reach_kind, reach_gpu, reach_a, reach_b = -1, -1, -1, -1
-        largest: Any = np.argmax(size[h])
-        d: Any = expert[h, largest]
+        reach_gpu, reach_a, reach_b = -1, -1, -1
         for j in range(num_gpus):
             if j == h:
                 continue
@@ -356,108 +323,24 @@ def _refine_layer(
                         cost < reach_cost or (cost == reach_cost and worse < reach_peak)
                     ):
                         reach_cost, reach_peak = cost, worse
-                        reach_kind, reach_gpu, reach_a, reach_b = 0, j, a, b
+                        reach_gpu, reach_a, reach_b = j, a, b
                     if worse < best:
-                        best, best_kind, best_gpu, best_a, best_b, best_cost = (
-                            worse,
-                            0,
-                            j,
-                            a,
-                            b,
-                            cost,
-                        )
-            if not relabel or held[j, d] > 0:
-                continue
-            size_d = weight[d] / count[d]
-            new_d = weight[d] / (count[d] + 1)
-            for b in range(slots):
-                y = expert[j, b]
-                if (
-                    y == d
-                    or count[y] < 2
-                    or not _may_leave(y, node_of_gpu[j], home_node, node_held)
-                ):
-                    continue
-                worse = _relabel_peak(
-                    load,
-                    held,
-                    h,
-                    j,
-                    d,
-                    y,
-                    size_d,
-                    new_d,
-                    weight[y] / count[y],
-                    weight[y] / (count[y] - 1),
-                )
-                if worse >= best and worse > target_max:
-                    continue
-                cost = 0 if origin[j, d] else 1
-                if held[j, y] == 1 and not origin[j, y]:
-                    cost -= 1
-                if moves + cost > move_budget:
-                    continue
-                if worse <= target_max and (
-                    cost < reach_cost or (cost == reach_cost and worse < reach_peak)
-                ):
-                    reach_cost, reach_peak = cost, worse
-                    reach_kind, reach_gpu, reach_a, reach_b = 1, j, largest, b
-                if worse < best:
-                    best, best_kind, best_gpu, best_a, best_b, best_cost = (
-                        worse,
-                        1,
-                        j,
-                        largest,
-                        b,
-                        cost,
-                    )
-        if reach_kind >= 0:
-            best_kind, best_gpu, best_a, best_b, best_cost = (
-                reach_kind,
-                reach_gpu,
-                reach_a,
-                reach_b,
-                reach_cost,
-            )
-        if best_kind < 0:
+                        best, best_gpu, best_a, best_b, best_cost = worse, j, a, b, cost
+        if reach_gpu >= 0:
+            best_gpu, best_a, best_b, best_cost = reach_gpu, reach_a, reach_b, reach_cost
+        if best_gpu < 0:
             break
-        if best_kind == 0:
-            delta = size[h, best_a] - size[best_gpu, best_b]
-            _swap_slots(size, expert, held, node_held, node_of_gpu, h, best_a, best_gpu, best_b)
-            load[h] -= delta
-            load[best_gpu] += delta
-        else:
-            y = expert[best_gpu, best_b]
-            held[best_gpu, y] -= 1
-            node_held[node_of_gpu[best_gpu], y] -= 1
-            held[best_gpu, d] += 1
-            node_held[node_of_gpu[best_gpu], d] += 1
-            expert[best_gpu, best_b] = d
-            count[y] -= 1
-            count[d] += 1
-            for g in range(num_gpus):
-                for t in range(slots):
-                    e = expert[g, t]
-                    if e == d or e == y:
-                        load[g] += weight[e] / count[e] - size[g, t]
-                        size[g, t] = weight[e] / count[e]
+        delta = size[h, best_a] - size[best_gpu, best_b]
+        _swap_slots(size, expert, held, node_held, node_of_gpu, h, best_a, best_gpu, best_b)
+        load[h] -= delta
+        load[best_gpu] += delta
         moves += best_cost
     return moves
 
 
 @njit_parallel
 def _refine_rows(
-    size,
-    expert,
-    node_of_gpu,
-    home_node,
-    origin,
-    weight,
-    relabel,
-    target_max,
-    move_budget,
-    num_logical,
-    num_nodes,
+    size, expert, node_of_gpu, home_node, origin, target_max, move_budget, num_logical, num_nodes
 ):  # type: ignore[no-untyped-def]  # noqa: E501
     moves = np.zeros(size.shape[0], dtype=np.int64)
     for row in prange(size.shape[0]):
@@ -467,8 +350,6 @@ def _refine_rows(
             node_of_gpu,
             home_node[row],
             origin[row],
-            weight[row],
-            relabel,
             target_max[row],
             move_budget[row],
             num_logical,
@@ -485,18 +366,16 @@ def refine_by_swaps(
     target_max: np.ndarray,
     origin: np.ndarray | None = None,
     move_budget: np.ndarray | None = None,
-    weight: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Lower each row's heaviest GPU by moving replicas, in place (``size`` and ``expert``).
+    """Lower each row's heaviest GPU by swapping one of its replicas with another GPU's, in place.
 
-    Each step takes the heaviest GPU and applies the move that brings the GPUs it touches under
-    ``target_max`` [X] with the fewest copies moved (then the lowest peak), or if none does,
-    the move that lowers their peak the most, if it lowers it below the heaviest load. Moves
-    are swaps of two replicas and, when ``weight`` [X, E] is given, relabels that change
-    replica counts (see ``_refine_layer``). A move never puts two replicas of an expert on one
-    GPU and never takes an expert's last replica off its home node. A row stops at its target,
-    when nothing helps, or when the next move would exceed ``move_budget`` [X] expert copies
-    moved relative to ``origin`` [X, G, E] bool. Returns moves used per row.
+    Each step takes the heaviest GPU and, over all other GPUs and slot pairs, applies the swap
+    that brings both GPUs under ``target_max`` [X] with the fewest copies moved (then the lowest
+    peak), or if none does, the swap that minimises the larger of the two new loads, if that
+    lowers it. A swap never puts two replicas of an expert on one GPU and never takes an
+    expert's last replica off its home node. A row stops at its target, when no swap helps, or
+    when the next swap would exceed ``move_budget`` [X] expert copies moved relative to
+    ``origin`` [X, G, E] bool (the previous placement's pairs). Returns moves used per row.
     """
     num_rows, num_gpus, _ = size.shape
     num_logical = max(int(expert.max()) + 1, home_node.shape[1])
@@ -504,17 +383,12 @@ def refine_by_swaps(
         origin = np.ones((num_rows, num_gpus, num_logical), dtype=np.bool_)
     if move_budget is None:
         move_budget = np.full(num_rows, np.iinfo(np.int64).max // 2, dtype=np.int64)
-    relabel = weight is not None
-    if weight is None:
-        weight = np.zeros((num_rows, num_logical))
     return _refine_rows(
         size,
         expert,
         node_of_gpu,
         home_node,
         origin,
-        np.ascontiguousarray(weight, dtype=np.float64),
-        relabel,
         np.asarray(target_max, dtype=np.float64),
         np.asarray(move_budget, dtype=np.int64),
         num_logical,
