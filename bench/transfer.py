@@ -133,9 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--backends", default="torch_nccl,pynccl,pynccl:2,torch_gloo,torch_gloo:4"
-    )
+    parser.add_argument("--backends", default="torch_nccl,pynccl,pynccl:2,torch_gloo,torch_gloo:4")
     args = parser.parse_args()
     args.backends = args.backends.split(",")
     context = mp.get_context("spawn")
