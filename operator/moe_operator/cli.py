@@ -208,6 +208,46 @@ def verify(
     console.print(f"wrote {output_path}: outputs {list(shape)} (layers, tokens, hidden)")
 
 
+@app.command()
+def validate(
+    files: list[Path] = typer.Argument(..., help="MoEDeployment YAML files (multi-document ok)."),
+) -> None:
+    """Check MoEDeployment files; one line per problem, naming the field path."""
+    import yaml
+
+    from moe_operator.validation import problems
+
+    failed = False
+    for file in files:
+        try:
+            documents = list(yaml.safe_load_all(file.read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            error_console.print(f"{file}: cannot read: {exc}", markup=False, highlight=False)
+            failed = True
+            continue
+        for index, document in enumerate(d for d in documents if d is not None):
+            found = problems(document)
+            where = f"{file}" + (f" (document {index + 1})" if len(documents) > 1 else "")
+            for problem in found:
+                error_console.print(
+                    f"{where}: {problem}", markup=False, highlight=False, soft_wrap=True
+                )
+            if found:
+                failed = True
+            else:
+                console.print(f"{where}: valid", markup=False, highlight=False)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def crd() -> None:
+    """Print the MoEDeployment CustomResourceDefinition (what `helm install` applies)."""
+    from moe_operator.crdgen import render
+
+    sys.stdout.write(render())
+
+
 def main() -> None:
     app()
 

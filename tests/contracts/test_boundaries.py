@@ -39,7 +39,13 @@ def test_import_operator_is_the_stdlib_module() -> None:
 
 
 def test_operator_never_imports_torch() -> None:
-    modules = loaded_modules("moe_operator", "moe_operator.cli")
+    modules = loaded_modules(
+        "moe_operator",
+        "moe_operator.cli",
+        "moe_operator.api",
+        "moe_operator.crdgen",
+        "moe_operator.validation",
+    )
     assert "torch" not in modules
 
 

@@ -51,21 +51,36 @@ def _drop_retired(weight: np.ndarray, layout: np.ndarray, num_logical: int) -> n
 def _add_joined(
     weight: np.ndarray, layout: np.ndarray, num_new_gpus: int, num_logical: int
 ) -> np.ndarray:
-    """Fill joining GPUs' slots [L, G_new, S] with replicas of the heaviest-per-replica experts."""
+    """Fill joining GPUs' slots [L, G_new, S] with replicas of the heaviest-per-replica experts.
+
+    Each new replica goes to the least loaded joining GPU that has room and does not hold that
+    expert yet (an expert never gets more replicas than there are GPUs).
+    """
     num_layers, num_old_gpus, slots = layout.shape
-    counts = np.stack(
-        [np.bincount(layout[layer].ravel(), minlength=num_logical) for layer in range(num_layers)]
-    )
-    extra = (num_new_gpus - num_old_gpus) * slots
-    new_slots = np.empty((num_layers, extra), dtype=np.int64)
-    rows = np.arange(num_layers)
-    for k in range(extra):
-        per_replica = np.where(counts >= num_new_gpus, -np.inf, weight / counts)
-        chosen = np.argmax(per_replica, axis=1)
-        new_slots[:, k] = chosen
-        counts[rows, chosen] += 1
-    # Deal round-robin over the joining GPUs so an expert's new replicas land on different GPUs.
-    joined = new_slots.reshape(num_layers, slots, num_new_gpus - num_old_gpus).transpose(0, 2, 1)
+    joining = num_new_gpus - num_old_gpus
+    joined = np.empty((num_layers, joining, slots), dtype=np.int64)
+    for layer in range(num_layers):
+        counts = np.bincount(layout[layer].ravel(), minlength=num_logical)
+        grid = np.full((joining, slots), -1, dtype=np.int64)
+        fill = np.zeros(joining, dtype=np.int64)
+        load = np.zeros(joining)
+        for _ in range(joining * slots):
+            per_replica = np.where(counts >= num_new_gpus, -np.inf, weight[layer] / counts)
+            if not np.isfinite(per_replica).any():  # more slots than experts x GPUs
+                per_replica = weight[layer] / counts
+            for expert in np.argsort(-per_replica, kind="stable"):
+                room = [g for g in range(joining) if fill[g] < slots and expert not in grid[g]]
+                if room:
+                    break
+            else:  # slots per GPU exceed the experts: a duplicate is unavoidable
+                expert = int(np.argmax(per_replica))
+                room = [g for g in range(joining) if fill[g] < slots]
+            gpu = min(room, key=lambda g: (load[g], g))
+            grid[gpu, fill[gpu]] = expert
+            fill[gpu] += 1
+            load[gpu] += weight[layer, expert] / (counts[expert] + 1)
+            counts[expert] += 1
+        joined[layer] = grid
     return np.concatenate([layout, joined], axis=1)
 
 

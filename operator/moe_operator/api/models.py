@@ -1,0 +1,258 @@
+"""The MoEDeployment API (group moe.eplb.dev, version v1alpha1): the single source of the CRD.
+
+The EPLB, model and workload sections reuse the worker's own config models, so what the CRD
+accepts is exactly what a worker can run. Cross-field rules live in ``CROSS_FIELD_RULES``: the
+same rule is checked here (pydantic) and in the API server (a CEL expression in the CRD).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from moe_worker.config import EPLBConfig, ModelConfig, WorkloadConfig
+
+GROUP = "moe.eplb.dev"
+VERSION = "v1alpha1"
+KIND = "MoEDeployment"
+PLURAL = "moedeployments"
+SINGULAR = "moedeployment"
+SHORT_NAMES = ["moed"]
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|M|G|T|P|E|Ei)?$"
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class ParallelismSpec(ApiModel):
+    """How the experts are spread: EP ranks, GPUs per pod, slots per rank, nodes."""
+
+    expert_parallel_size: int = Field(ge=1, le=4096, description="EP ranks (GPUs) in total.")
+    gpus_per_pod: int = Field(1, ge=1, le=16, description="EP ranks (GPUs) in one pod.")
+    slots_per_rank: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Physical expert slots per rank; default: experts / EP size + redundant.",
+    )
+    num_nodes: int = Field(1, ge=1, le=1024, description="Nodes, for node-aware placement.")
+
+
+class CheckpointVolume(ApiModel):
+    """Where a checkpoint model's files come from (mounted read-only at model.path)."""
+
+    claim_name: str = Field(min_length=1, max_length=253, description="PersistentVolumeClaim.")
+    mount_path: str = Field("/models", pattern=r"^/", description="Mount path in the pod.")
+
+
+class RemapPolicy(ApiModel):
+    """When the operator asks for an expert remap."""
+
+    balancedness_threshold: float = Field(0.9, gt=0, le=1, description="Remap below this.")
+    sustained_seconds: int = Field(60, ge=0, description="How long it must stay below.")
+    min_interval_seconds: int = Field(300, ge=0, description="Least time between remaps.")
+
+
+class ElasticPolicy(ApiModel):
+    """When the operator resizes expert parallelism."""
+
+    enabled: bool = Field(False, description="Resize EP by per-rank load.")
+    min_expert_parallel_size: int = Field(1, ge=1, description="Smallest EP size.")
+    max_expert_parallel_size: int = Field(64, ge=1, description="Largest EP size.")
+    tokens_per_rank_low: float = Field(1000.0, ge=0, description="Scale down below (tokens/s).")
+    tokens_per_rank_high: float = Field(10000.0, gt=0, description="Scale up above (tokens/s).")
+    sustained_seconds: int = Field(120, ge=0, description="How long load must stay outside.")
+    scale_up_cooldown_seconds: int = Field(300, ge=0, description="Least time between ups.")
+    scale_down_cooldown_seconds: int = Field(900, ge=0, description="Least time between downs.")
+
+
+class MetricsSpec(ApiModel):
+    """What the workers export and where the operator reads it."""
+
+    port: int = Field(9400, ge=1024, le=65535, description="Metrics port of rank 0 in a pod.")
+    per_expert: bool = Field(False, description="Export per-expert load series.")
+    prometheus_url: str | None = Field(
+        None, pattern=r"^https?://", description="Prometheus to query; unset: scrape the pods."
+    )
+
+
+class ResourceSpec(ApiModel):
+    """Per-pod CPU and memory (GPUs come from parallelism.gpusPerPod)."""
+
+    cpu: str = Field("4", pattern=QUANTITY, description="CPU request and limit.")
+    memory: str = Field("32Gi", pattern=QUANTITY, description="Memory request and limit.")
+    shm: str = Field("8Gi", pattern=QUANTITY, description="Size of the /dev/shm memory volume.")
+
+
+class Toleration(ApiModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+class EnvVar(ApiModel):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)
+    value: str = Field("", max_length=32768)
+
+
+class MoEDeploymentSpec(ApiModel):
+    """Desired state of a Mixture-of-Experts deployment with expert-parallel load balancing."""
+
+    image: str = Field(min_length=1, max_length=1024, description="Worker image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Image pull policy."
+    )
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    checkpoint_volume: CheckpointVolume | None = Field(
+        None, description="Volume with the checkpoint (model.source: checkpoint)."
+    )
+    parallelism: ParallelismSpec
+    eplb: EPLBConfig = Field(default_factory=lambda: EPLBConfig())
+    workload: WorkloadConfig = Field(default_factory=lambda: WorkloadConfig())
+    remap: RemapPolicy = Field(default_factory=lambda: RemapPolicy())
+    elastic: ElasticPolicy = Field(default_factory=lambda: ElasticPolicy())
+    metrics: MetricsSpec = Field(default_factory=lambda: MetricsSpec())
+    resources: ResourceSpec = Field(default_factory=lambda: ResourceSpec())
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    priority_class_name: str | None = Field(None, max_length=253, description="Pod priority.")
+    service_account_name: str | None = Field(None, max_length=253, description="Pod identity.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra worker environment.")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", key):
+                raise ValueError(f"{key!r} is not a valid label key")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> MoEDeploymentSpec:
+        for rule in CROSS_FIELD_RULES:
+            if not rule.check(self):
+                raise ValueError(f"{rule.field}: {rule.message}")
+        return self
+
+    @property
+    def slots_per_rank(self) -> int:
+        """Slots per rank: given, or enough for every expert plus the redundant ones."""
+        if self.parallelism.slots_per_rank is not None:
+            return self.parallelism.slots_per_rank
+        physical = self.model.num_experts + self.eplb.num_redundant_experts
+        return -(-physical // self.parallelism.expert_parallel_size)
+
+    @property
+    def pods(self) -> int:
+        return self.parallelism.expert_parallel_size // self.parallelism.gpus_per_pod
+
+
+@dataclass(frozen=True)
+class CrossFieldRule:
+    """One rule over several fields, as Python (operator, CLI) and as CEL (API server)."""
+
+    field: str
+    message: str
+    cel: str
+    check: Callable[[MoEDeploymentSpec], bool]
+
+
+CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        "spec.parallelism.expertParallelSize",
+        "must be divisible by spec.parallelism.gpusPerPod",
+        "self.parallelism.expertParallelSize % self.parallelism.gpusPerPod == 0",
+        lambda s: s.parallelism.expert_parallel_size % s.parallelism.gpus_per_pod == 0,
+    ),
+    CrossFieldRule(
+        "spec.parallelism.slotsPerRank",
+        "expertParallelSize x slotsPerRank must be >= model.numExperts",
+        "!has(self.parallelism.slotsPerRank) || self.parallelism.expertParallelSize * "
+        "self.parallelism.slotsPerRank >= self.model.numExperts",
+        lambda s: (
+            s.parallelism.slots_per_rank is None
+            or s.parallelism.expert_parallel_size * s.parallelism.slots_per_rank
+            >= s.model.num_experts
+        ),
+    ),
+    CrossFieldRule(
+        "spec.elastic",
+        "minExpertParallelSize <= parallelism.expertParallelSize <= maxExpertParallelSize",
+        "!self.elastic.enabled || (self.elastic.minExpertParallelSize <= "
+        "self.parallelism.expertParallelSize && self.parallelism.expertParallelSize <= "
+        "self.elastic.maxExpertParallelSize)",
+        lambda s: (
+            not s.elastic.enabled
+            or s.elastic.min_expert_parallel_size
+            <= s.parallelism.expert_parallel_size
+            <= s.elastic.max_expert_parallel_size
+        ),
+    ),
+    CrossFieldRule(
+        "spec.elastic.tokensPerRankLow",
+        "must be below tokensPerRankHigh",
+        "self.elastic.tokensPerRankLow < self.elastic.tokensPerRankHigh",
+        lambda s: s.elastic.tokens_per_rank_low < s.elastic.tokens_per_rank_high,
+    ),
+    CrossFieldRule(
+        "spec.checkpointVolume",
+        "is required when model.source is checkpoint",
+        "self.model.source != 'checkpoint' || has(self.checkpointVolume)",
+        lambda s: s.model.source != "checkpoint" or s.checkpoint_volume is not None,
+    ),
+    CrossFieldRule(
+        "spec.parallelism.expertParallelSize",
+        "must be divisible by parallelism.numNodes",
+        "self.parallelism.expertParallelSize % self.parallelism.numNodes == 0",
+        lambda s: s.parallelism.expert_parallel_size % s.parallelism.num_nodes == 0,
+    ),
+)
+
+
+class Condition(ApiModel):
+    type: Literal["Ready", "Progressing", "Degraded", "Rebalancing", "Resizing"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    message: str = Field("", max_length=32768)
+    last_transition_time: str = Field(description="RFC 3339 time of the last status change.")
+    observed_generation: int | None = Field(None, ge=0)
+
+
+class MoEDeploymentStatus(ApiModel):
+    """Observed state, written by the operator."""
+
+    phase: Literal["Pending", "Running", "Rebalancing", "Resizing", "Degraded"] | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = Field(None, ge=0)
+    expert_parallel_size: int | None = Field(None, ge=0, description="Current EP size.")
+    ready_ranks: int | None = Field(None, ge=0, description="Ranks whose pods are ready.")
+    balancedness: str | None = Field(None, description="Last measured balancedness (text).")
+    selector: str | None = Field(None, description="Label selector of the pods (scale).")
+    mapping_generation: int | None = Field(None, ge=0)
+    topology_generation: int | None = Field(None, ge=0)
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=52)
+    namespace: str | None = None
+
+
+class MoEDeployment(ApiModel):
+    """A Mixture-of-Experts deployment with expert parallelism and load balancing."""
+
+    api_version: Literal["moe.eplb.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["MoEDeployment"]
+    metadata: ObjectMeta
+    spec: MoEDeploymentSpec
+    status: MoEDeploymentStatus | None = None
