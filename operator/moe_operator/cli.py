@@ -241,6 +241,33 @@ def validate(
 
 
 @app.command()
+def render(
+    file: Path = typer.Argument(..., help="A MoEDeployment YAML file."),
+    pod_monitor: bool = typer.Option(False, "--pod-monitor", help="Include the PodMonitor."),
+) -> None:
+    """Print the child manifests the operator would create for FILE, as YAML."""
+    import secrets
+
+    import yaml
+
+    from moe_operator.api import MoEDeployment
+    from moe_operator.builders import children
+    from moe_operator.validation import problems
+
+    try:
+        document = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        fail(f"{file}: cannot read: {exc}")
+    found = problems(document)
+    if found:
+        fail(f"{file}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
+    deployment = MoEDeployment.model_validate(document)
+    # The operator generates the control token once; a fresh one stands in for it here.
+    manifests = children(deployment, secrets.token_urlsafe(32), with_pod_monitor=pod_monitor)
+    sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
+
+
+@app.command()
 def crd() -> None:
     """Print the MoEDeployment CustomResourceDefinition (what `helm install` applies)."""
     from moe_operator.crdgen import render

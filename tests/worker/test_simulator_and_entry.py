@@ -158,3 +158,37 @@ def test_engine_rejects_what_the_cpu_cannot_run(data: dict, message: str) -> Non
 
     with pytest.raises(ValueError, match=message):
         check_platform(WorkerConfig.model_validate(data), torch.device("cpu"))
+
+
+def test_pod_launcher_starts_one_process_per_local_rank(tmp_path: Path) -> None:
+    """As in a StatefulSet pod: POD_NAME gives the ordinal, LOCAL_WORLD_SIZE the ranks per pod."""
+    config = {
+        "epSize": 2,
+        "steps": 5,
+        "model": {"numExperts": 8, "numLayers": 1, "hiddenSize": 16, "intermediateSize": 8},
+        "eplb": {"numRedundantExperts": 2, "useAsync": False},
+        "metrics": {"port": free_port()},
+        "control": {"port": 0},
+        "device": "cpu",
+    }
+    path = tmp_path / "worker.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "POD_NAME": "demo-0",
+        "LOCAL_WORLD_SIZE": "2",
+        "WORLD_SIZE": "2",
+        "MASTER_PORT": str(free_port()),
+    }
+    env.pop("RANK", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_worker", "--config", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    assert all(s["steps"] == 5 for s in summaries)

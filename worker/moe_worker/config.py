@@ -170,11 +170,20 @@ class RankEnv(WireModel):
 
     @classmethod
     def from_environ(cls, environ: dict[str, str]) -> RankEnv:
-        missing = [name for name in ("RANK", "WORLD_SIZE") if name not in environ]
+        """RANK, or (in a StatefulSet pod) POD_NAME's ordinal x LOCAL_WORLD_SIZE + LOCAL_RANK."""
+        rank = environ.get("RANK")
+        if rank is None and "POD_NAME" in environ and "LOCAL_RANK" in environ:
+            ordinal = int(environ["POD_NAME"].rsplit("-", 1)[1])
+            per_pod = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+            rank = str(ordinal * per_pod + int(environ["LOCAL_RANK"]))
+        missing = [
+            n for n, v in (("RANK", rank), ("WORLD_SIZE", environ.get("WORLD_SIZE"))) if v is None
+        ]
         if missing:
             raise ValueError(f"environment lacks {', '.join(missing)}")
+        assert rank is not None
         return cls(
-            rank=int(environ["RANK"]),
+            rank=int(rank),
             world_size=int(environ["WORLD_SIZE"]),
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", "29500")),

@@ -80,7 +80,33 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             dist.destroy_process_group()
 
 
+def launch_local_ranks(argv: list[str]) -> int:
+    """In a pod with LOCAL_WORLD_SIZE GPUs: one process per local rank (LOCAL_RANK set).
+
+    SIGTERM is passed on to every rank; the exit status is the worst of theirs.
+    """
+    import subprocess
+
+    count = int(os.environ["LOCAL_WORLD_SIZE"])
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "moe_worker", *argv], env={**os.environ, "LOCAL_RANK": str(i)}
+        )
+        for i in range(count)
+    ]
+
+    def forward(*_: Any) -> None:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    return max(child.wait() for child in children)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_local_ranks(argv)
     parser = argparse.ArgumentParser(prog="moe_worker", description="Run one EP rank.")
     parser.add_argument("--config", required=True, help="WorkerConfig as YAML or JSON.")
     parser.add_argument(

@@ -1,0 +1,132 @@
+"""Child manifests: valid for Kubernetes (strict), consistent with the spec, secure by default."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from moe_operator.api import MoEDeployment
+from moe_operator.builders import children, config_hash, selector_string, worker_config
+from moe_operator.cli import app
+from moe_worker.config import RankEnv, WorkerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def load(example: Path) -> MoEDeployment:
+    return MoEDeployment.model_validate(yaml.safe_load(example.read_text()))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_render_passes_kubernetes_validate_strict(example: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["render", str(example)])
+    assert result.exit_code == 0, result.output
+    rendered = tmp_path / "children.yaml"
+    rendered.write_text(result.stdout)
+    kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout)]
+    assert kinds == [
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "StatefulSet",
+    ]
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "-k",
+            "1.33.0",
+            str(rendered),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_children_follow_the_spec(example: Path) -> None:
+    deployment = load(example)
+    spec = deployment.spec
+    manifests = {
+        (m["kind"], m["metadata"]["name"]): m
+        for m in children(deployment, "t0k3n", owner_uid="uid-1")
+    }
+    name = deployment.metadata.name
+    sts = manifests[("StatefulSet", name)]
+    assert (
+        sts["spec"]["replicas"]
+        == spec.parallelism.expert_parallel_size // spec.parallelism.gpus_per_pod
+    )
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["serviceName"] == f"{name}-ranks"
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(spec.parallelism.gpus_per_pod)
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+    assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == [
+        "ALL"
+    ]
+    assert security["seccompProfile"]["type"] == "RuntimeDefault"
+    assert {p for p in ("startupProbe", "readinessProbe", "livenessProbe") if p in container} == {
+        "startupProbe",
+        "readinessProbe",
+        "livenessProbe",
+    }
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+    assert manifests[("Service", f"{name}-ranks")]["spec"]["clusterIP"] == "None"
+    for manifest in manifests.values():
+        owner = manifest["metadata"]["ownerReferences"][0]
+        assert owner["uid"] == "uid-1" and owner["kind"] == "MoEDeployment" and owner["controller"]
+    # The worker config in the ConfigMap is one a worker accepts, for this EP size.
+    config = WorkerConfig.model_validate(
+        yaml.safe_load(manifests[("ConfigMap", f"{name}-config")]["data"]["worker.yaml"])
+    )
+    assert config.ep_size == spec.parallelism.expert_parallel_size
+    assert config.slots_per_rank == spec.slots_per_rank
+    assert (
+        selector_string(name)
+        == "app.kubernetes.io/name=moe-worker,app.kubernetes.io/instance=" + name
+    )
+
+
+def test_config_or_image_change_rolls_the_pods() -> None:
+    base = load(EXAMPLES[-1])
+    other_image = base.model_copy(update={"spec": base.spec.model_copy(update={"image": "x:2"})})
+    bigger = yaml.safe_load(EXAMPLES[-1].read_text())
+    bigger["spec"]["eplb"] = {"windowSize": 7}
+    assert config_hash(base) != config_hash(other_image)
+    assert config_hash(base) != config_hash(MoEDeployment.model_validate(bigger))
+    assert worker_config(base) == worker_config(load(EXAMPLES[-1]))
+
+
+def test_render_rejects_an_invalid_file(tmp_path: Path) -> None:
+    bad = yaml.safe_load(EXAMPLES[0].read_text())
+    bad["spec"]["parallelism"]["expertParallelSize"] = 0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    result = CliRunner().invoke(app, ["render", str(path)])
+    assert result.exit_code == 2 and "spec.parallelism.expertParallelSize" in result.stderr
+
+
+def test_rank_from_the_pod_ordinal() -> None:
+    env = {
+        "POD_NAME": "qwen3-30b-a3b-1",
+        "LOCAL_RANK": "2",
+        "LOCAL_WORLD_SIZE": "4",
+        "WORLD_SIZE": "8",
+    }
+    assert RankEnv.from_environ(env).rank == 6
