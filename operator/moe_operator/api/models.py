@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.alias_generators import to_camel
 
-from moe_worker.config import EPLBConfig, ModelConfig, WorkloadConfig
+from moe_worker.config import EPLBConfig, ModelConfig, WireModel, WorkloadConfig
 
 GROUP = "moe.eplb.dev"
 VERSION = "v1alpha1"
@@ -26,10 +25,8 @@ SHORT_NAMES = ["moed"]
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|M|G|T|P|E|Ei)?$"
 
 
-class ApiModel(BaseModel):
-    """camelCase on the wire, unknown fields rejected."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+class ApiModel(WireModel):
+    """camelCase on the wire, unknown fields rejected (the worker config's conventions)."""
 
 
 class ParallelismSpec(ApiModel):
