@@ -77,7 +77,9 @@ class WorkerService:
                 [int(self.status.stop_requested), int(self.status.rebalance_requested)]
             )
         if self.world > 1:
+            flags = flags.to(self.engine.device)  # NCCL groups reduce device tensors only
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = flags.cpu()
         stop, rebalance = bool(flags[0]), bool(flags[1])
         if rebalance and self.engine.eplb is not None:
             self.engine.eplb.request_rebalance("manual")
