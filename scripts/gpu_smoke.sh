@@ -5,7 +5,7 @@ set -euo pipefail
 cfg=$(mktemp --suffix=.yaml)
 cat > "$cfg" <<'YAML'
 epSize: 2
-steps: 150
+steps: 600
 device: cuda
 model: {numExperts: 16, numLayers: 2, hiddenSize: 64, intermediateSize: 64, topK: 2, dtype: bfloat16}
 eplb: {numRedundantExperts: 4, windowSize: 40, stepInterval: 50}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,7 @@ from moe_worker.config import RankEnv, WorkerConfig
 from moe_worker.eplb.communicator import Communicator, create_communicator, resolve_auto
 from moe_worker.eplb.controller import EPLBController, step_eplb_after
 from moe_worker.eplb.policy import Placement, default_placement
+from moe_worker.eplb.policy import warm_up as warm_up_policies
 from moe_worker.model.experts import DTYPES, SyntheticSource, WeightSource
 from moe_worker.model.moe import EPGroup, MoEModel, build_model
 from moe_worker.model.simulator import RoutingSimulator
@@ -140,6 +142,8 @@ class Engine:
         self.model: MoEModel = build_model(self.source, self.placement, self.ep)
         self.eplb: EPLBController | None = None
         if config.eplb.enabled:
+            # Compile the placement kernels in the background while the first steps run.
+            threading.Thread(target=warm_up_policies, name="eplb-warm-up", daemon=True).start()
             communicator, control_group = make_eplb_channels(config, rank, world, self.device)
             self.eplb = EPLBController(
                 config.eplb, rank, world, None, self.device, communicator, control_group

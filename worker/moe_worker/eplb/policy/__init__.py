@@ -154,6 +154,16 @@ def compute_placement(
         return function(array, num_physical, num_groups, num_nodes, num_gpus, previous, **options)
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every policy's kernels on a tiny problem, so the
+    first real rebalance does not wait for the compiler."""
+    weight = np.arange(1, 17, dtype=np.float64).reshape(2, 8)
+    previous = default_placement(2, 8, 12)
+    for name in POLICIES:
+        compute_placement(name, weight, num_physical=12, num_gpus=4, num_groups=2, num_nodes=2)
+        compute_placement(name, weight, num_physical=12, num_gpus=4, previous=previous)
+
+
 def default_placement(num_layers: int, num_logical: int, num_physical: int) -> Placement:
     """What an engine without EPLB runs: slot p holds expert p mod E in every layer."""
     phy2log = np.tile(np.arange(num_physical) % num_logical, (num_layers, 1))
@@ -177,4 +187,5 @@ __all__ = [
     "max_load_lower_bound",
     "moved_copies",
     "validate_inputs",
+    "warm_up",
 ]
