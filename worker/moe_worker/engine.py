@@ -84,7 +84,9 @@ def make_eplb_channels(
         resolve_auto(device, eplb.use_async) if eplb.communicator == "auto" else eplb.communicator
     )
     if world == 1:
-        return create_communicator(name, device=device, rank=0, world=1, store=_local_store()), None
+        return create_communicator(
+            name, device=device, rank=0, world=1, store=dist.HashStore()
+        ), None
     timeout = timedelta(seconds=eplb.rebalance_timeout_s)
     control_group = dist.new_group(backend="gloo", timeout=timeout) if eplb.use_async else None
     if name == "torch_gloo" and (eplb.use_async or device.type == "cuda"):
@@ -103,10 +105,6 @@ def make_eplb_channels(
             control_group,
         )
     return create_communicator(name, device=device), control_group
-
-
-def _local_store() -> dist.Store:
-    return dist.HashStore()
 
 
 @dataclass

@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -213,13 +212,3 @@ class AsyncRebalance:
         until the transfer group's timeout). True if it ended."""
         self.thread.join(timeout)
         return not self.thread.is_alive()
-
-
-def describe(rebalance: AsyncRebalance | None) -> dict[str, Any]:
-    if rebalance is None:
-        return {"running": False}
-    return {
-        "running": True,
-        "committedLayers": rebalance.committed,
-        "layers": len(rebalance.layers),
-    }
