@@ -10,14 +10,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ep_cases import REBALANCE_CONFIG, REBALANCE_PHYSICAL, attach_state
+from ep_cases import REBALANCE_CONFIG, REBALANCE_PHYSICAL, rank_model
 from moe_worker.config import ModelConfig
 from moe_worker.eplb.async_worker import AsyncRebalance
 from moe_worker.eplb.communicator import create_communicator
-from moe_worker.eplb.policy import compute_placement, default_placement
+from moe_worker.eplb.policy import compute_placement
 from moe_worker.eplb.rebalance import apply_placement
 from moe_worker.model.experts import EXPERT_TENSORS, FingerprintSource, SyntheticSource
-from moe_worker.model.moe import EPGroup, build_model
 
 TOKENS = 8
 
@@ -68,9 +67,7 @@ def async_rebalance_run(
     """
     config = ModelConfig.model_validate(REBALANCE_CONFIG)
     source = FingerprintSource(config) if fingerprint else SyntheticSource(config)
-    initial = default_placement(config.num_layers, config.num_experts, REBALANCE_PHYSICAL)
-    model = build_model(source, initial, EPGroup(rank=rank, size=world))
-    state = attach_state(model, initial, torch.device("cpu"))
+    model, state, initial, _ = rank_model(source, rank, world)
     control, transfer = _groups(world, deadline)
     communicator = create_communicator("torch_gloo", group=transfer)
 
@@ -128,9 +125,7 @@ def sync_rebalance_run(rank: int, world: int, policy: str = "balanced") -> dict:
     """The synchronous path on the same load: final maps and slot check."""
     config = ModelConfig.model_validate(REBALANCE_CONFIG)
     source = FingerprintSource(config)
-    initial = default_placement(config.num_layers, config.num_experts, REBALANCE_PHYSICAL)
-    model = build_model(source, initial, EPGroup(rank=rank, size=world))
-    state = attach_state(model, initial, torch.device("cpu"))
+    model, state, initial, _ = rank_model(source, rank, world)
     new = compute_placement(
         policy, skewed_load(), num_physical=REBALANCE_PHYSICAL, num_gpus=world, previous=initial
     )

@@ -62,7 +62,7 @@ def ep_outputs(
     """Per placement: (each MoE layer's output, the whole model's output) for this rank's tokens."""
     model_config = ModelConfig.model_validate(config)
     source = SyntheticSource(model_config)
-    target = torch.device(device, rank) if device == "cuda" else torch.device(device)
+    target = rank_device(rank, device)
     hidden = ep_inputs(model_config, world).to(source.dtype)
     mine = hidden[rank * TOKENS_PER_RANK : (rank + 1) * TOKENS_PER_RANK].to(target)
     offset = rank * TOKENS_PER_RANK
@@ -142,6 +142,21 @@ def rebalance_targets(world: int, seed: int) -> list[tuple[str, Placement]]:
     return out
 
 
+def rank_device(rank: int, device: str) -> torch.device:
+    return torch.device(device, rank) if device == "cuda" else torch.device(device)
+
+
+def rank_model(
+    source: SyntheticSource, rank: int, world: int, device: str = "cpu"
+) -> tuple[MoEModel, EPLBState, Placement, torch.device]:
+    """This rank's part of the rebalance-test model on the default placement, with EPLB state."""
+    config = source.config
+    target = rank_device(rank, device)
+    initial = default_placement(config.num_layers, config.num_experts, REBALANCE_PHYSICAL)
+    model = build_model(source, initial, EPGroup(rank=rank, size=world, device=target))
+    return model, attach_state(model, initial, target), initial, target
+
+
 def attach_state(model: MoEModel, placement: Placement, device: torch.device) -> EPLBState:
     state = EPLBState(placement, window_size=4, device=device)
     for index, layer in enumerate(model.layers):
@@ -179,10 +194,7 @@ def fingerprint_run(
     """Apply the target sequence; list every slot whose weights are not exactly its expert's."""
     config = ModelConfig.model_validate(REBALANCE_CONFIG)
     source = FingerprintSource(config)
-    target = torch.device(device, rank) if device == "cuda" else torch.device(device)
-    initial = default_placement(config.num_layers, config.num_experts, REBALANCE_PHYSICAL)
-    model = build_model(source, initial, EPGroup(rank=rank, size=world, device=target))
-    state = attach_state(model, initial, target)
+    model, state, initial, target = rank_model(source, rank, world, device)
     comm = make_test_communicator(communicator, rank, world, target, store_port)
     slots = REBALANCE_PHYSICAL // world
     wrong = []
@@ -205,10 +217,7 @@ def fingerprint_run(
 def outputs_after_rebalances(rank: int, world: int, seed: int, device: str = "cpu") -> list:
     config = ModelConfig.model_validate(REBALANCE_CONFIG)
     source = SyntheticSource(config)
-    target = torch.device(device, rank) if device == "cuda" else torch.device(device)
-    initial = default_placement(config.num_layers, config.num_experts, REBALANCE_PHYSICAL)
-    model = build_model(source, initial, EPGroup(rank=rank, size=world, device=target))
-    state = attach_state(model, initial, target)
+    model, state, initial, target = rank_model(source, rank, world, device)
     comm = create_communicator("auto", device=target)
     hidden = torch.randn(
         (8 * world, config.hidden_size), generator=torch.Generator().manual_seed(3)

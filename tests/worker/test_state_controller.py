@@ -11,7 +11,7 @@ from moe_worker.eplb.controller import EPLBController, EPLBRegistrationError, st
 from moe_worker.eplb.policy import Placement, default_placement
 from moe_worker.eplb.state import EPLBLayerState, EPLBState, EPLBStateError
 from moe_worker.model.experts import SyntheticSource
-from moe_worker.model.moe import EPGroup, build_model
+from moe_worker.model.moe import EPGroup, build_model, dense_reference
 
 
 def small_model():  # type: ignore[no-untyped-def]
@@ -60,8 +60,10 @@ def test_window_slides_and_clears() -> None:
 def test_layers_without_state_use_the_load_time_map() -> None:
     model, _ = small_model()
     assert all(layer.eplb_state is None for layer in model.layers)
-    out = model(torch.randn(4, 16))
-    assert out.shape == (4, 16)
+    hidden = torch.randn(4, 16)
+    source = SyntheticSource(model.config)
+    for index, layer in enumerate(model.layers):
+        torch.testing.assert_close(layer(hidden), dense_reference(source, index, hidden))
 
 
 class Wrapper:

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from .communicator import Communicator
 from .executor import Staged, commit_staged, stage_layer_plan
 from .planner import plan_layer
-from .policy import Placement, compute_placement, layer_balancedness, moved_copies
-from .rebalance import HasSlots, RebalanceResult
+from .policy import Placement, compute_placement
+from .rebalance import HasSlots, RebalanceResult, summarize
 from .state import EPLBState
 
 log = logging.getLogger("moe_worker.eplb.async")
@@ -169,25 +169,23 @@ class AsyncRebalance:
             self._condition.notify_all()
 
     def _result(self, result: str, error: str = "") -> RebalanceResult:
-        done = list(range(self.committed))
-        moved = 0
-        after = before = float(layer_balancedness(self.load, self.current, self.world).mean())
-        if self.new is not None and done:
+        """Figures for the layers committed so far (the others kept the old mapping)."""
+        applied = self.current
+        if self.new is not None and self.committed:
             partial = self.current.phy2log.copy()
-            partial[done] = self.new.phy2log[done]
+            partial[: self.committed] = self.new.phy2log[: self.committed]
             applied = Placement.from_phy2log(partial, self.current.num_logical)
-            moved = int(moved_copies(self.current, applied, self.world, self.world).sum())
-            after = float(layer_balancedness(self.load, applied, self.world).mean())
-        return RebalanceResult(
-            trigger=self.trigger,
-            result=result,
-            duration_s=time.perf_counter() - self.started,
-            bytes_received=self.bytes_received,
-            copies_moved=moved,
-            balancedness_before=before,
-            balancedness_after=after,
-            mapping_generation=self.state.mapping_generation,
-            error=error,
+        return summarize(
+            self.trigger,
+            result,
+            self.load,
+            self.current,
+            applied,
+            self.world,
+            self.started,
+            self.bytes_received,
+            self.state.mapping_generation,
+            error,
         )
 
     def _finish(self) -> RebalanceResult:

@@ -38,6 +38,32 @@ class RebalanceResult:
     error: str = ""
 
 
+def summarize(
+    trigger: str,
+    result: str,
+    load: np.ndarray,
+    current: Placement,
+    applied: Placement,
+    world: int,
+    started: float,
+    bytes_received: int,
+    mapping_generation: int,
+    error: str = "",
+) -> RebalanceResult:
+    """The figures of a rebalance that went from ``current`` to ``applied`` for ``load`` [L, E]."""
+    return RebalanceResult(
+        trigger=trigger,
+        result=result,
+        duration_s=time.perf_counter() - started,
+        bytes_received=bytes_received,
+        copies_moved=int(moved_copies(current, applied, world, world).sum()),
+        balancedness_before=float(layer_balancedness(load, current, world).mean()),
+        balancedness_after=float(layer_balancedness(load, applied, world).mean()),
+        mapping_generation=mapping_generation,
+        error=error,
+    )
+
+
 def global_logical_load(
     state: EPLBState, group: dist.ProcessGroup | None, world: int
 ) -> np.ndarray:
@@ -93,13 +119,6 @@ def rebalance(
         policy, load, num_physical=current.num_physical, num_gpus=world, previous=current
     )
     received = apply_placement(state, layers, new, rank, world, communicator)
-    return RebalanceResult(
-        trigger=trigger,
-        result="ok",
-        duration_s=time.perf_counter() - started,
-        bytes_received=received,
-        copies_moved=int(moved_copies(current, new, world, world).sum()),
-        balancedness_before=float(layer_balancedness(load, current, world).mean()),
-        balancedness_after=float(layer_balancedness(load, new, world).mean()),
-        mapping_generation=state.mapping_generation,
+    return summarize(
+        trigger, "ok", load, current, new, world, started, received, state.mapping_generation
     )
