@@ -257,6 +257,8 @@ def stateful_set(deployment: MoEDeployment, owner_uid: str | None = None) -> Man
         pod_spec["tolerations"] = [
             t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
         ]
+    if spec.affinity:
+        pod_spec["affinity"] = spec.affinity
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spec.service_account_name:

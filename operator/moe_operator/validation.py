@@ -1,4 +1,10 @@
-"""Validation of MoEDeployment documents: one message per problem, each naming the field path."""
+"""Validation of MoEDeployment documents: one message per problem, each naming the field path.
+
+Three layers share these rules: the CRD (schema + CEL, in the API server), the optional
+admission webhook (``admission_problems``: everything here plus what CEL cannot express, such
+as fields that may not change once the deployment exists), and the operator itself, which marks
+a deployment it cannot act on Degraded instead of failing.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api.models import MoEDeployment
+
+# Fields fixed at creation: the model's shape decides every weight tensor and slot.
+IMMUTABLE_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("spec", "model", "source"),
+    ("spec", "model", "numLayers"),
+    ("spec", "model", "numExperts"),
+    ("spec", "model", "hiddenSize"),
+    ("spec", "model", "intermediateSize"),
+    ("spec", "model", "topK"),
+    ("spec", "parallelism", "gpusPerPod"),
+)
 
 
 def _path(location: tuple[Any, ...]) -> str:
@@ -19,12 +36,37 @@ def _path(location: tuple[Any, ...]) -> str:
     return out
 
 
+def semantic_problems(deployment: MoEDeployment) -> list[str]:
+    """Rules over derived values (which CEL cannot compute): every EP size the elastic policy
+    may choose must hold all experts with the deployment's fixed slots per rank."""
+    spec = deployment.spec
+    if not spec.elastic.enabled:
+        return []
+    slots = spec.slots_per_rank
+    step = spec.parallelism.gpus_per_pod * spec.parallelism.num_nodes
+    low = spec.elastic.min_expert_parallel_size
+    smallest = -(-low // step) * step
+    out = []
+    if smallest > spec.elastic.max_expert_parallel_size:
+        out.append(
+            "spec.elastic: no EP size in [minExpertParallelSize, maxExpertParallelSize] is a "
+            f"multiple of gpusPerPod x numNodes = {step}"
+        )
+    elif smallest * slots < spec.model.num_experts:
+        out.append(
+            f"spec.elastic.minExpertParallelSize: at EP size {smallest} the {slots} slots per "
+            f"rank hold {smallest * slots} experts, fewer than model.numExperts = "
+            f"{spec.model.num_experts}"
+        )
+    return out
+
+
 def problems(document: Any) -> list[str]:
     """Everything wrong with one MoEDeployment document (empty when it is valid)."""
     if not isinstance(document, dict):
         return [f"document: must be a mapping, got {type(document).__name__}"]
     try:
-        MoEDeployment.model_validate(document)
+        deployment = MoEDeployment.model_validate(document)
     except ValidationError as exc:
         messages = []
         for error in exc.errors():
@@ -35,10 +77,33 @@ def problems(document: Any) -> list[str]:
             elif error["type"] == "missing":
                 message = "required field is missing"
             # Cross-field rules name their own field path; others get the location.
-            if message.startswith("spec.") or message.startswith("path:"):
-                prefix = path + "." if message.startswith("path:") else ""
-                messages.append(prefix + message)
+            if message.startswith("spec."):
+                messages.append(message)
             else:
                 messages.append(f"{path}: {message}")
         return messages
-    return []
+    return semantic_problems(deployment)
+
+
+def _lookup(document: Any, path: tuple[str, ...]) -> Any:
+    node = document
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def admission_problems(new: Any, old: Any | None) -> list[str]:
+    """What the validating webhook rejects: ``problems(new)`` plus, on update, changes to
+    fields that are fixed once the deployment exists."""
+    found = problems(new)
+    if old is not None:
+        for path in IMMUTABLE_FIELDS:
+            before, after = _lookup(old, path), _lookup(new, path)
+            if before != after:
+                found.append(
+                    f"{'.'.join(path)}: is immutable (was {before!r}, now {after!r}); "
+                    "create a new MoEDeployment instead"
+                )
+    return found

@@ -45,6 +45,8 @@ def test_operator_never_imports_torch() -> None:
         "moe_operator.api",
         "moe_operator.crdgen",
         "moe_operator.validation",
+        "moe_operator.handlers",
+        "moe_operator.k8s",
     )
     assert "torch" not in modules
 

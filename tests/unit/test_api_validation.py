@@ -80,6 +80,7 @@ INVALID: list[tuple[str, Any, str]] = [
         4,
         "spec.parallelism.expertParallelSize: must be divisible by parallelism.numNodes",
     ),
+    ("spec.affinity", {"nodeSelector": {}}, "spec.affinity"),
     # unknown and missing fields
     ("spec.replicas", 3, "spec.replicas: unknown field"),
     ("spec.eplb.windowsize", 5, "spec.eplb.windowsize: unknown field"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,7 +38,11 @@ class ParallelismSpec(ApiModel):
         None,
         ge=1,
         le=4096,
-        description="Physical expert slots per rank; default: experts / EP size + redundant.",
+        description=(
+            "Physical expert slots per rank, fixed across elastic resizes; default: "
+            "(experts + redundant) / EP size, taking elastic.minExpertParallelSize as the EP "
+            "size when elastic is on."
+        ),
     )
     num_nodes: int = Field(1, ge=1, le=1024, description="Nodes, for node-aware placement.")
 
@@ -122,6 +126,11 @@ class MoEDeploymentSpec(ApiModel):
     resources: ResourceSpec = Field(default_factory=lambda: ResourceSpec())
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="Pod affinity (nodeAffinity, podAffinity, podAntiAffinity), as in a Pod.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
     priority_class_name: str | None = Field(None, max_length=253, description="Pod priority.")
     service_account_name: str | None = Field(None, max_length=253, description="Pod identity.")
     env: list[EnvVar] = Field(default_factory=list, description="Extra worker environment.")
@@ -134,6 +143,15 @@ class MoEDeploymentSpec(ApiModel):
                 raise ValueError(f"{key!r} is not a valid label key")
         return value
 
+    @field_validator("affinity")
+    @classmethod
+    def _affinity_kinds(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        allowed = {"nodeAffinity", "podAffinity", "podAntiAffinity"}
+        for key in value or {}:
+            if key not in allowed:
+                raise ValueError(f"{key!r} is not one of {', '.join(sorted(allowed))}")
+        return value
+
     @model_validator(mode="after")
     def _cross_field(self) -> MoEDeploymentSpec:
         for rule in CROSS_FIELD_RULES:
@@ -143,11 +161,18 @@ class MoEDeploymentSpec(ApiModel):
 
     @property
     def slots_per_rank(self) -> int:
-        """Slots per rank: given, or enough for every expert plus the redundant ones."""
+        """Slots per rank: given, or enough for every expert plus the redundant ones at the
+        reference EP size (the elastic minimum when elastic is on, else the EP size). It stays
+        fixed across elastic resizes, so redundancy grows with the EP size."""
         if self.parallelism.slots_per_rank is not None:
             return self.parallelism.slots_per_rank
         physical = self.model.num_experts + self.eplb.num_redundant_experts
-        return -(-physical // self.parallelism.expert_parallel_size)
+        reference = (
+            self.elastic.min_expert_parallel_size
+            if self.elastic.enabled
+            else self.parallelism.expert_parallel_size
+        )
+        return -(-physical // reference)
 
     @property
     def pods(self) -> int:

@@ -1,0 +1,154 @@
+"""Kopf glue: handler registration, events and status writes. Decisions live elsewhere.
+
+Run with ``kopf run -m moe_operator.handlers --all-namespaces`` (or ``--namespace NS``).
+Environment: ``MOE_OPERATOR_RESYNC_SECONDS`` (period of the reconcile timer, default 30),
+``MOE_OPERATOR_WEBHOOK_PORT`` (serve the validating admission webhook on this port; unset: no
+webhook), ``MOE_OPERATOR_WEBHOOK_CERT_DIR`` (``tls.crt``/``tls.key``; unset: plain HTTP, for
+tests only).
+
+Kopf keeps its own bookkeeping in annotations prefixed ``kopf.moe.eplb.dev`` (never in our
+``status``), and the operator writes ``status`` through the status subresource itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from .api.models import GROUP, PLURAL, VERSION
+from .k8s import KubeClient, KubeError, bearer_token, load_configuration
+from .reconcile import Round, _observed, document_of, reconcile
+from .status import compute_status, now_rfc3339
+from .validation import admission_problems
+
+RESYNC_SECONDS = float(os.environ.get("MOE_OPERATOR_RESYNC_SECONDS", "30"))
+WEBHOOK_PORT = os.environ.get("MOE_OPERATOR_WEBHOOK_PORT")
+WEBHOOK_CERT_DIR = os.environ.get("MOE_OPERATOR_WEBHOOK_CERT_DIR")
+RESOURCE = (GROUP, VERSION, PLURAL)
+logger = logging.getLogger("moe_operator")
+
+
+@kopf.on.login()
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    """Kopf uses the same credentials as the operator's own client."""
+    configuration = await load_configuration()
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        token=await bearer_token(configuration),
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        default_namespace=os.environ.get("POD_NAMESPACE"),
+    )
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    prefix = f"kopf.{GROUP}"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/operator"
+    # Our own events say what happened; Kopf posts only its warnings and errors.
+    settings.posting.level = logging.WARNING
+    settings.networking.request_timeout = 60
+    settings.watching.server_timeout = 300
+    if WEBHOOK_PORT:
+        certs = {}
+        if WEBHOOK_CERT_DIR:
+            certs = {
+                "certfile": os.path.join(WEBHOOK_CERT_DIR, "tls.crt"),
+                "pkeyfile": os.path.join(WEBHOOK_CERT_DIR, "tls.key"),
+            }
+        settings.admission.server = kopf.WebhookServer(
+            addr="0.0.0.0", port=int(WEBHOOK_PORT), insecure=not WEBHOOK_CERT_DIR, **certs
+        )
+    memo.kube = await KubeClient.connect()
+    memo.pod_monitor = await memo.kube.has_api("monitoring.coreos.com/v1", "podmonitors")
+    logger.info("PodMonitor support: %s", memo.pod_monitor)
+
+
+@kopf.on.cleanup()
+async def disconnect(memo: kopf.Memo, **_: Any) -> None:
+    kube = getattr(memo, "kube", None)
+    memo.closing = True
+    if kube is not None:
+        await kube.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+async def _write_status(kube: KubeClient, body: Mapping[str, Any], rnd: Round) -> None:
+    previous = _plain(body.get("status") or {})
+    status = compute_status(rnd.observed, previous, now_rfc3339())
+    if any(previous.get(key) != value for key, value in status.items()):
+        meta = body["metadata"]
+        await kube.patch_status(meta["namespace"], meta["name"], status)
+
+
+def _degraded_with(body: Mapping[str, Any], reason: str, message: str) -> bool:
+    for condition in (body.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Degraded":
+            return bool(
+                condition.get("status") == "True"
+                and condition.get("reason") == reason
+                and condition.get("message") == message
+            )
+    return False
+
+
+async def reconcile_and_report(body: Mapping[str, Any], memo: kopf.Memo) -> None:
+    """One round: children, then one Event per action, then the status."""
+    kube: KubeClient = memo.kube
+    try:
+        rnd = await reconcile(kube, body, memo.pod_monitor)
+    except KubeError as exc:
+        rnd = Round(_observed(body, None, problem=("ApiError", str(exc))))
+        kopf.event(body, type="Warning", reason="ApiError", message=str(exc))
+        await _write_status(kube, body, rnd)
+        raise kopf.TemporaryError(str(exc), delay=10) from exc
+    for action in rnd.actions:
+        verb, _, what = action.partition(" ")
+        kopf.event(body, type="Normal", reason=verb.capitalize(), message=f"{verb} {what}")
+    problem = rnd.observed.problem
+    if problem is not None and not _degraded_with(body, *problem):
+        kopf.event(body, type="Warning", reason=problem[0], message=problem[1])
+    await _write_status(kube, body, rnd)
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+async def on_change(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await reconcile_and_report(body, memo)
+
+
+@kopf.timer(*RESOURCE, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Periodic round: restores children deleted or edited by hand, refreshes the status."""
+    if getattr(memo, "closing", False):
+        return
+    await reconcile_and_report(body, memo)
+
+
+def validate_admission(body: kopf.Body, old: kopf.Body | None = None, **_: Any) -> None:
+    """The validating webhook: the operator's own rules plus immutable fields on update."""
+    found = admission_problems(document_of(body), document_of(old) if old else None)
+    if found:
+        raise kopf.AdmissionError("; ".join(found), code=422)
+
+
+if WEBHOOK_PORT:
+    kopf.on.validate(*RESOURCE, id="validate-moedeployment")(validate_admission)

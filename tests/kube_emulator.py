@@ -1,0 +1,244 @@
+"""A Kubernetes API for tests: KMock's emulator plus the server behaviour Kopf relies on.
+
+KMock's ``KubernetesEmulator`` stores objects and streams watch events over real HTTP. This
+subclass adds what a real API server does and the operator depends on:
+
+- ``metadata.uid``, ``resourceVersion``, ``generation`` and ``creationTimestamp`` stamping;
+  ``generation`` moves only when ``spec`` changes;
+- the status split for resources with a ``status`` subresource: writes to the main resource
+  ignore ``status``, writes to ``/status`` change only ``status``;
+- the ``scale`` subresource of MoEDeployment (``spec.replicas`` -> the EP size);
+- the namespace taken from the URL on create, and ``generateName``;
+- resource discovery (``/apis/<group>/<version>``) for the resources the operator uses;
+- garbage collection of objects whose controller owner was deleted (cascading).
+
+It stays a test double: no admission, no schema validation, no field managers.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import kmock
+import yaml
+from kmock._internal import dicts, enums, rendering
+
+from moe_operator.api import GROUP, KIND, PLURAL, VERSION
+
+CORE = [
+    ("v1", "configmaps", "ConfigMap", set()),
+    ("v1", "secrets", "Secret", set()),
+    ("v1", "services", "Service", {"status"}),
+    ("v1", "pods", "Pod", {"status"}),
+    ("v1", "events", "Event", set()),
+    ("apps/v1", "statefulsets", "StatefulSet", {"status", "scale"}),
+    ("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget", {"status"}),
+    ("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", set()),
+    ("events.k8s.io/v1", "events", "Event", set()),
+    ("coordination.k8s.io/v1", "leases", "Lease", set()),
+    (f"{GROUP}/{VERSION}", PLURAL, KIND, {"status", "scale"}),
+]
+CLUSTER_SCOPED = [
+    ("v1", "namespaces", "Namespace", {"status"}),
+    (
+        "apiextensions.k8s.io/v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        {"status"},
+    ),
+]
+MONITORING = [
+    ("monitoring.coreos.com/v1", "podmonitors", "PodMonitor", set()),
+    ("monitoring.coreos.com/v1", "servicemonitors", "ServiceMonitor", set()),
+]
+VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+_versions = itertools.count(1)
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _resource(api_version: str, plural: str) -> kmock.resource:
+    group, _, version = api_version.rpartition("/")
+    return kmock.resource(group, version, plural)
+
+
+@attrs.define(kw_only=True)
+class ClusterEmulator(kmock.KubernetesEmulator):
+    """KMock's emulator with uid/resourceVersion/generation, status split and owner GC."""
+
+    with_monitoring: bool = False
+    # (HTTP method, plural, namespace, name, subresource) of every resource request served.
+    calls: list[tuple[str, str, str | None, str | None, str | None]] = attrs.field(
+        factory=list, init=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for api_version, plural, kind, subresources in (
+            CORE + CLUSTER_SCOPED + (MONITORING if self.with_monitoring else [])
+        ):
+            self.resources[_resource(api_version, plural)] = kmock.ResourceInfo(
+                kind=kind,
+                namespaced=(api_version, plural, kind, subresources) not in CLUSTER_SCOPED,
+                singular=kind.lower(),
+                verbs=VERBS,
+                subresources=subresources,
+            )
+
+    # -- helpers for tests -------------------------------------------------------------------
+
+    def get(self, api_version: str, plural: str, namespace: str, name: str) -> dict | None:
+        """The stored object, or None when absent or deleted."""
+        key = (_resource(api_version, plural), namespace, name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return copy.deepcopy(self.objects[key].raw)
+
+    def writes(self, plural: str) -> list[tuple[str, str | None, str | None]]:
+        """(method, name, subresource) of each POST/PATCH/DELETE on ``plural`` so far."""
+        return [
+            (method, name, sub)
+            for method, kind, _, name, sub in self.calls
+            if kind == plural and method in ("POST", "PATCH", "DELETE")
+        ]
+
+    def names(self, api_version: str, plural: str, namespace: str) -> set[str]:
+        wanted = _resource(api_version, plural)
+        return {
+            name
+            for (resource, ns, name), obj in self.objects.items()
+            if resource == wanted and ns == namespace and not obj.deleted
+        }
+
+    # -- the server behaviour ----------------------------------------------------------------
+
+    def _has_status_split(self, resource: kmock.resource) -> bool:
+        info = self.resources.get(resource) if resource in self.resources else None
+        return info is not None and "status" in info.subresources
+
+    def _current(self, request: rendering.Request) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return self.objects[key].raw
+
+    def _stamped(self, request: rendering.Request) -> Any:
+        data: dict[str, Any] = copy.deepcopy(request.data)
+        if request.action == enums.action.CREATE:
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            if request.namespace and not meta.get("namespace"):
+                meta["namespace"] = request.namespace
+            meta["uid"] = str(uuid.uuid4())
+            meta["resourceVersion"] = str(next(_versions))
+            meta["generation"] = 1
+            meta["creationTimestamp"] = _now()
+            if self._has_status_split(request.resource):
+                data.pop("status", None)
+            return data
+        current = self._current(request)
+        if current is None:
+            return data
+        sub = request.subresource
+        if sub == "status":
+            data = {"status": data.get("status")}
+        elif sub == "scale":
+            replicas = (data.get("spec") or {}).get("replicas")
+            if request.resource.plural == PLURAL:
+                data = {"spec": {"parallelism": {"expertParallelSize": replicas}}}
+            else:
+                data = {"spec": {"replicas": replicas}}
+        elif self._has_status_split(request.resource):
+            data.pop("status", None)
+        patched = dicts.patch_dict(copy.deepcopy(current), data)
+        meta = data.setdefault("metadata", {})
+        meta["resourceVersion"] = str(next(_versions))
+        if patched.get("spec") != current.get("spec"):
+            meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
+        return data
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        if request.resource is None:
+            return await super()._handle(request)
+        self.calls.append(
+            (
+                str(request.method.value if request.method else ""),
+                str(request.resource.plural),
+                request.namespace,
+                request.name,
+                request.subresource,
+            )
+        )
+        owner_uid: str | None = None
+        if request.action in (enums.action.CREATE, enums.action.UPDATE) and isinstance(
+            request.data, dict
+        ):
+            # Requests are frozen and matched by identity: rewrite the body in place.
+            stamped = self._stamped(request)
+            request.data.clear()
+            request.data.update(stamped)
+        elif request.action == enums.action.DELETE and request.name is not None:
+            current = self._current(request)
+            owner_uid = (current or {}).get("metadata", {}).get("uid")
+        response = await super()._handle(request)
+        if owner_uid is not None:
+            await self._collect_garbage({owner_uid})
+        return response
+
+    async def _collect_garbage(self, deleted_uids: set[str]) -> None:
+        """Delete every object whose owner is gone, transitively (foreground-free cascade)."""
+        while deleted_uids:
+            doomed = []
+            for key, obj in list(self.objects.items()):
+                if obj.deleted:
+                    continue
+                owners = obj.raw.get("metadata", {}).get("ownerReferences") or []
+                if any(ref.get("uid") in deleted_uids for ref in owners):
+                    doomed.append(key)
+            deleted_uids = set()
+            for key in doomed:
+                async with self._lock:
+                    obj = self.objects[key]
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[key[0]].put({"type": "DELETED", "object": raw})
+                deleted_uids.add(raw["metadata"]["uid"])
+
+
+def write_kubeconfig(path: Path, server: str, namespace: str = "default") -> Path:
+    """A kubeconfig pointing at the emulator (what Kopf and the operator's client read)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kmock", "cluster": {"server": server}}],
+        "users": [{"name": "tester", "user": {"token": "test-token"}}],
+        "contexts": [
+            {
+                "name": "kmock",
+                "context": {"cluster": "kmock", "user": "tester", "namespace": namespace},
+            }
+        ],
+        "current-context": "kmock",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@asynccontextmanager
+async def running_cluster(tmp_path: Path, with_monitoring: bool = False) -> Any:
+    """Start the emulator on 127.0.0.1; yield (emulator, kubeconfig path)."""
+    async with (
+        ClusterEmulator(with_monitoring=with_monitoring) as cluster,
+        kmock.Server(cluster) as server,
+    ):
+        yield cluster, write_kubeconfig(tmp_path / "kubeconfig", str(server.url).rstrip("/"))

@@ -1,0 +1,349 @@
+"""The operator (real Kopf, real handlers) against KMock's API emulator over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from kube_emulator import ClusterEmulator, running_cluster
+from moe_operator.api import GROUP, PLURAL, VERSION
+from moe_operator.k8s import KubeClient
+from operator_harness import WEBHOOK_URL, eventually, running_operator
+
+ROOT = Path(__file__).resolve().parents[2]
+API = f"{GROUP}/{VERSION}"
+NS = "default"
+CHILDREN = [
+    ("v1", "configmaps", "tiny-config"),
+    ("v1", "secrets", "tiny-control"),
+    ("v1", "services", "tiny-ranks"),
+    ("v1", "services", "tiny-metrics"),
+    ("policy/v1", "poddisruptionbudgets", "tiny"),
+    ("networking.k8s.io/v1", "networkpolicies", "tiny"),
+    ("apps/v1", "statefulsets", "tiny"),
+]
+
+
+def tiny() -> dict[str, Any]:
+    document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    document["metadata"]["namespace"] = NS
+    return document
+
+
+class World:
+    def __init__(self, cluster: ClusterEmulator, kube: KubeClient, kubeconfig: Path) -> None:
+        self.cluster, self.kube, self.kubeconfig = cluster, kube, kubeconfig
+
+    def cr(self, name: str = "tiny") -> dict[str, Any] | None:
+        return self.cluster.get(API, PLURAL, NS, name)
+
+    def status(self, name: str = "tiny") -> dict[str, Any]:
+        return (self.cr(name) or {}).get("status") or {}
+
+    def condition(self, kind: str, name: str = "tiny") -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions", []) if c["type"] == kind), {})
+
+    def children_present(self) -> bool:
+        return all(self.cluster.get(a, p, NS, n) for a, p, n in CHILDREN)
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.cluster.names("v1", "events", NS):
+            event = self.cluster.get("v1", "events", NS, name)
+            if event and event.get("involvedObject", {}).get("kind") == "MoEDeployment":
+                out.append(event)
+        return out
+
+    async def patch_spec(self, spec: dict[str, Any], name: str = "tiny") -> None:
+        await self.kube.patch(API, "MoEDeployment", NS, name, {"spec": spec})
+
+    async def mark_pods_ready(self, name: str = "tiny") -> None:
+        """What the StatefulSet controller would report once every pod is up."""
+        sts = self.cluster.get("apps/v1", "statefulsets", NS, name)
+        assert sts is not None
+        replicas = sts["spec"]["replicas"]
+        status = {
+            "replicas": replicas,
+            "readyReplicas": replicas,
+            "updatedReplicas": replicas,
+            "observedGeneration": sts["metadata"]["generation"],
+        }
+        await self.kube.patch("apps/v1", "StatefulSet", NS, name, {"status": status}, "status")
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with running_cluster(tmp_path) as (cluster, kubeconfig):
+        import os
+
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        kube = await KubeClient.connect()
+        try:
+            yield World(cluster, kube, kubeconfig)
+        finally:
+            await kube.close()
+
+
+async def test_create_makes_owned_children_status_and_events(world: World) -> None:
+    async with running_operator(world.kubeconfig):
+        await world.kube.create(tiny())
+        await eventually(world.children_present, what="all children")
+        await eventually(lambda: world.status().get("observedGeneration") == 1, what="status")
+        uid = world.cr()["metadata"]["uid"]
+        for api_version, plural, name in CHILDREN:
+            child = world.cluster.get(api_version, plural, NS, name)
+            owners = child["metadata"]["ownerReferences"]
+            assert owners[0]["uid"] == uid and owners[0]["controller"] is True, (plural, name)
+        sts = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")
+        assert sts["spec"]["replicas"] == 2
+        status = world.status()
+        assert status["phase"] == "Pending"
+        assert status["expertParallelSize"] == 2 and status["readyRanks"] == 0
+        assert (
+            status["selector"]
+            == "app.kubernetes.io/name=moe-worker,app.kubernetes.io/instance=tiny"
+        )
+        assert world.condition("Progressing")["status"] == "True"
+        assert world.condition("Degraded")["status"] == "False"
+        # Kopf's bookkeeping stays in its own annotations, never in our status.
+        assert set(status) <= {
+            "phase",
+            "conditions",
+            "observedGeneration",
+            "expertParallelSize",
+            "readyRanks",
+            "selector",
+            "balancedness",
+            "mappingGeneration",
+            "topologyGeneration",
+        }
+        await eventually(
+            lambda: [
+                e
+                for e in world.events()
+                if e["reason"] == "Created" and "StatefulSet/tiny" in e["message"]
+            ],
+            what="an Event for the StatefulSet's creation",
+        )
+
+        await world.mark_pods_ready()
+        await eventually(lambda: world.status().get("phase") == "Running", what="Running")
+        assert world.status()["readyRanks"] == 2
+        assert world.condition("Ready")["status"] == "True"
+        assert world.condition("Progressing")["status"] == "False"
+
+
+async def test_restart_resumes_without_recreating_anything(world: World) -> None:
+    async with running_operator(world.kubeconfig):
+        await world.kube.create(tiny())
+        await eventually(lambda: world.status().get("observedGeneration") == 1, what="status")
+    token = world.cluster.get("v1", "secrets", NS, "tiny-control")["data"]["token"]
+    writes_before = {p: len(world.cluster.writes(p)) for _, p, _ in CHILDREN}
+    async with running_operator(world.kubeconfig):
+        # Wait for at least one resume round and one resync round to have run.
+        await eventually(
+            lambda: len(world.cluster.writes(PLURAL)) > 0 and world.cluster.calls[-1], what="rounds"
+        )
+        await asyncio.sleep(2.5)
+    for _, plural, _ in CHILDREN:
+        assert len(world.cluster.writes(plural)) == writes_before[plural], plural
+    assert world.cluster.get("v1", "secrets", NS, "tiny-control")["data"]["token"] == token
+    assert len(base64.b64decode(token)) >= 32
+
+
+async def test_spec_update_rolls_pods_and_ep_size_change_is_consistent(world: World) -> None:
+    async with running_operator(world.kubeconfig):
+        await world.kube.create(tiny())
+        await eventually(world.children_present, what="children")
+        sts = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")
+        hash_before = sts["spec"]["template"]["metadata"]["annotations"][f"{GROUP}/config-hash"]
+
+        await world.patch_spec({"image": "ghcr.io/moe-eplb/worker:0.2.0"})
+        await eventually(lambda: world.status().get("observedGeneration") == 2, what="gen 2")
+        sts = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")
+        assert sts["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.2.0")
+        assert sts["spec"]["template"]["metadata"]["annotations"][f"{GROUP}/config-hash"] != (
+            hash_before
+        )
+
+        await world.patch_spec({"parallelism": {"expertParallelSize": 4}})
+        await eventually(lambda: world.status().get("observedGeneration") == 3, what="gen 3")
+        sts = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")
+        config = yaml.safe_load(
+            world.cluster.get("v1", "configmaps", NS, "tiny-config")["data"]["worker.yaml"]
+        )
+        assert sts["spec"]["replicas"] == 4
+        assert config["epSize"] == 4
+        world_size = {
+            e["name"]: e.get("value")
+            for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        }["WORLD_SIZE"]
+        assert world_size == "4"
+        assert world.status()["expertParallelSize"] == 4
+        assert any(e["reason"] == "Updated" for e in world.events())
+
+
+async def test_scale_subresource_goes_through_the_same_path(world: World) -> None:
+    async with running_operator(world.kubeconfig):
+        await world.kube.create(tiny())
+        await eventually(world.children_present, what="children")
+        # What `kubectl scale moed/tiny --replicas=4` sends.
+        await world.kube.patch(API, "MoEDeployment", NS, "tiny", {"spec": {"replicas": 4}}, "scale")
+        await eventually(
+            lambda: (
+                world.cluster.get("apps/v1", "statefulsets", NS, "tiny")["spec"]["replicas"] == 4
+            ),
+            what="replicas 4",
+        )
+
+
+async def test_child_deleted_by_hand_is_restored(world: World) -> None:
+    async with running_operator(world.kubeconfig):
+        await world.kube.create(tiny())
+        await eventually(world.children_present, what="children")
+        token = world.cluster.get("v1", "secrets", NS, "tiny-control")["data"]["token"]
+        base = world.kube.api.configuration.host
+        async with aiohttp.ClientSession() as http:
+            for path in (
+                "/apis/apps/v1/namespaces/default/statefulsets/tiny",
+                "/api/v1/namespaces/default/configmaps/tiny-config",
+            ):
+                async with http.delete(base + path) as response:
+                    assert response.status == 200
+        assert world.cluster.get("apps/v1", "statefulsets", NS, "tiny") is None
+        await eventually(world.children_present, timeout=15, what="restored children")
+        # The Secret was not touched, so the token is the same.
+        assert world.cluster.get("v1", "secrets", NS, "tiny-control")["data"]["token"] == token
+
+
+async def test_deleting_the_deployment_removes_its_children(world: World) -> None:
+    async with running_operator(world.kubeconfig):
+        await world.kube.create(tiny())
+        await eventually(world.children_present, what="children")
+        base = world.kube.api.configuration.host
+        async with aiohttp.ClientSession() as http:
+            path = f"/apis/{API}/namespaces/{NS}/{PLURAL}/tiny"
+            async with http.delete(base + path) as response:
+                assert response.status == 200
+        await eventually(lambda: world.cr() is None, what="CR gone (finalizer released)")
+        await eventually(
+            lambda: not any(world.cluster.get(a, p, NS, n) for a, p, n in CHILDREN),
+            what="children collected",
+        )
+
+
+async def test_invalid_spec_degrades_without_crashing_and_recovers(world: World) -> None:
+    bad = tiny()
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["parallelism"]["expertParallelSize"] = 3  # not a multiple of... gpusPerPod 2
+    bad["spec"]["parallelism"]["gpusPerPod"] = 2
+    async with running_operator(world.kubeconfig):
+        await world.kube.create(bad)
+        await world.kube.create(tiny())
+        await eventually(lambda: world.status("bad").get("phase") == "Degraded", what="Degraded")
+        degraded = world.condition("Degraded", "bad")
+        assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
+        assert "spec.parallelism.expertParallelSize" in degraded["message"]
+        assert world.cluster.get("apps/v1", "statefulsets", NS, "bad") is None
+        warnings = [e for e in world.events() if e["reason"] == "InvalidSpec"]
+        await eventually(
+            lambda: [e for e in world.events() if e["reason"] == "InvalidSpec"], what="warning"
+        )
+        # The other deployment is served as usual: the operator did not stop.
+        await eventually(world.children_present, what="the valid deployment's children")
+        # Repeated rounds on the same bad spec do not repeat the warning.
+        await asyncio.sleep(2.5)
+        warnings = [e for e in world.events() if e["reason"] == "InvalidSpec"]
+        assert len(warnings) == 1 and warnings[0]["count"] >= 1 if "count" in warnings[0] else True
+        assert len(warnings) == 1
+        # Fixing the spec recovers.
+        await world.patch_spec({"parallelism": {"expertParallelSize": 4}}, name="bad")
+        await eventually(
+            lambda: world.cluster.get("apps/v1", "statefulsets", NS, "bad"), what="bad's sts"
+        )
+        await eventually(
+            lambda: world.condition("Degraded", "bad").get("status") == "False", what="recovered"
+        )
+
+
+async def test_pod_monitor_only_when_the_monitoring_crds_exist(tmp_path: Path) -> None:
+    async with running_cluster(tmp_path, with_monitoring=True) as (cluster, kubeconfig):
+        async with running_operator(kubeconfig):
+            import os
+
+            os.environ["KUBECONFIG"] = str(kubeconfig)
+            kube = await KubeClient.connect()
+            try:
+                await kube.create(tiny())
+                await eventually(
+                    lambda: cluster.get("monitoring.coreos.com/v1", "podmonitors", NS, "tiny"),
+                    what="PodMonitor",
+                )
+            finally:
+                await kube.close()
+
+
+def _review(operation: str, obj: dict, old: dict | None = None) -> dict:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "review-1",
+            "kind": {"group": GROUP, "version": VERSION, "kind": "MoEDeployment"},
+            "resource": {"group": GROUP, "version": VERSION, "resource": PLURAL},
+            "requestKind": {"group": GROUP, "version": VERSION, "kind": "MoEDeployment"},
+            "requestResource": {"group": GROUP, "version": VERSION, "resource": PLURAL},
+            "name": obj["metadata"]["name"],
+            "namespace": NS,
+            "operation": operation,
+            "userInfo": {"username": "tester"},
+            "object": obj,
+            "oldObject": old,
+            "dryRun": False,
+            "options": {},
+        },
+    }
+
+
+async def test_admission_webhook_rejects_with_the_field_named(world: World) -> None:
+    async with running_operator(world.kubeconfig), aiohttp.ClientSession() as http:
+        url = f"{WEBHOOK_URL}/validate-moedeployment"
+        good = tiny()
+
+        async def listening() -> bool:
+            try:
+                async with http.post(url, json=_review("CREATE", good)):
+                    return True
+            except aiohttp.ClientConnectorError:
+                return False
+
+        for _ in range(200):
+            if await listening():
+                break
+            await asyncio.sleep(0.05)
+        async with http.post(url, json=_review("CREATE", good)) as response:
+            assert (await response.json())["response"]["allowed"] is True
+        bad = copy.deepcopy(good)
+        bad["spec"]["elastic"]["minExpertParallelSize"] = 1
+        bad["spec"]["parallelism"]["slotsPerRank"] = 5
+        bad["spec"]["model"]["numExperts"] = 8
+        bad["spec"]["eplb"]["numRedundantExperts"] = 2
+        bad["spec"]["parallelism"]["expertParallelSize"] = 2
+        async with http.post(url, json=_review("CREATE", bad)) as response:
+            answer = (await response.json())["response"]
+        assert answer["allowed"] is False
+        assert "spec.elastic.minExpertParallelSize" in answer["status"]["message"]
+        changed = copy.deepcopy(good)
+        changed["spec"]["model"]["numExperts"] = 16
+        async with http.post(url, json=_review("UPDATE", changed, good)) as response:
+            answer = (await response.json())["response"]
+        assert answer["allowed"] is False
+        assert "spec.model.numExperts: is immutable" in answer["status"]["message"]

@@ -1,0 +1,56 @@
+"""Run the real operator (Kopf + moe_operator.handlers) in-process against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Read by moe_operator.handlers at import: a fast resync and the webhook on plain HTTP.
+os.environ.setdefault("MOE_OPERATOR_RESYNC_SECONDS", "1")
+os.environ.setdefault("MOE_OPERATOR_WEBHOOK_PORT", str(_free_port()))
+WEBHOOK_URL = f"http://127.0.0.1:{os.environ['MOE_OPERATOR_WEBHOOK_PORT']}"
+
+import kopf  # noqa: E402
+
+
+@asynccontextmanager
+async def running_operator(kubeconfig: Path) -> AsyncIterator[None]:
+    """Kopf with the operator's handlers, cluster-wide, until the block exits."""
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    import moe_operator.handlers  # noqa: F401  (registers the handlers)
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready)
+    )
+    await asyncio.wait_for(ready.wait(), 30)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+        await asyncio.sleep(0.05)
