@@ -31,6 +31,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/engine.py --shape tiny
+	$(BIN)/python bench/operator.py --count 200
 
 lint: setup
 	$(BIN)/ruff check operator worker tests bench

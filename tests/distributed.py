@@ -13,10 +13,21 @@ from typing import Any
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(consecutive: int = 1) -> int:
+    """A port such that it and the next ``consecutive - 1`` ports are free now."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + consecutive > 65535:
+            continue
+        try:
+            for offset in range(1, consecutive):
+                with socket.socket() as probe:
+                    probe.bind(("0.0.0.0", port + offset))
+        except OSError:
+            continue
+        return port
 
 
 def _portable(value: Any) -> Any:

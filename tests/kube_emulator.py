@@ -81,6 +81,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         factory=list, init=False
     )
 
+    # Requests being served now. KMock matches a request to its reactions by scanning every
+    # request it has recorded (quadratic over a run); the recorded list is trimmed to these.
+    _inflight: set[Any] = attrs.field(factory=set, init=False)
+
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         for api_version, plural, kind, subresources in (
@@ -168,6 +172,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return data
 
     async def _handle(self, request: rendering.Request) -> Any:
+        self._inflight.add(request)
+        self._requests[:] = [r for r in self._requests if r in self._inflight]
+        try:
+            return await self._serve(request)
+        finally:
+            self._inflight.discard(request)
+
+    async def _serve(self, request: rendering.Request) -> Any:
         if request.resource is None:
             return await super()._handle(request)
         self.calls.append(

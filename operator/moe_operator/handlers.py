@@ -37,7 +37,7 @@ async def login(**_: Any) -> kopf.ConnectionInfo:
     """Kopf uses the same credentials as the operator's own client."""
     configuration = await load_configuration()
     return kopf.ConnectionInfo(
-        server=configuration.host,
+        server=str(configuration.host),
         token=await bearer_token(configuration),
         ca_path=configuration.ssl_ca_cert,
         insecure=not configuration.verify_ssl,
@@ -60,14 +60,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300
     if WEBHOOK_PORT:
-        certs = {}
-        if WEBHOOK_CERT_DIR:
-            certs = {
-                "certfile": os.path.join(WEBHOOK_CERT_DIR, "tls.crt"),
-                "pkeyfile": os.path.join(WEBHOOK_CERT_DIR, "tls.key"),
-            }
         settings.admission.server = kopf.WebhookServer(
-            addr="0.0.0.0", port=int(WEBHOOK_PORT), insecure=not WEBHOOK_CERT_DIR, **certs
+            addr="0.0.0.0",
+            port=int(WEBHOOK_PORT),
+            insecure=not WEBHOOK_CERT_DIR,
+            certfile=os.path.join(WEBHOOK_CERT_DIR, "tls.crt") if WEBHOOK_CERT_DIR else None,
+            pkeyfile=os.path.join(WEBHOOK_CERT_DIR, "tls.key") if WEBHOOK_CERT_DIR else None,
         )
     memo.kube = await KubeClient.connect()
     memo.pod_monitor = await memo.kube.has_api("monitoring.coreos.com/v1", "podmonitors")
@@ -109,7 +107,7 @@ def _degraded_with(body: Mapping[str, Any], reason: str, message: str) -> bool:
     return False
 
 
-async def reconcile_and_report(body: Mapping[str, Any], memo: kopf.Memo) -> None:
+async def reconcile_and_report(body: kopf.Body, memo: kopf.Memo) -> None:
     """One round: children, then one Event per action, then the status."""
     kube: KubeClient = memo.kube
     try:

@@ -82,7 +82,7 @@ async def load_configuration() -> client.Configuration:
 
 async def bearer_token(configuration: client.Configuration) -> str | None:
     """The token the configuration authenticates with (refreshed where it can be)."""
-    header = configuration.get_api_key_with_prefix("BearerToken")
+    header: Any = configuration.get_api_key_with_prefix("BearerToken")
     if inspect.isawaitable(header):
         header = await header
     if not header:

@@ -49,16 +49,9 @@ def _observed(
 ) -> Observed:
     meta = body.get("metadata") or {}
     name = str(meta.get("name"))
-    parallelism = (body.get("spec") or {}).get("parallelism") or {}
     sts_status = (statefulset or {}).get("status") or {}
     sts_meta = (statefulset or {}).get("metadata") or {}
-    ep_size = (
-        deployment.spec.parallelism.expert_parallel_size
-        if deployment
-        else int(parallelism.get("expertParallelSize") or 0)
-        if str(parallelism.get("expertParallelSize", "")).isdigit()
-        else 0
-    )
+    ep_size = deployment.spec.parallelism.expert_parallel_size if deployment else 0
     gpus = deployment.spec.parallelism.gpus_per_pod if deployment else 1
     return Observed(
         generation=int(meta.get("generation") or 0),

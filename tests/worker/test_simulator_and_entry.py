@@ -167,7 +167,7 @@ def test_pod_launcher_starts_one_process_per_local_rank(tmp_path: Path) -> None:
         "steps": 5,
         "model": {"numExperts": 8, "numLayers": 1, "hiddenSize": 16, "intermediateSize": 8},
         "eplb": {"numRedundantExperts": 2, "useAsync": False},
-        "metrics": {"port": free_port()},
+        "metrics": {"port": free_port(consecutive=2)},
         "control": {"port": 0},
         "device": "cpu",
     }
