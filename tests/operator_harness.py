@@ -20,6 +20,8 @@ def _free_port() -> int:
 
 # Read by moe_operator.handlers at import: a fast resync and the webhook on plain HTTP.
 os.environ.setdefault("MOE_OPERATOR_RESYNC_SECONDS", "1")
+os.environ.setdefault("MOE_OPERATOR_METRICS_PORT", str(_free_port()))
+METRICS_URL = f"http://127.0.0.1:{os.environ['MOE_OPERATOR_METRICS_PORT']}/metrics"
 os.environ.setdefault("MOE_OPERATOR_WEBHOOK_PORT", str(_free_port()))
 WEBHOOK_URL = f"http://127.0.0.1:{os.environ['MOE_OPERATOR_WEBHOOK_PORT']}"
 

@@ -4,7 +4,7 @@ Run with ``kopf run -m moe_operator.handlers --all-namespaces`` (or ``--namespac
 Environment: ``MOE_OPERATOR_RESYNC_SECONDS`` (period of the reconcile timer, default 30),
 ``MOE_OPERATOR_WEBHOOK_PORT`` (serve the validating admission webhook on this port; unset: no
 webhook), ``MOE_OPERATOR_WEBHOOK_CERT_DIR`` (``tls.crt``/``tls.key``; unset: plain HTTP, for
-tests only).
+tests only), ``MOE_OPERATOR_METRICS_PORT`` (the operator's own /metrics, default 8080; 0: off).
 
 Kopf keeps its own bookkeeping in annotations prefixed ``kopf.moe.eplb.dev`` (never in our
 ``status``), and the operator writes ``status`` through the status subresource itself.
@@ -18,6 +18,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import prometheus_client
+
+from . import metrics
 
 from .api.models import GROUP, PLURAL, VERSION
 from .k8s import KubeClient, KubeError, bearer_token, load_configuration
@@ -28,7 +31,18 @@ from .validation import admission_problems
 RESYNC_SECONDS = float(os.environ.get("MOE_OPERATOR_RESYNC_SECONDS", "30"))
 WEBHOOK_PORT = os.environ.get("MOE_OPERATOR_WEBHOOK_PORT")
 WEBHOOK_CERT_DIR = os.environ.get("MOE_OPERATOR_WEBHOOK_CERT_DIR")
+METRICS_PORT = int(os.environ.get("MOE_OPERATOR_METRICS_PORT", "8080"))
 RESOURCE = (GROUP, VERSION, PLURAL)
+# (apiGroup, resource, verbs) of the calls Kopf makes for these handlers (watching, its
+# annotations and finalizer, events). With the operator's own calls (k8s.API_CALLS) this is
+# exactly what the chart's RBAC grants; CLUSTER_WIDE_CALLS only when watching all namespaces.
+KOPF_API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (GROUP, PLURAL, ("list", "watch", "patch")),
+    ("", "events", ("create",)),
+)
+CLUSTER_WIDE_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
+)
 logger = logging.getLogger("moe_operator")
 
 
@@ -67,6 +81,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
             certfile=os.path.join(WEBHOOK_CERT_DIR, "tls.crt") if WEBHOOK_CERT_DIR else None,
             pkeyfile=os.path.join(WEBHOOK_CERT_DIR, "tls.key") if WEBHOOK_CERT_DIR else None,
         )
+    if METRICS_PORT and not getattr(configure, "metrics_started", False):
+        prometheus_client.start_http_server(METRICS_PORT)
+        configure.metrics_started = True  # type: ignore[attr-defined]
     memo.kube = await KubeClient.connect()
     memo.pod_monitor = await memo.kube.has_api("monitoring.coreos.com/v1", "podmonitors")
     logger.info("PodMonitor support: %s", memo.pod_monitor)
@@ -110,18 +127,28 @@ def _degraded_with(body: Mapping[str, Any], reason: str, message: str) -> bool:
 async def reconcile_and_report(body: kopf.Body, memo: kopf.Memo) -> None:
     """One round: children, then one Event per action, then the status."""
     kube: KubeClient = memo.kube
-    try:
-        rnd = await reconcile(kube, body, memo.pod_monitor)
-    except KubeError as exc:
-        rnd = Round(_observed(body, None, problem=("ApiError", str(exc))))
-        kopf.event(body, type="Warning", reason="ApiError", message=str(exc))
-        await _write_status(kube, body, rnd)
-        raise kopf.TemporaryError(str(exc), delay=10) from exc
+    meta = body["metadata"]
+    labels = (meta["namespace"], meta["name"])
+    with metrics.RECONCILE_SECONDS.time():
+        try:
+            rnd = await reconcile(kube, body, memo.pod_monitor)
+        except KubeError as exc:
+            metrics.RECONCILES.labels("error").inc()
+            metrics.ERRORS.labels("ApiError").inc()
+            metrics.DEGRADED.labels(*labels).set(1)
+            rnd = Round(_observed(body, None, problem=("ApiError", str(exc))))
+            kopf.event(body, type="Warning", reason="ApiError", message=str(exc))
+            await _write_status(kube, body, rnd)
+            raise kopf.TemporaryError(str(exc), delay=10) from exc
     for action in rnd.actions:
         verb, _, what = action.partition(" ")
+        metrics.CHILD_WRITES.labels(verb, what.split("/")[0]).inc()
         kopf.event(body, type="Normal", reason=verb.capitalize(), message=f"{verb} {what}")
     problem = rnd.observed.problem
+    metrics.RECONCILES.labels("invalid" if problem else "ok").inc()
+    metrics.DEGRADED.labels(*labels).set(1 if problem else 0)
     if problem is not None and not _degraded_with(body, *problem):
+        metrics.ERRORS.labels(problem[0]).inc()
         kopf.event(body, type="Warning", reason=problem[0], message=problem[1])
     await _write_status(kube, body, rnd)
 

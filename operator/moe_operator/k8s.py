@@ -35,13 +35,11 @@ API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "configmaps", ("get", "create", "patch")),
     ("", "secrets", ("get", "create", "patch")),
     ("", "services", ("get", "create", "patch")),
-    ("", "pods", ("get", "list")),
     ("apps", "statefulsets", ("get", "create", "patch")),
     ("policy", "poddisruptionbudgets", ("get", "create", "patch")),
     ("networking.k8s.io", "networkpolicies", ("get", "create", "patch")),
     ("monitoring.coreos.com", "podmonitors", ("get", "create", "patch")),
-    (GROUP, PLURAL, ("get", "patch")),
-    (GROUP, f"{PLURAL}/status", ("get", "patch")),
+    (GROUP, f"{PLURAL}/status", ("patch",)),
 )
 
 
@@ -97,8 +95,10 @@ class KubeClient:
     api: client.ApiClient
 
     @classmethod
-    async def connect(cls) -> KubeClient:
-        return cls(client.ApiClient(await load_configuration()))
+    async def connect(cls, user_agent: str = "moe-operator") -> KubeClient:
+        api = client.ApiClient(await load_configuration())
+        api.user_agent = user_agent
+        return cls(api)
 
     async def close(self) -> None:
         await self.api.close()

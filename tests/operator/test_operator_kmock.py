@@ -16,7 +16,7 @@ import yaml
 from kube_emulator import ClusterEmulator, running_cluster
 from moe_operator.api import GROUP, PLURAL, VERSION
 from moe_operator.k8s import KubeClient
-from operator_harness import WEBHOOK_URL, eventually, running_operator
+from operator_harness import METRICS_URL, WEBHOOK_URL, eventually, running_operator
 
 ROOT = Path(__file__).resolve().parents[2]
 API = f"{GROUP}/{VERSION}"
@@ -133,6 +133,11 @@ async def test_create_makes_owned_children_status_and_events(world: World) -> No
             ],
             what="an Event for the StatefulSet's creation",
         )
+
+        async with aiohttp.ClientSession() as http, http.get(METRICS_URL) as response:
+            exposition = await response.text()
+        assert 'moe_operator_reconciles_total{result="ok"}' in exposition
+        assert 'moe_operator_child_writes_total{kind="StatefulSet",verb="created"}' in exposition
 
         await world.mark_pods_ready()
         await eventually(lambda: world.status().get("phase") == "Running", what="Running")
