@@ -44,7 +44,8 @@ OVERVIEW: tuple[Panel, ...] = (
     ),
     Panel(
         "Per-rank load (token-expert pairs/s)",
-        f"sum by (deployment, rank) (rate(moe_rank_routed_tokens_total{{{SEL}}}[$__rate_interval]))",
+        "sum by (deployment, rank) "
+        f"(rate(moe_rank_routed_tokens_total{{{SEL}}}[$__rate_interval]))",
         "short",
         legend="{{deployment}} rank {{rank}}",
     ),

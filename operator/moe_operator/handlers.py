@@ -21,7 +21,6 @@ import kopf
 import prometheus_client
 
 from . import metrics
-
 from .api.models import GROUP, PLURAL, VERSION
 from .k8s import KubeClient, KubeError, bearer_token, load_configuration
 from .reconcile import Round, _observed, document_of, reconcile
