@@ -28,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("MOE_OPERATOR_RESYNC_SECONDS", "300")
+os.environ.setdefault("MOE_OPERATOR_METRICS_PORT", "0")
 
 from kube_emulator import ClusterEmulator, running_cluster  # noqa: E402
 from moe_operator.api import GROUP, PLURAL, VERSION  # noqa: E402

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# moe_operator.handlers reads these at import, and any test module may import it first:
+# a fast resync, the admission webhook on plain HTTP, the operator's metrics on a free port.
+os.environ.setdefault("MOE_OPERATOR_RESYNC_SECONDS", "1")
+os.environ.setdefault("MOE_OPERATOR_WEBHOOK_PORT", str(_free_port()))
+os.environ.setdefault("MOE_OPERATOR_METRICS_PORT", str(_free_port()))

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import kopf
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# Read by moe_operator.handlers at import: a fast resync and the webhook on plain HTTP.
-os.environ.setdefault("MOE_OPERATOR_RESYNC_SECONDS", "1")
-os.environ.setdefault("MOE_OPERATOR_METRICS_PORT", str(_free_port()))
-METRICS_URL = f"http://127.0.0.1:{os.environ['MOE_OPERATOR_METRICS_PORT']}/metrics"
-os.environ.setdefault("MOE_OPERATOR_WEBHOOK_PORT", str(_free_port()))
-WEBHOOK_URL = f"http://127.0.0.1:{os.environ['MOE_OPERATOR_WEBHOOK_PORT']}"
-
-import kopf  # noqa: E402
+# conftest.py sets these before anything imports moe_operator.handlers (which reads them).
+WEBHOOK_URL = f"http://127.0.0.1:{os.environ.get('MOE_OPERATOR_WEBHOOK_PORT')}"
+METRICS_URL = f"http://127.0.0.1:{os.environ.get('MOE_OPERATOR_METRICS_PORT')}/metrics"
 
 
 @asynccontextmanager

@@ -113,3 +113,12 @@ def test_crd_passes_kubernetes_validate(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_crd_reference_doc_matches_the_models() -> None:
+    from moe_operator.crdgen import REFERENCE_PATH, reference_markdown
+
+    assert REFERENCE_PATH.read_text() == reference_markdown(), (
+        "docs/crd.md drifted: run python -m moe_operator.crdgen"
+    )
+    assert "`spec.parallelism.expertParallelSize`" in reference_markdown()
