@@ -41,7 +41,14 @@ def for_prometheus(expr: str) -> str:
     )
 
 
-def test_every_overview_panel_returns_data(tmp_path: Path) -> None:
+class Stack:
+    def __init__(self, base: str, metrics_port: int, workers: subprocess.Popen[bytes]) -> None:
+        self.base, self.metrics_port, self.workers = base, metrics_port, workers
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Any:
+    """Two worker ranks (one pod's launcher) scraped every second by a real Prometheus."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.fail("prometheus is missing: `make setup` installs Debian's prometheus package")
@@ -99,27 +106,76 @@ def test_every_overview_panel_returns_data(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    base = f"http://127.0.0.1:{web_port}"
     try:
-        missing: list[str] = []
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            assert workers.poll() is None, workers.stderr.read().decode() if workers.stderr else ""
-            try:
-                missing = [p.title for p in OVERVIEW if not query(base, for_prometheus(p.expr))]
-            except OSError:
-                missing = ["(prometheus not up yet)"]
-            if not missing:
-                break
-            time.sleep(2)
-        assert not missing, f"panels without data: {missing}"
-        # The data is the workers': two ranks, and at least one committed rebalance.
-        ranks = query(base, 'count(moe_ep_size{deployment="e2e"})')
-        assert float(ranks[0]["value"][1]) == 2
-        rebalances = query(base, 'sum(moe_rebalances_total{deployment="e2e",result="ok"})')
-        assert float(rebalances[0]["value"][1]) >= 1
+        yield Stack(f"http://127.0.0.1:{web_port}", metrics_port, workers)
     finally:
         server.terminate()
         os.killpg(workers.pid, signal.SIGTERM)
         workers.wait(timeout=60)
         server.wait(timeout=30)
+
+
+def test_every_overview_panel_returns_data(stack: Stack) -> None:
+    base, workers = stack.base, stack.workers
+    missing: list[str] = []
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        assert workers.poll() is None, workers.stderr.read().decode() if workers.stderr else ""
+        try:
+            missing = [p.title for p in OVERVIEW if not query(base, for_prometheus(p.expr))]
+        except OSError:
+            missing = ["(prometheus not up yet)"]
+        if not missing:
+            break
+        time.sleep(2)
+    assert not missing, f"panels without data: {missing}"
+    # The data is the workers': two ranks, and at least one committed rebalance.
+    ranks = query(base, 'count(moe_ep_size{deployment="e2e"})')
+    assert float(ranks[0]["value"][1]) == 2
+    rebalances = query(base, 'sum(moe_rebalances_total{deployment="e2e",result="ok"})')
+    assert float(rebalances[0]["value"][1]) >= 1
+
+
+async def test_prometheus_and_direct_scrape_give_the_same_snapshot(stack: Stack) -> None:
+    """The operator's two metrics sources agree on the same running ranks."""
+    import asyncio
+
+    from moe_operator.metrics_source import MetricsUnavailable, PrometheusSource, ScrapeSource
+
+    prometheus = PrometheusSource(stack.base, "e2e", "e2e", window="10s")
+    scrape = ScrapeSource([f"http://127.0.0.1:{stack.metrics_port + r}/metrics" for r in range(2)])
+    from_prometheus = None
+    await asyncio.sleep(20)  # past start-up and the first placement compile: a steady rate
+    for _ in range(150):
+        try:
+            from_prometheus = await prometheus.snapshot()
+            if len(from_prometheus.rank_tokens_per_s) == 2 and all(
+                x > 0 for x in from_prometheus.rank_tokens_per_s
+            ):
+                break
+        except MetricsUnavailable:
+            pass
+        await asyncio.sleep(1)
+    assert from_prometheus is not None
+    try:
+        await scrape.snapshot()
+    except MetricsUnavailable as exc:
+        assert "two scrapes" in str(exc)
+    await asyncio.sleep(10)
+    direct = await scrape.snapshot()
+    from_prometheus = await prometheus.snapshot()
+    assert direct.ep_size == from_prometheus.ep_size == 2
+    assert len(direct.rank_tokens_per_s) == len(from_prometheus.rank_tokens_per_s) == 2
+    # Both measure the same steady token rate (each rank processes tokensPerStep per step).
+    for a, b in zip(direct.rank_tokens_per_s, from_prometheus.rank_tokens_per_s, strict=True):
+        assert a > 0 and b > 0 and 0.3 < a / b < 3.0
+    assert direct.balancedness is not None and from_prometheus.balancedness is not None
+    assert 0 < direct.balancedness <= 1 and 0 < from_prometheus.balancedness <= 1
+    assert abs(time.time() - from_prometheus.taken_at) < 10
+    # A Prometheus that is not there is "unavailable", not a crash.
+    try:
+        await PrometheusSource("http://127.0.0.1:1", "e2e", "e2e", timeout=2).snapshot()
+    except MetricsUnavailable as exc:
+        assert "127.0.0.1:1" in str(exc)
+    else:
+        raise AssertionError("expected MetricsUnavailable")

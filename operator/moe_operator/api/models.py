@@ -250,6 +250,27 @@ class Condition(ApiModel):
     observed_generation: int | None = Field(None, ge=0)
 
 
+class PendingActionStatus(ApiModel):
+    """An operator action started and not yet seen finished."""
+
+    verb: Literal["remap", "resize"]
+    started_at: float = Field(description="Epoch seconds.")
+    target_ep_size: int = Field(0, ge=0)
+    from_mapping_generation: int = Field(0, ge=0)
+
+
+class PolicyStatus(ApiModel):
+    """The policy's memory (epoch seconds), so an operator restart resumes its timers."""
+
+    below_threshold_since: float | None = None
+    load_high_since: float | None = None
+    load_low_since: float | None = None
+    last_remap_at: float | None = None
+    last_scale_up_at: float | None = None
+    last_scale_down_at: float | None = None
+    pending: PendingActionStatus | None = None
+
+
 class MoEDeploymentStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -262,6 +283,7 @@ class MoEDeploymentStatus(ApiModel):
     selector: str | None = Field(None, description="Label selector of the pods (scale).")
     mapping_generation: int | None = Field(None, ge=0)
     topology_generation: int | None = Field(None, ge=0)
+    policy: PolicyStatus | None = Field(None, description="Remap/resize policy memory.")
 
 
 class ObjectMeta(BaseModel):

@@ -1,0 +1,182 @@
+"""The operator's remap/resize policy over simulated metric time series."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_operator.api import MoEDeployment
+from moe_operator.policy import (
+    Decision,
+    PolicyMemory,
+    Snapshot,
+    decide,
+    memory_from_status,
+    memory_to_status,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+
+
+def spec(**elastic: object):  # type: ignore[no-untyped-def]
+    document = copy.deepcopy(BASE)
+    document["spec"]["remap"] = {
+        "balancednessThreshold": 0.9,
+        "sustainedSeconds": 30,
+        "minIntervalSeconds": 120,
+    }
+    document["spec"]["elastic"] = {
+        "enabled": True,
+        "minExpertParallelSize": 2,
+        "maxExpertParallelSize": 6,
+        "tokensPerRankLow": 1000,
+        "tokensPerRankHigh": 4000,
+        "sustainedSeconds": 60,
+        "scaleUpCooldownSeconds": 120,
+        "scaleDownCooldownSeconds": 300,
+        **elastic,
+    }
+    return MoEDeployment.model_validate(document).spec
+
+
+class World:
+    """A deployment whose metrics the test scripts; actions take effect after ``lag`` s."""
+
+    def __init__(self, ep_size: int = 2, lag: float = 20.0) -> None:
+        self.ep_size, self.lag = ep_size, lag
+        self.mapping_generation = 0
+        self.applying: list[tuple[float, str, int]] = []
+        self.memory = PolicyMemory()
+        self.actions: list[tuple[float, str, int]] = []
+
+    def run(self, spec_, series, until: float, dt: float = 5.0) -> list[tuple[float, str, int]]:  # type: ignore[no-untyped-def]
+        t = 0.0
+        while t <= until:
+            for item in [a for a in self.applying if a[0] <= t]:
+                self.applying.remove(item)
+                if item[1] == "remap":
+                    self.mapping_generation += 1
+                else:
+                    self.ep_size = item[2]
+            balancedness, total_load = series(t, self)
+            load = total_load / self.ep_size
+            snap = Snapshot(
+                taken_at=t - 1,
+                ep_size=self.ep_size,
+                balancedness=balancedness,
+                rank_tokens_per_s=(load,) * self.ep_size,
+                rebalancing=bool(self.applying),
+                mapping_generation=self.mapping_generation,
+            )
+            decision: Decision = decide(spec_, self.memory, snap, t)
+            # The memory goes through the status and back, as in the operator.
+            self.memory = memory_from_status(memory_to_status(decision.memory))
+            if decision.verb in ("remap", "resize"):
+                self.actions.append((t, decision.verb, decision.target_ep_size))
+                self.applying.append((t + self.lag, decision.verb, decision.target_ep_size))
+            t += dt
+        return self.actions
+
+
+def test_remap_after_sustained_low_balancedness_then_respects_the_interval() -> None:
+    world = World()
+
+    # Balancedness 0.7 until a remap lands, then 0.95; drift brings it down again at t=200.
+    def series(t, w):  # type: ignore[no-untyped-def]
+        if w.mapping_generation == 0 or t >= 200:
+            return 0.7, 4000.0
+        return 0.95, 4000.0
+
+    actions = world.run(spec(), series, until=400)
+    remaps = [a for a in actions if a[1] == "remap"]
+    assert remaps[0][0] == 30  # below since t=0, sustained 30 s
+    assert remaps[1][0] >= max(remaps[0][0] + 120, 200 + 30)
+    assert all(b[0] - a[0] >= 120 for a, b in zip(remaps, remaps[1:], strict=False))
+
+
+def test_no_remap_on_a_brief_dip() -> None:
+    world = World()
+    actions = world.run(spec(), lambda t, w: (0.7 if 50 <= t < 70 else 0.95, 4000.0), until=300)
+    assert actions == []
+
+
+def test_scale_up_one_step_at_a_time_within_max_with_cooldown() -> None:
+    world = World()
+    actions = world.run(spec(), lambda t, w: (0.95, 30000.0), until=1200)
+    sizes = [a[2] for a in actions if a[1] == "resize"]
+    assert sizes == [3, 4, 5, 6]  # one rank (gpusPerPod 1) per step, stops at max 6
+    times = [a[0] for a in actions if a[1] == "resize"]
+    assert times[0] == 60
+    assert all(b - a >= 120 for a, b in zip(times, times[1:], strict=False))
+
+
+def test_scale_down_to_min_and_never_while_an_action_is_unfinished() -> None:
+    world = World(ep_size=6, lag=100)
+    actions = world.run(spec(), lambda t, w: (0.95, 1000.0), until=3000)
+    sizes = [a[2] for a in actions if a[1] == "resize"]
+    assert sizes == [5, 4, 3, 2]
+    times = [a[0] for a in actions if a[1] == "resize"]
+    assert all(b - a >= 300 for a, b in zip(times, times[1:], strict=False))
+
+
+def test_oscillating_load_does_not_flap() -> None:
+    """Load swinging across the band every 40 s (shorter than sustainedSeconds): no resizes."""
+    world = World(ep_size=4)
+
+    def series(t, w):  # type: ignore[no-untyped-def]
+        return 0.95, (20000.0 if (t // 40) % 2 == 0 else 2000.0)
+
+    assert world.run(spec(), series, until=2000) == []
+
+
+def test_hysteresis_blocks_a_scale_down_that_would_scale_back_up() -> None:
+    # 4 ranks at 900 tokens/s each (below low=1000); at 3 ranks it would be 1200, fine;
+    # with high=1100 it would be above high x 0.8 = 880: blocked.
+    world = World(ep_size=4)
+    actions = world.run(
+        spec(tokensPerRankLow=1000, tokensPerRankHigh=1100),
+        lambda t, w: (0.95, 3600.0),
+        until=1000,
+    )
+    assert actions == []
+
+
+def test_missing_or_stale_metrics_mean_no_action() -> None:
+    s = spec()
+    assert decide(s, PolicyMemory(), None, 100.0).verb == "unavailable"
+    stale = Snapshot(taken_at=0.0, ep_size=2, balancedness=0.1, rank_tokens_per_s=(1e9, 1e9))
+    decision = decide(s, PolicyMemory(), stale, 1000.0)
+    assert decision.verb == "unavailable" and "old" in decision.reason
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=50000.0), min_size=5, max_size=80),
+    st.lists(st.floats(min_value=0.3, max_value=1.0), min_size=5, max_size=80),
+)
+def test_any_series_stays_within_bounds_and_cooldowns(loads, balances) -> None:  # type: ignore[no-untyped-def]
+    world = World(ep_size=4, lag=10)
+    s = spec()
+
+    def series(t, w):  # type: ignore[no-untyped-def]
+        i = int(t // 5)
+        return balances[i % len(balances)], loads[i % len(loads)]
+
+    actions = world.run(s, series, until=5 * 2 * max(len(loads), len(balances)))
+    resizes = [a for a in actions if a[1] == "resize"]
+    sizes = [4] + [a[2] for a in resizes]
+    assert all(2 <= n <= 6 for n in sizes)
+    assert all(abs(b - a) == 1 for a, b in zip(sizes, sizes[1:], strict=False))
+    ups = [a[0] for a, before in zip(resizes, sizes, strict=False) if a[2] > before]
+    downs = [a[0] for a, before in zip(resizes, sizes, strict=False) if a[2] < before]
+    assert all(b - a >= 120 for a, b in zip(ups, ups[1:], strict=False))
+    assert all(b - a >= 300 for a, b in zip(downs, downs[1:], strict=False))
+    remaps = [a[0] for a in actions if a[1] == "remap"]
+    assert all(b - a >= 120 for a, b in zip(remaps, remaps[1:], strict=False))
+    assert not any(math.isnan(a[0]) for a in actions)
