@@ -4,7 +4,9 @@ Run with ``kopf run -m moe_operator.handlers --all-namespaces`` (or ``--namespac
 Environment: ``MOE_OPERATOR_RESYNC_SECONDS`` (period of the reconcile timer, default 30),
 ``MOE_OPERATOR_WEBHOOK_PORT`` (serve the validating admission webhook on this port; unset: no
 webhook), ``MOE_OPERATOR_WEBHOOK_CERT_DIR`` (``tls.crt``/``tls.key``; unset: plain HTTP, for
-tests only), ``MOE_OPERATOR_METRICS_PORT`` (the operator's own /metrics, default 8080; 0: off).
+tests only), ``MOE_OPERATOR_METRICS_PORT`` (the operator's own /metrics, default 8080; 0: off),
+``MOE_OPERATOR_POLICY_SECONDS`` (period of the remap/resize policy round, default 15),
+``MOE_OPERATOR_POD_HOST`` (how ranks are reached, see ``autopilot``).
 
 Kopf keeps its own bookkeeping in annotations prefixed ``kopf.moe.eplb.dev`` (never in our
 ``status``), and the operator writes ``status`` through the status subresource itself.
@@ -21,15 +23,18 @@ import kopf
 import prometheus_client
 
 from . import metrics
-from .api.models import GROUP, PLURAL, VERSION
+from .api.models import GROUP, PLURAL, VERSION, MoEDeployment
+from .autopilot import Sources, policy_round
 from .k8s import KubeClient, KubeError, bearer_token, load_configuration
 from .reconcile import Round, _observed, document_of, reconcile
-from .status import compute_status, now_rfc3339
+from .status import METRICS_UNAVAILABLE, compute_status, now_rfc3339, set_condition
 from .validation import admission_problems
+from .validation import problems as validation_problems
 
 RESYNC_SECONDS = float(os.environ.get("MOE_OPERATOR_RESYNC_SECONDS", "30"))
 WEBHOOK_PORT = os.environ.get("MOE_OPERATOR_WEBHOOK_PORT")
 WEBHOOK_CERT_DIR = os.environ.get("MOE_OPERATOR_WEBHOOK_CERT_DIR")
+POLICY_SECONDS = float(os.environ.get("MOE_OPERATOR_POLICY_SECONDS", "15"))
 METRICS_PORT = int(os.environ.get("MOE_OPERATOR_METRICS_PORT", "8080"))
 RESOURCE = (GROUP, VERSION, PLURAL)
 # (apiGroup, resource, verbs) of the calls Kopf makes for these handlers (watching, its
@@ -83,6 +88,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if METRICS_PORT and not getattr(configure, "metrics_started", False):
         prometheus_client.start_http_server(METRICS_PORT)
         configure.metrics_started = True  # type: ignore[attr-defined]
+    memo.sources = Sources()  # shared by every deployment's policy round
     memo.kube = await KubeClient.connect()
     memo.pod_monitor = await memo.kube.has_api("monitoring.coreos.com/v1", "podmonitors")
     logger.info("PodMonitor support: %s", memo.pod_monitor)
@@ -165,6 +171,53 @@ async def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "closing", False):
         return
     await reconcile_and_report(body, memo)
+
+
+@kopf.timer(*RESOURCE, interval=POLICY_SECONDS, initial_delay=POLICY_SECONDS)
+async def autopilot(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The closed loop: metrics -> policy -> remap or resize, while the deployment runs."""
+    status = _plain(body.get("status") or {})
+    if getattr(memo, "closing", False) or status.get("phase") != "Running":
+        return
+    document = document_of(body)
+    if validation_problems(document):
+        return  # the reconcile rounds report it
+    deployment = MoEDeployment.model_validate(document)
+    sources: Sources = memo.sources
+    meta = body["metadata"]
+    kube: KubeClient = memo.kube
+    rnd = await policy_round(kube, deployment, meta["uid"], status, sources)
+    labels = (meta["namespace"], meta["name"])
+    metrics.METRICS_AVAILABLE.labels(*labels).set(0 if rnd.metrics_problem else 1)
+    if rnd.decision.verb in ("remap", "resize"):
+        metrics.ACTIONS.labels(*labels, rnd.decision.verb).inc()
+    if rnd.event is not None:
+        kind, reason, message = rnd.event
+        kopf.event(body, type=kind, reason=reason, message=message)
+    now = now_rfc3339()
+    conditions = list(status.get("conditions") or [])
+    degraded: dict[str, Any] = next((c for c in conditions if c.get("type") == "Degraded"), {})
+    if rnd.metrics_problem is not None:
+        if degraded.get("reason") != METRICS_UNAVAILABLE:
+            kopf.event(
+                body, type="Warning", reason=METRICS_UNAVAILABLE, message=rnd.metrics_problem
+            )
+        conditions = set_condition(
+            conditions,
+            "Degraded",
+            True,
+            METRICS_UNAVAILABLE,
+            rnd.metrics_problem,
+            int(meta.get("generation") or 0),
+            now,
+        )
+    elif degraded.get("reason") == METRICS_UNAVAILABLE:
+        conditions = set_condition(
+            conditions, "Degraded", False, "AsExpected", "", int(meta.get("generation") or 0), now
+        )
+    await kube.patch_status(
+        meta["namespace"], meta["name"], {**rnd.status, "conditions": conditions}
+    )
 
 
 def validate_admission(body: kopf.Body, old: kopf.Body | None = None, **_: Any) -> None:

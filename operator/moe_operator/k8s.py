@@ -40,6 +40,7 @@ API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("networking.k8s.io", "networkpolicies", ("get", "create", "patch")),
     ("monitoring.coreos.com", "podmonitors", ("get", "create", "patch")),
     (GROUP, f"{PLURAL}/status", ("patch",)),
+    (GROUP, f"{PLURAL}/scale", ("patch",)),
 )
 
 

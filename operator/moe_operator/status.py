@@ -11,6 +11,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
+METRICS_UNAVAILABLE = "MetricsUnavailable"
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Rebalancing", "Resizing")
 
 

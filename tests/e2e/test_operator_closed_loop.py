@@ -1,0 +1,122 @@
+"""The full loop on one machine: the operator (Kopf, on the KMock emulator) creates the
+children; the StatefulSet's pods run as local processes from its pod template; the operator
+scrapes the ranks, its policy asks the leader for a remap, and the workers carry it out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from kube_emulator import running_cluster
+from local_pods import LocalPods
+from operator_harness import eventually, running_operator
+from prometheus_client.parser import text_string_to_metric_families
+
+from distributed import free_port
+from moe_operator.api import GROUP, PLURAL, VERSION
+from moe_operator.k8s import KubeClient
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def manual_rebalances(text: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "moe_rebalances_total"
+                and labels.get("trigger") == "manual"
+                and labels.get("result") == "ok"
+            ):
+                return sample.value
+    return 0.0
+
+
+async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path) -> None:
+    document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    document["metadata"]["namespace"] = "default"
+    spec = document["spec"]
+    spec["parallelism"] = {"expertParallelSize": 2, "gpusPerPod": 2}  # one pod, two ranks
+    spec["elastic"] = {"enabled": False}
+    spec["eplb"].update({"stepInterval": 1000000, "windowSize": 20})  # no periodic rebalance
+    spec["remap"] = {
+        "balancednessThreshold": 0.999,
+        "sustainedSeconds": 0,
+        "minIntervalSeconds": 3,
+    }
+    spec["metrics"] = {"port": free_port(consecutive=2) + 10}  # control port = port - 10
+    async with running_cluster(tmp_path) as (cluster, kubeconfig):
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        kube = await KubeClient.connect(user_agent="moe-tests")
+        pods = LocalPods(cluster, "default", "tiny", tmp_path)
+
+        def cr() -> dict:
+            return cluster.get(f"{GROUP}/{VERSION}", PLURAL, "default", "tiny") or {}
+
+        def degraded() -> dict:
+            conditions = (cr().get("status") or {}).get("conditions") or []
+            return next((c for c in conditions if c["type"] == "Degraded"), {})
+
+        try:
+            async with running_operator(kubeconfig):
+                await kube.create(document)
+                await eventually(
+                    lambda: cluster.get("apps/v1", "statefulsets", "default", "tiny"), what="sts"
+                )
+                pods.start()
+                await eventually(pods.ready, timeout=120, what="ranks ready")
+                sts = cluster.get("apps/v1", "statefulsets", "default", "tiny")
+                replicas = sts["spec"]["replicas"]
+                await kube.patch(
+                    "apps/v1",
+                    "StatefulSet",
+                    "default",
+                    "tiny",
+                    {
+                        "status": {
+                            "replicas": replicas,
+                            "readyReplicas": replicas,
+                            "updatedReplicas": replicas,
+                            "observedGeneration": sts["metadata"]["generation"],
+                        }
+                    },
+                    "status",
+                )
+                await eventually(
+                    lambda: (cr().get("status") or {}).get("phase") == "Running", what="Running"
+                )
+                # The policy reads the ranks' metrics and asks the leader for remaps.
+                await eventually(
+                    lambda: manual_rebalances(pods.scrape(0)) >= 1,
+                    timeout=90,
+                    what="a remap carried out by the workers",
+                )
+                status = cr()["status"]
+                assert status["policy"]["lastRemapAt"] is not None
+                assert 0 < float(status["balancedness"]) <= 1
+                events = [
+                    cluster.get("v1", "events", "default", n)
+                    for n in cluster.names("v1", "events", "default")
+                ]
+                assert any(e and e["reason"] == "Remap" for e in events)
+                # Mapping generation moves: the remap committed.
+                await eventually(
+                    lambda: (cr()["status"].get("mappingGeneration") or 0) >= 1,
+                    what="mapping generation",
+                )
+                # Ranks gone: metrics unavailable -> Degraded, and no action is taken.
+                pods.stop()
+                await eventually(
+                    lambda: degraded().get("reason") == "MetricsUnavailable",
+                    timeout=30,
+                    what="Degraded MetricsUnavailable",
+                )
+                assert degraded()["status"] == "True"
+                await asyncio.sleep(1)
+        finally:
+            pods.stop()
+            await kube.close()
