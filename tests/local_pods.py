@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from kube_emulator import ClusterEmulator
 
 BIN = Path(sys.executable).parent

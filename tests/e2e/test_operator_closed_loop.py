@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube_emulator import running_cluster
-from local_pods import LocalPods
-from operator_harness import eventually, running_operator
 from prometheus_client.parser import text_string_to_metric_families
 
 from distributed import free_port
+from kube_emulator import running_cluster
+from local_pods import LocalPods
 from moe_operator.api import GROUP, PLURAL, VERSION
 from moe_operator.k8s import KubeClient
+from operator_harness import eventually, running_operator
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
