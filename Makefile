@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python scripts/install_helm.py $(BIN)/helm
 	touch $@
 
-# The main job: plan a placement for a real expert-load trace and report its balance.
+# The main job: the tiny MoEDeployment on this machine under the operator's policy loop (live
+# table; report out/run.json + out/run.png), then a placement for a real expert-load trace.
 demo: setup
 	mkdir -p out
+	$(BIN)/moe-eplb run examples/tiny.yaml --duration 60 --report out/run.json
 	$(BIN)/moe-eplb plan --loads examples/loads/qwen2_57b_a14b_sharegpt.json \
 		--gpus 8 --slots 72 --policy deepseek
 	$(BIN)/moe-eplb plan --loads examples/loads/qwen2_57b_a14b_sharegpt.json \

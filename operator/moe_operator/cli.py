@@ -267,6 +267,46 @@ def render(
     sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
 
 
+@app.command("run")
+def run_local(
+    file: Path = typer.Argument(..., help="A MoEDeployment YAML file."),
+    duration: float = typer.Option(120.0, "--duration", help="Seconds to run (Ctrl-C stops)."),
+    report: Path = typer.Option(
+        Path("out/run.json"), "--report", help="JSON timeline; the PNG plot goes beside it."
+    ),
+    prometheus: str | None = typer.Option(
+        None, "--prometheus", help="Read metrics from this Prometheus instead of scraping."
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda for local GPUs."),
+) -> None:
+    """Run FILE on this machine: ranks as local processes, the operator's policy loop."""
+    import asyncio
+
+    import yaml
+
+    from moe_operator.api import MoEDeployment
+    from moe_operator.runtime.local import run as run_deployment
+    from moe_operator.validation import problems
+
+    if duration <= 0:
+        fail("--duration: must be > 0 seconds")
+    try:
+        document = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        fail(f"{file}: cannot read: {exc}")
+    found = problems(document)
+    if found:
+        fail(f"{file}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
+    deployment = MoEDeployment.model_validate(document)
+    timeline = asyncio.run(run_deployment(deployment, duration, report, prometheus, device))
+    remaps = sum(a["action"] == "remap" for a in timeline.actions)
+    resizes = sum(a["action"] == "resize" for a in timeline.actions)
+    console.print(
+        f"{len(timeline.points)} snapshots, {remaps} remaps, {resizes} resizes; "
+        f"wrote {report} and {report.with_suffix('.png')}"
+    )
+
+
 @app.command()
 def crd() -> None:
     """Print the MoEDeployment CustomResourceDefinition (what `helm install` applies)."""

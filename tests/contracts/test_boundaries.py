@@ -47,6 +47,10 @@ def test_operator_never_imports_torch() -> None:
         "moe_operator.validation",
         "moe_operator.handlers",
         "moe_operator.k8s",
+        "moe_operator.policy",
+        "moe_operator.metrics_source",
+        "moe_operator.autopilot",
+        "moe_operator.runtime.local",
     )
     assert "torch" not in modules
 
