@@ -35,6 +35,11 @@ def _env(template_env: list[dict[str, Any]], pod: str, namespace: str) -> dict[s
             path = item["valueFrom"]["fieldRef"]["fieldPath"]
             env[item["name"]] = {"metadata.name": pod, "metadata.namespace": namespace}[path]
     env["MASTER_ADDR"] = "127.0.0.1"
+    # A pod's read-only root filesystem needs NUMBA_CACHE_DIR=/tmp/numba; here numba's default
+    # cache (beside the sources, warmed by the tests) is the one to share.
+    env.pop("NUMBA_CACHE_DIR", None)
+    if "NUMBA_CACHE_DIR" in os.environ:
+        env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
     return env
 
 

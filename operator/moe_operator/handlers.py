@@ -134,6 +134,9 @@ async def reconcile_and_report(body: kopf.Body, memo: kopf.Memo) -> None:
     kube: KubeClient = memo.kube
     meta = body["metadata"]
     labels = (meta["namespace"], meta["name"])
+    for verb in ("remap", "resize"):
+        # The action series exist from 0 long before any action, so the first one shows.
+        metrics.ACTIONS.labels(*labels, verb)
     with metrics.RECONCILE_SECONDS.time():
         try:
             rnd = await reconcile(kube, body, memo.pod_monitor)
@@ -186,8 +189,8 @@ async def autopilot(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     sources: Sources = memo.sources
     meta = body["metadata"]
     kube: KubeClient = memo.kube
-    rnd = await policy_round(kube, deployment, meta["uid"], status, sources)
     labels = (meta["namespace"], meta["name"])
+    rnd = await policy_round(kube, deployment, meta["uid"], status, sources)
     metrics.METRICS_AVAILABLE.labels(*labels).set(0 if rnd.metrics_problem else 1)
     if rnd.decision.verb in ("remap", "resize"):
         metrics.ACTIONS.labels(*labels, rnd.decision.verb).inc()
@@ -199,6 +202,7 @@ async def autopilot(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     degraded: dict[str, Any] = next((c for c in conditions if c.get("type") == "Degraded"), {})
     if rnd.metrics_problem is not None:
         if degraded.get("reason") != METRICS_UNAVAILABLE:
+            metrics.ERRORS.labels(METRICS_UNAVAILABLE).inc()
             kopf.event(
                 body, type="Warning", reason=METRICS_UNAVAILABLE, message=rnd.metrics_problem
             )

@@ -5,7 +5,12 @@ scrapes the ranks, its policy asks the leader for a remap, and the workers carry
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ from distributed import free_port
 from kube_emulator import running_cluster
 from local_pods import LocalPods
 from moe_operator.api import GROUP, PLURAL, VERSION
+from moe_operator.dashboards import ANNOTATION_EXPR, OPERATOR
 from moe_operator.k8s import KubeClient
 from operator_harness import eventually, running_operator
 
@@ -36,6 +42,49 @@ def manual_rebalances(text: str) -> float:
     return 0.0
 
 
+def start_prometheus(tmp_path: Path, targets: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus is missing: `make setup` installs Debian's prometheus package")
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "moe",
+                "static_configs": [{"targets": targets, "labels": {"namespace": "default"}}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    server = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def has_data(base: str, expr: str) -> bool:
+    expr = (
+        expr.replace("$__rate_interval", "20s")
+        .replace('namespace=~"$namespace"', 'namespace=~".*"')
+        .replace('deployment=~"$deployment"', 'deployment=~".*"')
+        .replace("[1h]", "[5m]")
+    )
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return bool(json.load(response)["data"]["result"])
+    except OSError:
+        return False
+
+
 async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path) -> None:
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     document["metadata"]["namespace"] = "default"
@@ -53,6 +102,8 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
         os.environ["KUBECONFIG"] = str(kubeconfig)
         kube = await KubeClient.connect(user_agent="moe-tests")
         pods = LocalPods(cluster, "default", "tiny", tmp_path)
+        operator_metrics = f"127.0.0.1:{os.environ['MOE_OPERATOR_METRICS_PORT']}"
+        server, prometheus = start_prometheus(tmp_path, [operator_metrics])
 
         def cr() -> dict:
             return cluster.get(f"{GROUP}/{VERSION}", PLURAL, "default", "tiny") or {}
@@ -68,7 +119,16 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                     lambda: cluster.get("apps/v1", "statefulsets", "default", "tiny"), what="sts"
                 )
                 pods.start()
-                await eventually(pods.ready, timeout=120, what="ranks ready")
+                await eventually(pods.ready, timeout=180, what="ranks ready")
+                # Prometheus has seen the operator's action counter at 0 (so the annotation
+                # query can see the first action) before the deployment turns Running.
+                await eventually(
+                    lambda: has_data(
+                        prometheus, 'moe_operator_actions_total{deployment="tiny"} == 0'
+                    ),
+                    timeout=60,
+                    what="Prometheus scraping the operator",
+                )
                 sts = cluster.get("apps/v1", "statefulsets", "default", "tiny")
                 replicas = sts["spec"]["replicas"]
                 await kube.patch(
@@ -116,7 +176,18 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                     what="Degraded MetricsUnavailable",
                 )
                 assert degraded()["status"] == "True"
-                await asyncio.sleep(1)
+                # Every panel of the "moe-operator" dashboard, and the overview's annotation of
+                # operator actions, has data in a real Prometheus scraping the operator.
+                missing: list[str] = []
+                for _ in range(60):
+                    missing = [p.title for p in OPERATOR if not has_data(prometheus, p.expr)]
+                    if not missing:
+                        break
+                    await asyncio.sleep(1)
+                assert not missing, f"operator panels without data: {missing}"
+                assert has_data(prometheus, ANNOTATION_EXPR.replace("[2m]", "[10m]"))
         finally:
             pods.stop()
+            server.terminate()
+            server.wait(timeout=30)
             await kube.close()

@@ -73,6 +73,11 @@ def pod_command(
     for item in container["env"]:
         if "value" in item:
             env[item["name"]] = item["value"]
+    # The pod's numba cache dir is for its read-only root filesystem; here numba's own default
+    # (or the caller's NUMBA_CACHE_DIR) keeps compiled kernels across runs.
+    env.pop("NUMBA_CACHE_DIR", None)
+    if "NUMBA_CACHE_DIR" in os.environ:
+        env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
     env.update(
         POD_NAME=f"{deployment.metadata.name}-0",
         POD_NAMESPACE=deployment.metadata.namespace or "default",
