@@ -80,6 +80,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     calls: list[tuple[str, str, str | None, str | None, str | None]] = attrs.field(
         factory=list, init=False
     )
+    # (RBAC verb, apiGroup, resource[/subresource], User-Agent) of every resource request.
+    verbs: list[tuple[str, str, str, str]] = attrs.field(factory=list, init=False)
 
     # Requests being served now. KMock matches a request to its reactions by scanning every
     # request it has recorded (quadratic over a run); the recorded list is trimmed to these.
@@ -189,6 +191,27 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 request.namespace,
                 request.name,
                 request.subresource,
+            )
+        )
+        method = str(request.method.value if request.method else "")
+        verb = {
+            "GET": "get"
+            if request.name
+            else ("watch" if request.params.get("watch") in ("true", "1") else "list"),
+            "POST": "create",
+            "PATCH": "patch",
+            "PUT": "update",
+            "DELETE": "delete",
+        }.get(method, method.lower())
+        resource = str(request.resource.plural) + (
+            f"/{request.subresource}" if request.subresource else ""
+        )
+        self.verbs.append(
+            (
+                verb,
+                str(request.resource.group or ""),
+                resource,
+                request.headers.get("User-Agent", ""),
             )
         )
         owner_uid: str | None = None

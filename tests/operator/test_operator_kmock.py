@@ -85,7 +85,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         import os
 
         os.environ["KUBECONFIG"] = str(kubeconfig)
-        kube = await KubeClient.connect()
+        kube = await KubeClient.connect(user_agent="moe-tests")
         try:
             yield World(cluster, kube, kubeconfig)
         finally:
@@ -141,6 +141,21 @@ async def test_create_makes_owned_children_status_and_events(world: World) -> No
 
         await world.mark_pods_ready()
         await eventually(lambda: world.status().get("phase") == "Running", what="Running")
+        # Every request the operator (Kopf or our client) made is one its RBAC grants.
+        from moe_operator.handlers import CLUSTER_WIDE_CALLS, KOPF_API_CALLS
+        from moe_operator.k8s import API_CALLS
+
+        granted = {
+            (verb, group, resource)
+            for group, resource, verbs in API_CALLS + KOPF_API_CALLS + CLUSTER_WIDE_CALLS
+            for verb in verbs
+        }
+        made = {
+            (verb, group, resource)
+            for verb, group, resource, agent in world.cluster.verbs
+            if agent.startswith(("kopf/", "moe-operator")) and resource != "None"
+        }  # ("None": discovery, /api/v1 and /apis/<group>/<version>, open to everyone)
+        assert made and made <= granted, made - granted
         assert world.status()["readyRanks"] == 2
         assert world.condition("Ready")["status"] == "True"
         assert world.condition("Progressing")["status"] == "False"
@@ -285,7 +300,7 @@ async def test_pod_monitor_only_when_the_monitoring_crds_exist(tmp_path: Path) -
             import os
 
             os.environ["KUBECONFIG"] = str(kubeconfig)
-            kube = await KubeClient.connect()
+            kube = await KubeClient.connect(user_agent="moe-tests")
             try:
                 await kube.create(tiny())
                 await eventually(
