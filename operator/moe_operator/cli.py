@@ -31,6 +31,23 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+def load_deployment(file: Path) -> Any:
+    """A valid MoEDeployment from FILE, or exit 2 naming the first problem's field."""
+    import yaml
+
+    from moe_operator.api import MoEDeployment
+    from moe_operator.validation import problems
+
+    try:
+        document = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        fail(f"{file}: cannot read: {exc}")
+    found = problems(document)
+    if found:
+        fail(f"{file}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
+    return MoEDeployment.model_validate(document)
+
+
 @app.callback()
 def main_callback() -> None:
     """Mixture-of-Experts expert-parallel load balancing."""
@@ -250,18 +267,9 @@ def render(
 
     import yaml
 
-    from moe_operator.api import MoEDeployment
     from moe_operator.builders import children
-    from moe_operator.validation import problems
 
-    try:
-        document = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        fail(f"{file}: cannot read: {exc}")
-    found = problems(document)
-    if found:
-        fail(f"{file}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
-    deployment = MoEDeployment.model_validate(document)
+    deployment = load_deployment(file)
     # The operator generates the control token once; a fresh one stands in for it here.
     manifests = children(deployment, secrets.token_urlsafe(32), with_pod_monitor=pod_monitor)
     sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
@@ -282,22 +290,11 @@ def run_local(
     """Run FILE on this machine: ranks as local processes, the operator's policy loop."""
     import asyncio
 
-    import yaml
-
-    from moe_operator.api import MoEDeployment
     from moe_operator.runtime.local import run as run_deployment
-    from moe_operator.validation import problems
 
     if duration <= 0:
         fail("--duration: must be > 0 seconds")
-    try:
-        document = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        fail(f"{file}: cannot read: {exc}")
-    found = problems(document)
-    if found:
-        fail(f"{file}: {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else ""))
-    deployment = MoEDeployment.model_validate(document)
+    deployment = load_deployment(file)
     timeline = asyncio.run(run_deployment(deployment, duration, report, prometheus, device))
     remaps = sum(a["action"] == "remap" for a in timeline.actions)
     resizes = sum(a["action"] == "resize" for a in timeline.actions)

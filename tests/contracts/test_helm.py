@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from manifest_checks import kubernetes_validate_strict
 from moe_operator import builders, dashboards
 from moe_operator import metrics as operator_metrics
 from moe_operator.handlers import CLUSTER_WIDE_CALLS, KOPF_API_CALLS
@@ -64,20 +65,7 @@ def test_lint_template_and_kubernetes_validate(extra: list[str], tmp_path: Path)
     core = [d for d in documents if d["kind"] not in CRD_KINDS]
     rendered = tmp_path / "rendered.yaml"
     rendered.write_text(yaml.safe_dump_all(core))
-    check = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubernetes_validate",
-            "--strict",
-            "--quiet",
-            "-k",
-            "1.33.0",
-            str(rendered),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    check = kubernetes_validate_strict(rendered)
     assert check.returncode == 0, check.stdout + check.stderr
     deployment = next(d for d in documents if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from manifest_checks import kubernetes_validate_strict
 from moe_operator.api import MoEDeployment
 from moe_operator.builders import children, config_hash, selector_string, worker_config
 from moe_operator.cli import app
@@ -39,20 +38,7 @@ def test_render_passes_kubernetes_validate_strict(example: Path, tmp_path: Path)
         "NetworkPolicy",
         "StatefulSet",
     ]
-    check = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubernetes_validate",
-            "--strict",
-            "--quiet",
-            "-k",
-            "1.33.0",
-            str(rendered),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    check = kubernetes_validate_strict(rendered)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
