@@ -22,7 +22,6 @@ PLURALS: dict[str, str] = {
     "ConfigMap": "configmaps",
     "Secret": "secrets",
     "Service": "services",
-    "Pod": "pods",
     "StatefulSet": "statefulsets",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "NetworkPolicy": "networkpolicies",

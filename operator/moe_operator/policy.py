@@ -17,10 +17,10 @@ Resizes take precedence over remaps (a resize re-places every expert anyway).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
-from .api.models import MoEDeploymentSpec
+from .api.models import MoEDeploymentSpec, PendingActionStatus, PolicyStatus
 
 HYSTERESIS = 0.8
 Verb = Literal["none", "remap", "resize", "unavailable", "wait"]
@@ -212,43 +212,27 @@ def decide(
 
 
 def memory_to_status(memory: PolicyMemory) -> dict[str, object]:
-    """The memory as status.policy (camelCase, epoch seconds; absent fields are null)."""
+    """The memory as status.policy (the API's ``PolicyStatus``: camelCase, epoch seconds)."""
     pending = memory.pending
-    return {
-        "belowThresholdSince": memory.below_threshold_since,
-        "loadHighSince": memory.load_high_since,
-        "loadLowSince": memory.load_low_since,
-        "lastRemapAt": memory.last_remap_at,
-        "lastScaleUpAt": memory.last_scale_up_at,
-        "lastScaleDownAt": memory.last_scale_down_at,
-        "pending": None
-        if pending is None
-        else {
-            "verb": pending.verb,
-            "startedAt": pending.started_at,
-            "targetEpSize": pending.target_ep_size,
-            "fromMappingGeneration": pending.from_mapping_generation,
-        },
-    }
+    status = PolicyStatus(
+        below_threshold_since=memory.below_threshold_since,
+        load_high_since=memory.load_high_since,
+        load_low_since=memory.load_low_since,
+        last_remap_at=memory.last_remap_at,
+        last_scale_up_at=memory.last_scale_up_at,
+        last_scale_down_at=memory.last_scale_down_at,
+        pending=None if pending is None else PendingActionStatus(**asdict(pending)),
+    )
+    # Explicit nulls: a JSON merge patch must clear what the memory forgot.
+    return status.model_dump(by_alias=True)
 
 
 def memory_from_status(status: dict[str, object] | None) -> PolicyMemory:
     """Inverse of ``memory_to_status`` (missing or null fields: nothing remembered)."""
-    data: dict = dict(status or {})
-    pending = data.get("pending")
+    parsed = PolicyStatus.model_validate(status or {})
+    fields = parsed.model_dump(exclude={"pending"})
+    pending = parsed.pending
     return PolicyMemory(
-        below_threshold_since=data.get("belowThresholdSince"),
-        load_high_since=data.get("loadHighSince"),
-        load_low_since=data.get("loadLowSince"),
-        last_remap_at=data.get("lastRemapAt"),
-        last_scale_up_at=data.get("lastScaleUpAt"),
-        last_scale_down_at=data.get("lastScaleDownAt"),
-        pending=None
-        if not pending
-        else PendingAction(
-            verb=pending["verb"],
-            started_at=float(pending["startedAt"]),
-            target_ep_size=int(pending.get("targetEpSize") or 0),
-            from_mapping_generation=int(pending.get("fromMappingGeneration") or 0),
-        ),
+        **fields,
+        pending=None if pending is None else PendingAction(**pending.model_dump()),
     )

@@ -5,12 +5,7 @@ scrapes the ranks, its policy asks the leader for a remap, and the workers carry
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
-import subprocess
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,6 +19,7 @@ from moe_operator.api import GROUP, PLURAL, VERSION
 from moe_operator.dashboards import ANNOTATION_EXPR, OPERATOR
 from moe_operator.k8s import KubeClient
 from operator_harness import eventually, running_operator
+from prometheus_server import for_prometheus, query, start_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -42,45 +38,9 @@ def manual_rebalances(text: str) -> float:
     return 0.0
 
 
-def start_prometheus(tmp_path: Path, targets: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.fail("prometheus is missing: `make setup` installs Debian's prometheus package")
-    port = free_port()
-    config = {
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "moe",
-                "static_configs": [{"targets": targets, "labels": {"namespace": "default"}}],
-            }
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    server = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return server, f"http://127.0.0.1:{port}"
-
-
 def has_data(base: str, expr: str) -> bool:
-    expr = (
-        expr.replace("$__rate_interval", "20s")
-        .replace('namespace=~"$namespace"', 'namespace=~".*"')
-        .replace('deployment=~"$deployment"', 'deployment=~".*"')
-        .replace("[1h]", "[5m]")
-    )
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return bool(json.load(response)["data"]["result"])
+        return bool(query(base, for_prometheus(expr).replace("[1h]", "[5m]")))
     except OSError:
         return False
 
@@ -103,7 +63,7 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
         kube = await KubeClient.connect(user_agent="moe-tests")
         pods = LocalPods(cluster, "default", "tiny", tmp_path)
         operator_metrics = f"127.0.0.1:{os.environ['MOE_OPERATOR_METRICS_PORT']}"
-        server, prometheus = start_prometheus(tmp_path, [operator_metrics])
+        server, prometheus = start_prometheus(tmp_path, [operator_metrics], "default")
 
         def cr() -> dict:
             return cluster.get(f"{GROUP}/{VERSION}", PLURAL, "default", "tiny") or {}

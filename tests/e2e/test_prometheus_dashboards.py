@@ -3,15 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +16,9 @@ import yaml
 
 from distributed import free_port
 from moe_operator.dashboards import OVERVIEW
+from prometheus_server import for_prometheus, query, start_prometheus
 
 pytestmark = pytest.mark.slow
-
-
-def query(base: str, expr: str) -> list[dict[str, Any]]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as response:
-        answer = json.load(response)
-    assert answer["status"] == "success", answer
-    return list(answer["data"]["result"])
-
-
-def for_prometheus(expr: str) -> str:
-    """Grafana's variables as Grafana would fill them for "All" over a short test run."""
-    return (
-        expr.replace("$__rate_interval", "20s")
-        .replace('namespace=~"$namespace"', 'namespace=~".*"')
-        .replace('deployment=~"$deployment"', 'deployment=~".*"')
-    )
 
 
 class Stack:
@@ -49,9 +29,6 @@ class Stack:
 @pytest.fixture
 def stack(tmp_path: Path) -> Any:
     """Two worker ranks (one pod's launcher) scraped every second by a real Prometheus."""
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.fail("prometheus is missing: `make setup` installs Debian's prometheus package")
     metrics_port = free_port(consecutive=2)
     config = {
         "deployment": "e2e",
@@ -80,34 +57,11 @@ def stack(tmp_path: Path) -> Any:
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    web_port = free_port()
-    scrape = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "moe-worker",
-                "static_configs": [
-                    {
-                        "targets": [f"127.0.0.1:{metrics_port}", f"127.0.0.1:{metrics_port + 1}"],
-                        "labels": {"namespace": "e2e"},
-                    }
-                ],
-            }
-        ],
-    }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(scrape))
-    server = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    server, base = start_prometheus(
+        tmp_path, [f"127.0.0.1:{metrics_port}", f"127.0.0.1:{metrics_port + 1}"], "e2e"
     )
     try:
-        yield Stack(f"http://127.0.0.1:{web_port}", metrics_port, workers)
+        yield Stack(base, metrics_port, workers)
     finally:
         server.terminate()
         os.killpg(workers.pid, signal.SIGTERM)

@@ -273,7 +273,6 @@ async def test_invalid_spec_degrades_without_crashing_and_recovers(world: World)
         assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
         assert "spec.parallelism.expertParallelSize" in degraded["message"]
         assert world.cluster.get("apps/v1", "statefulsets", NS, "bad") is None
-        warnings = [e for e in world.events() if e["reason"] == "InvalidSpec"]
         await eventually(
             lambda: [e for e in world.events() if e["reason"] == "InvalidSpec"], what="warning"
         )
@@ -282,7 +281,6 @@ async def test_invalid_spec_degrades_without_crashing_and_recovers(world: World)
         # Repeated rounds on the same bad spec do not repeat the warning.
         await asyncio.sleep(2.5)
         warnings = [e for e in world.events() if e["reason"] == "InvalidSpec"]
-        assert len(warnings) == 1 and warnings[0]["count"] >= 1 if "count" in warnings[0] else True
         assert len(warnings) == 1
         # Fixing the spec recovers.
         await world.patch_spec({"parallelism": {"expertParallelSize": 4}}, name="bad")

@@ -1,0 +1,65 @@
+"""A real Prometheus (Debian's package) on 127.0.0.1 for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from distributed import free_port
+
+
+def start_prometheus(
+    tmp_path: Path, targets: list[str], namespace: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Prometheus scraping ``targets`` every second (labelled ``namespace``); (process, URL)."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus is missing: `make setup` installs Debian's prometheus package")
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "moe",
+                "static_configs": [{"targets": targets, "labels": {"namespace": namespace}}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    server = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def query(base: str, expr: str) -> list[dict[str, Any]]:
+    """An instant query's result vector (raises OSError while Prometheus is not up)."""
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    return list(answer["data"]["result"])
+
+
+def for_prometheus(expr: str) -> str:
+    """A dashboard query with Grafana's variables filled as for "All" over a short run."""
+    return (
+        expr.replace("$__rate_interval", "20s")
+        .replace('namespace=~"$namespace"', 'namespace=~".*"')
+        .replace('deployment=~"$deployment"', 'deployment=~".*"')
+    )
