@@ -121,5 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = run(config, env, args.steps)
-    print(json.dumps(summary), flush=True)
+    write_line(json.dumps(summary))
     return 0
+
+
+def write_line(text: str) -> None:
+    """Write one line to stdout with a single write(2) where it fits in PIPE_BUF.
+
+    Local ranks of one pod share the pod's stdout; print() under PYTHONUNBUFFERED issues the
+    text and its newline as two writes, so two ranks' summaries could interleave on one line.
+    """
+    sys.stdout.flush()
+    data = (text + "\n").encode()
+    while data:
+        written = os.write(sys.stdout.fileno(), data)
+        data = data[written:]
