@@ -11,7 +11,7 @@ from moe_worker.eplb.policy import Placement, compute_placement, default_placeme
 from moe_worker.eplb.rebalance import apply_placement
 from moe_worker.eplb.state import EPLBLayerState, EPLBState
 from moe_worker.model.experts import EXPERT_TENSORS, FingerprintSource, SyntheticSource
-from moe_worker.model.moe import EPGroup, MoEModel, build_model, dense_reference, rms_norm
+from moe_worker.model.moe import DenseReference, EPGroup, MoEModel, build_model, dense_reference
 
 TOKENS_PER_RANK = 24
 NUM_PHYSICAL = 20  # 16 experts + 4 redundant: divisible by EP sizes 1, 2 and 4
@@ -75,13 +75,6 @@ def ep_outputs(
     return results
 
 
-def dense_model(source: SyntheticSource, hidden: torch.Tensor) -> torch.Tensor:
-    for layer in range(source.config.num_layers):
-        normed = rms_norm(hidden, source.config.rms_norm_eps)
-        hidden = hidden + dense_reference(source, layer, normed).to(hidden.dtype)
-    return hidden
-
-
 def check_ep_outputs(world: int, config: dict, placements: list[np.ndarray], by_rank: list) -> None:
     model_config = ModelConfig.model_validate(config)
     source = SyntheticSource(model_config)
@@ -100,7 +93,7 @@ def check_ep_outputs(world: int, config: dict, placements: list[np.ndarray], by_
             want = dense_reference(source, layer, hidden).to(source.dtype).float()
             torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=f"layer {layer}")
         got = torch.from_numpy(np.concatenate([by_rank[r][index][1] for r in range(world)]))
-        want = dense_model(source, hidden).float()
+        want = DenseReference(source)(hidden).float()
         torch.testing.assert_close(got, want, rtol=rtol * 10, atol=atol * 10, msg="model")
 
 

@@ -126,6 +126,22 @@ class ControlConfig(WireModel):
     token_file: str | None = Field(None, description="File holding the bearer token.")
 
 
+class ElasticConfig(WireModel):
+    """Live resizes and recovery from a dead rank."""
+
+    collective_timeout_s: float = Field(
+        60.0, gt=0, description="A collective waiting this long on a peer fails (hung rank)."
+    )
+    replacement_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="After a rank dies, how long the survivors wait for its replacement.",
+    )
+    join_timeout_s: float = Field(
+        3600.0, gt=0, description="How long a joining rank waits to be taken into a generation."
+    )
+
+
 class WorkerConfig(WireModel):
     """Everything one rank needs besides its rank and the rendezvous address."""
 
@@ -137,6 +153,12 @@ class WorkerConfig(WireModel):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     eplb: EPLBConfig = Field(default_factory=lambda: EPLBConfig())
     workload: WorkloadConfig = Field(default_factory=lambda: WorkloadConfig())
+    elastic: ElasticConfig = Field(default_factory=lambda: ElasticConfig())
+    check_outputs: bool = Field(
+        False,
+        description="Compare every step's output with a dense single-process reference "
+        "(tests and demos; costs a dense forward per step).",
+    )
     ep_size: int = Field(1, gt=0, description="EP ranks.")
     steps: int = Field(0, ge=0, description="Steps to run; 0 runs until stopped.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
@@ -158,6 +180,12 @@ class WorkerConfig(WireModel):
     @property
     def slots_per_rank(self) -> int:
         return self.num_physical // self.ep_size
+
+    def resized(self, ep_size: int) -> WorkerConfig:
+        """This config at ``ep_size`` ranks with the same slots per rank (elastic EP)."""
+        redundant = ep_size * self.slots_per_rank - self.model.num_experts
+        eplb = self.eplb.model_copy(update={"num_redundant_experts": redundant})
+        return self.model_copy(update={"ep_size": ep_size, "eplb": eplb})
 
 
 class RankEnv(WireModel):

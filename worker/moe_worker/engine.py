@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,7 +23,7 @@ from moe_worker.eplb.controller import EPLBController, step_eplb_after
 from moe_worker.eplb.policy import Placement, default_placement
 from moe_worker.eplb.policy import warm_up as warm_up_policies
 from moe_worker.model.experts import DTYPES, SyntheticSource, WeightSource
-from moe_worker.model.moe import EPGroup, MoEModel, build_model
+from moe_worker.model.moe import DenseReference, EPGroup, MoEModel, build_model, set_placement
 from moe_worker.model.simulator import RoutingSimulator
 
 log = logging.getLogger("moe_worker.engine")
@@ -45,19 +46,6 @@ def make_source(config: WorkerConfig) -> WeightSource:
     return SyntheticSource(config.model)
 
 
-def init_group(env: RankEnv, device: torch.device, timeout_s: float = 120.0) -> None:
-    """Join the default process group (gloo on CPU, NCCL on GPU) at MASTER_ADDR:MASTER_PORT."""
-    if env.world_size == 1 or dist.is_initialized():
-        return
-    dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
-
-
 def check_platform(config: WorkerConfig, device: torch.device) -> None:
     """Reject settings this device cannot run, naming the field."""
     if device.type != "cuda":
@@ -70,14 +58,19 @@ def check_platform(config: WorkerConfig, device: torch.device) -> None:
 
 
 def make_eplb_channels(
-    config: WorkerConfig, rank: int, world: int, device: torch.device
+    config: WorkerConfig,
+    rank: int,
+    world: int,
+    device: torch.device,
+    store: dist.Store | None = None,
 ) -> tuple[Communicator, dist.ProcessGroup | None]:
     """The weight-exchange communicator and the gloo group for async agreement.
 
     Every rank calls this at start-up with the same config, so groups are created in the same
     order everywhere. Async rebalances never share the forward pass's communicator: torch_gloo
     gets its own gloo group, torch_nccl its own NCCL group, pynccl its own NCCL communicator
-    (its id travels through a TCPStore on MASTER_PORT + 1).
+    (its id travels through ``store``: the topology generation's, or a TCPStore on
+    MASTER_PORT + 1 when none is given).
     """
     eplb = config.eplb
     name = (
@@ -96,10 +89,11 @@ def make_eplb_channels(
         group = dist.new_group(backend="nccl", timeout=timeout)
         return create_communicator(name, group=group, device=device), control_group
     if name == "pynccl":
-        env = RankEnv.from_environ(dict(os.environ))
-        store = dist.TCPStore(
-            env.master_addr, env.master_port + 1, world, rank == 0, timeout=timeout
-        )
+        if store is None:
+            env = RankEnv.from_environ(dict(os.environ))
+            store = dist.TCPStore(
+                env.master_addr, env.master_port + 1, world, rank == 0, timeout=timeout
+            )
         return (
             create_communicator(name, rank=rank, world=world, store=store, device=device),
             control_group,
@@ -123,7 +117,12 @@ class Engine:
         device: torch.device | None = None,
         source: WeightSource | None = None,
         placement: Placement | None = None,
+        joining: bool = False,
+        channel_store: dist.Store | None = None,
     ) -> None:
+        """``joining``: a rank entering a running group: its slots start zeroed (a resize fills
+        them) and EPLB starts in ``install``, in step with the other ranks; ``channel_store``:
+        where the pynccl communicator's id is exchanged."""
         if world != config.ep_size:
             raise ValueError(f"world size {world} differs from epSize {config.ep_size}")
         self.config = config
@@ -137,22 +136,71 @@ class Engine:
         self.placement = placement or default_placement(
             model_config.num_layers, model_config.num_experts, num_physical
         )
-        self.model: MoEModel = build_model(self.source, self.placement, self.ep)
+        self.model: MoEModel = build_model(
+            self.source, self.placement, self.ep, load_weights=not joining
+        )
         self.eplb: EPLBController | None = None
         if config.eplb.enabled:
             # Compile the placement kernels in the background while the first steps run.
             threading.Thread(target=warm_up_policies, name="eplb-warm-up", daemon=True).start()
-            communicator, control_group = make_eplb_channels(config, rank, world, self.device)
-            self.eplb = EPLBController(
-                config.eplb, rank, world, None, self.device, communicator, control_group
-            )
-            self.eplb.register_model(self.model, self.placement)
+        if not joining:
+            self._start_eplb(channel_store)
         self.simulate_routing = model_config.source == "synthetic"
         self.simulator = RoutingSimulator(
             config.workload, model_config, model_config.num_layers, rank
         )
         self.step_index = 0
         self.tokens_processed = 0
+        self.reference = DenseReference(self.source) if config.check_outputs else None
+        self.outputs_checked = 0
+        self.output_mismatches = 0
+
+    def _start_eplb(self, channel_store: dist.Store | None) -> None:
+        if not self.config.eplb.enabled:
+            return
+        rank, world = self.ep.rank, self.ep.size
+        communicator, control_group = make_eplb_channels(
+            self.config, rank, world, self.device, channel_store
+        )
+        self.eplb = EPLBController(
+            self.config.eplb, rank, world, None, self.device, communicator, control_group
+        )
+        self.eplb.register_model(self.model, self.placement)
+
+    @property
+    def mapping_generation(self) -> int:
+        if self.eplb is None:
+            return 0
+        return self.eplb.models["main"].state.mapping_generation
+
+    def current_placement(self) -> Placement:
+        return self.placement if self.eplb is None else self.eplb.models["main"].state.placement()
+
+    def install(
+        self,
+        world: int,
+        placement: Placement,
+        mapping_generation: int,
+        channel_store: dist.Store | None = None,
+    ) -> None:
+        """Serve as this rank of a ``world``-rank group with ``placement`` (slots already hold
+        its experts); the default process group must already be the new generation's.
+        Every rank of the new group calls it at the same step."""
+        self.config = self.config.resized(world)
+        self.ep.size = world
+        self.placement = placement
+        set_placement(self.model.layers, placement)
+        self._start_eplb(channel_store)
+        if self.eplb is not None:
+            self.eplb.models["main"].state.mapping_generation = mapping_generation
+
+    def layer_slots(self) -> list[dict[str, torch.Tensor]]:
+        """Each layer's slot weights (name -> [S, ...]), updated in place by moves."""
+        return [layer.slots for layer in self.model.layers]
+
+    def reload_expert(self, layer: int) -> Callable[[int], dict[str, torch.Tensor]]:
+        """A loader of ``layer``'s experts from the model source (the last resort of recovery)."""
+        return lambda expert: self.source.expert(layer, expert)
 
     @step_eplb_after
     def step(self) -> torch.Tensor:
@@ -160,9 +208,22 @@ class Engine:
         batch = self.simulator.batch(self.step_index)
         routed = [r.to(self.device) for r in batch.routed] if self.simulate_routing else None
         out = self.model(batch.hidden.to(self.device, self.dtype), batch.token_offset, routed)
+        if self.reference is not None:
+            self._check(batch.hidden, batch.routed if self.simulate_routing else None, out)
         self.step_index += 1
         self.tokens_processed += batch.hidden.shape[0]
         return out
+
+    def _check(
+        self, hidden: torch.Tensor, routed: list[torch.Tensor] | None, out: torch.Tensor
+    ) -> None:
+        assert self.reference is not None
+        want = self.reference(hidden.to(self.dtype), routed).float()
+        tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2
+        self.outputs_checked += 1
+        if not torch.allclose(out.float().cpu(), want, rtol=tolerance, atol=tolerance):
+            self.output_mismatches += 1
+            log.warning("step %d: output differs from the dense reference", self.step_index)
 
     def run(self, steps: int) -> list[StepStats]:
         stats = []

@@ -32,7 +32,9 @@ def load_config(path: str | Path) -> WorkerConfig:
 def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from moe_worker.engine import Engine, init_group, resolve_device
+    from moe_worker.elastic import Rendezvous
+    from moe_worker.engine import resolve_device
+    from moe_worker.membership import Membership
     from moe_worker.metrics import WorkerMetrics
     from moe_worker.server import WorkerStatus, read_token, serve_control, serve_metrics
     from moe_worker.service import WorkerService
@@ -58,18 +60,36 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             serve_control(config.control.port, status, read_token(config.control.token_file))
         )
     device = resolve_device(config.device, env.rank)
-    init_group(env, device)
+    rendezvous = Rendezvous(
+        env.master_addr, env.master_port, env.rank == 0, config.elastic.join_timeout_s
+    )
+    membership = Membership(rendezvous, env.rank, config, device)
+
+    def standby() -> None:
+        with status.lock:
+            status.standby = True
+
     try:
-        engine = Engine(config, env.rank, env.world_size, device)
-        service = WorkerService(engine, status, metrics, config.metrics.update_interval)
+        engine = membership.start(env, on_standby=standby)
+        with status.lock:
+            status.standby = False
+        service = WorkerService(
+            engine, status, metrics, config.metrics.update_interval, membership
+        )
         service.run(config.steps if steps is None else steps)
         summary: dict[str, Any] = {
             "rank": env.rank,
             "steps": engine.step_index,
             "tokens": engine.tokens_processed,
             "stopped_by_signal": service.stopping,
+            "retired": membership.retired,
+            "topologyGeneration": membership.generation,
+            "epSize": engine.ep.size,
+            "recoveries": service.recoveries,
+            "outputsChecked": engine.outputs_checked,
+            "outputMismatches": engine.output_mismatches,
         }
-        if engine.eplb is not None:
+        if engine.eplb is not None and not membership.retired:
             summary["rebalances"] = [r.result for r in engine.eplb.history]
             summary["balancedness"] = engine.eplb.current_balancedness()
         return summary

@@ -1,8 +1,11 @@
 """HTTP endpoints of a rank: /metrics, /healthz, /readyz; on the leader, the control API.
 
 The control API (JSON, bearer token): GET /v1/state, POST /v1/eplb/rebalance (202, or 409
-while one is pending or running). Requests only set flags in ``WorkerStatus``; the step loop
-relays them to every rank so all act at the same step.
+while one is pending or running), POST /v1/ep/resize ``{"epSize": N}`` (202; 409 while a
+resize is pending or running, or while the joining ranks have not registered; 422 for a size
+that cannot hold every expert). Requests only set fields in ``WorkerStatus``; the step loop
+relays them to every rank so all act at the same step. A rank waiting to join a running group
+answers /readyz with 200 ``standby``: it is ready to be taken in by a resize.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("moe_worker.server")
 TOKEN_ENV = "MOE_CONTROL_TOKEN"
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 @dataclass
@@ -31,7 +35,13 @@ class WorkerStatus:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     ready: bool = False
+    standby: bool = False
     resizing: bool = False
+    resize_target: int = 0  # requested EP size, 0: none
+    resize_reason: str = ""
+    resize: dict[str, Any] = field(default_factory=dict)  # progress of the latest resize
+    # target -> (HTTP status, error) when a resize to it cannot be accepted now, else None
+    resize_check: Callable[[int], tuple[int, str] | None] | None = None
     rebalance_requested: bool = False
     rebalancing: bool = False
     stop_requested: bool = False
@@ -45,15 +55,39 @@ class WorkerStatus:
             self.rebalance_requested = True
             return True
 
+    def request_resize(self, target: int, reason: str) -> tuple[int, str | None]:
+        """Ask for a resize to ``target`` ranks: (202, None) or (status, why not)."""
+        check = self.resize_check
+        problem = check(target) if check is not None else (409, "this rank cannot resize")
+        with self.lock:
+            if self.resize_target or self.resizing:
+                return 409, "a resize is already pending or running"
+            if problem is not None:
+                return problem
+            self.resize_target = target
+            self.resize_reason = reason
+            self.resize = {"target": target, "phase": "requested", "reason": reason}
+            return 202, None
+
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             return {
                 **self.state,
                 "ready": self.ready,
+                "standby": self.standby,
                 "resizing": self.resizing,
+                "resize": dict(self.resize),
                 "rebalancePending": self.rebalance_requested,
                 "rebalancing": self.rebalancing,
             }
+
+
+class ResizeRequest(BaseModel):
+    """Body of POST /v1/ep/resize."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    ep_size: int = Field(alias="epSize", gt=0, description="EP ranks after the resize.")
+    reason: str | None = Field(None, max_length=256, description="Free text for the log.")
 
 
 class RebalanceRequest(BaseModel):
@@ -124,8 +158,10 @@ def serve_metrics(
 
     def readyz(handler: _Handler) -> None:
         with status.lock:
-            ready, resizing = status.ready, status.resizing
-        if ready and not resizing:
+            ready, resizing, standby = status.ready, status.resizing, status.standby
+        if standby:
+            handler.send_json(200, {"status": "standby"})
+        elif ready and not resizing:
             handler.send_json(200, {"status": "ready"})
         else:
             reason = "resizing" if resizing else "starting (group or weights not ready)"
@@ -162,22 +198,27 @@ def serve_control(
         if authorized(handler):
             handler.send_json(200, status.snapshot())
 
-    def rebalance(handler: _Handler) -> None:
-        if not authorized(handler):
-            return
+    def read_body(handler: _Handler, model: type[BodyT]) -> BodyT | None:
+        """The request body as ``model``; None after answering 422 when it is not."""
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length) if length else b""
         try:
             body = json.loads(raw) if raw.strip() else {}
-            request = RebalanceRequest.model_validate(body)
+            return model.model_validate(body)
         except json.JSONDecodeError as exc:
             handler.send_json(422, {"error": f"body is not JSON: {exc.msg}"})
-            return
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
             )
             handler.send_json(422, {"error": problems})
+        return None
+
+    def rebalance(handler: _Handler) -> None:
+        if not authorized(handler):
+            return
+        request = read_body(handler, RebalanceRequest)
+        if request is None:
             return
         if not status.request_rebalance():
             handler.send_json(409, {"error": "a rebalance is already pending or running"})
@@ -185,7 +226,24 @@ def serve_control(
         log.info("rebalance requested through the control API (%s)", request.reason or "no reason")
         handler.send_json(202, {"accepted": True})
 
+    def resize(handler: _Handler) -> None:
+        if not authorized(handler):
+            return
+        request = read_body(handler, ResizeRequest)
+        if request is None:
+            return
+        code, problem = status.request_resize(request.ep_size, request.reason or "")
+        if problem is not None:
+            handler.send_json(code, {"error": problem})
+            return
+        log.info("resize to %d ranks requested (%s)", request.ep_size, request.reason or "")
+        handler.send_json(202, {"accepted": True, "epSize": request.ep_size})
+
     class Handler(_Handler):
-        routes = {("GET", "/v1/state"): state, ("POST", "/v1/eplb/rebalance"): rebalance}
+        routes = {
+            ("GET", "/v1/state"): state,
+            ("POST", "/v1/eplb/rebalance"): rebalance,
+            ("POST", "/v1/ep/resize"): resize,
+        }
 
     return _start(port, Handler, host)

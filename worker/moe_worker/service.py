@@ -1,7 +1,9 @@
 """The serving loop of one rank: steps the engine, feeds metrics and status, relays control.
 
-Control flags (stop, rebalance) are combined over all ranks with one small all-reduce per step,
-so a request made on the leader, or a SIGTERM on any rank, acts on every rank at the same step.
+Control flags (stop, rebalance, resize target) are combined over all ranks with one small
+all-reduce per step, so a request made on the leader, or a SIGTERM on any rank, acts on every
+rank at the same step. With a ``Membership`` the loop also resizes (elastic EP) and, when a
+collective fails because a peer died, recovers and repeats the step that failed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .elastic import Topology, resize_problem
 from .engine import Engine
+from .membership import Membership
 from .metrics import WorkerMetrics
 from .server import WorkerStatus
 
@@ -27,13 +31,20 @@ class WorkerService:
         status: WorkerStatus,
         metrics: WorkerMetrics | None = None,
         update_interval: int = 10,
+        membership: Membership | None = None,
     ) -> None:
         self.engine = engine
         self.status = status
         self.metrics = metrics
         self.update_interval = update_interval
+        self.membership = membership
         self.world = engine.ep.size
         self.stopping = False
+        self.recoveries = 0
+        if membership is not None:
+            membership.on_phase = self._on_phase
+            with status.lock:
+                status.resize_check = self._resize_check
         self._seen_rebalances = 0
         self._last_balancedness: list[float] = []
         self._publish()
@@ -47,10 +58,61 @@ class WorkerService:
         if self.metrics is not None:
             self.metrics.observe_step(seconds, self.engine.config.workload.tokens_per_step, routed)
         self._after_rebalances()
-        self._relay_control()
+        target = self._relay_control()
+        if target and self.membership is not None and not self.stopping:
+            self._resize(target)
+            self._publish()
+            return  # the next step is the new group's first, for joiners and survivors alike
         if self.engine.step_index % self.update_interval == 0:
             self._update_balancedness()
         self._publish()
+
+    def _resize_check(self, target: int) -> tuple[int, str] | None:
+        """Whether a resize to ``target`` can be accepted now (called by the control API)."""
+        assert self.membership is not None
+        config = self.engine.config
+        problem = resize_problem(
+            target, self.world, config.slots_per_rank, config.model.num_experts
+        )
+        if problem is not None:
+            return 422, problem
+        joining = range(self.world, target)
+        waiting = self.membership.rendezvous.registered(joining)
+        if len(waiting) < len(joining):
+            missing = sorted(set(joining) - set(waiting))
+            return 409, f"ranks {missing} have not registered to join yet"
+        return None
+
+    def _resize(self, target: int) -> None:
+        assert self.membership is not None
+        with self.status.lock:
+            reason = self.status.resize_reason
+            self.status.resizing = True
+        self.membership.resize(self.engine, target, reason)
+        self.world = self.engine.ep.size
+        self._seen_rebalances = 0
+        with self.status.lock:
+            self.status.resize_target = 0
+            self.status.resizing = False
+        self._last_balancedness = []
+
+    def _on_phase(self, phase: str, topology: Topology | None) -> None:
+        with self.status.lock:
+            progress = dict(self.status.resize)
+            progress["phase"] = phase
+            if topology is not None:
+                progress.update(
+                    {
+                        "kind": topology.kind,
+                        "generation": topology.generation,
+                        "fromEpSize": topology.previous_world,
+                        "target": topology.world,
+                        "startStep": topology.start_step,
+                        "lostRanks": list(topology.lost_ranks),
+                    }
+                )
+            self.status.resize = progress
+            self.status.resizing = phase in ("moving", "recovering")
 
     def _after_rebalances(self) -> None:
         controller = self.engine.eplb
@@ -71,16 +133,21 @@ class WorkerService:
         if self.metrics is not None:
             self.metrics.set_rebalancing(controller.rebalancing)
 
-    def _relay_control(self) -> None:
+    def _relay_control(self) -> int:
+        """Combine the control flags over all ranks; returns the agreed resize target (0: none)."""
         with self.status.lock:
             flags = torch.tensor(
-                [int(self.status.stop_requested), int(self.status.rebalance_requested)]
+                [
+                    int(self.status.stop_requested),
+                    int(self.status.rebalance_requested),
+                    self.status.resize_target,
+                ]
             )
         if self.world > 1:
             flags = flags.to(self.engine.device)  # NCCL groups reduce device tensors only
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags = flags.cpu()
-        stop, rebalance = bool(flags[0]), bool(flags[1])
+        stop, rebalance, target = bool(flags[0]), bool(flags[1]), int(flags[2])
         if rebalance and self.engine.eplb is not None:
             self.engine.eplb.request_rebalance("manual")
             with self.status.lock:
@@ -93,6 +160,7 @@ class WorkerService:
             if self.engine.eplb is not None:
                 self.engine.eplb.shutdown()  # abandon an in-flight rebalance, same step everywhere
                 self._after_rebalances()
+        return 0 if stop else target
 
     def _update_balancedness(self) -> None:
         controller = self.engine.eplb
@@ -108,10 +176,10 @@ class WorkerService:
 
     def _publish(self) -> None:
         controller = self.engine.eplb
-        mapping_generation = 0
+        mapping_generation = self.engine.mapping_generation
+        generation = 0 if self.membership is None else self.membership.generation
         last = None
         if controller is not None:
-            mapping_generation = controller.models["main"].state.mapping_generation
             if controller.history:
                 r = controller.history[-1]
                 last = {
@@ -127,7 +195,10 @@ class WorkerService:
         state = {
             "deployment": self.engine.config.deployment,
             "epSize": self.world,
-            "topologyGeneration": 0,
+            "topologyGeneration": generation,
+            "recoveries": self.recoveries,
+            "outputsChecked": self.engine.outputs_checked,
+            "outputMismatches": self.engine.output_mismatches,
             "mappingGeneration": mapping_generation,
             "step": self.engine.step_index,
             "balancedness": balancedness,
@@ -137,14 +208,28 @@ class WorkerService:
         with self.status.lock:
             self.status.state = state
         if self.metrics is not None:
-            self.metrics.set_topology(self.world, 0, mapping_generation)
+            self.metrics.set_topology(self.world, generation, mapping_generation)
 
     def run(self, steps: int = 0) -> None:
         """Step until ``steps`` are done (0: no limit) or a stop is requested on any rank."""
         with self.status.lock:
             self.status.ready = True
         while not self.stopping and (steps == 0 or self.engine.step_index < steps):
-            self.step()
+            started_at = self.engine.step_index
+            try:
+                self.step()
+            except RuntimeError as exc:  # gloo/NCCL: a peer died or hung past the deadline
+                if self.membership is None or self.world == 1:
+                    raise
+                self.membership.recover(self.engine, started_at, exc)
+                self.world = self.engine.ep.size
+                self.recoveries += 1
+                self._seen_rebalances = 0
+                with self.status.lock:
+                    self.status.resizing = False
+            if self.membership is not None and self.membership.retired:
+                log.info("rank %d retired at step %d", self.engine.ep.rank, self.engine.step_index)
+                return
         if self.engine.eplb is not None and not self.stopping:
             self.engine.eplb.shutdown()  # the step budget ran out: same step on every rank
             self._after_rebalances()

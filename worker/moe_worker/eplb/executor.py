@@ -8,21 +8,30 @@ stages in the background and commits at a step boundary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .communicator import Communicator
 from .planner import LayerPlan
 
 Staged = dict[int, dict[str, torch.Tensor]]  # new slot -> tensor name -> weights
+# Loads one logical expert's weights from the model source (tensor name -> weights).
+Reloader = Callable[[int], dict[str, torch.Tensor]]
 
 
 def stage_layer_plan(
-    plan: LayerPlan, rank: int, slots: dict[str, torch.Tensor], communicator: Communicator
+    plan: LayerPlan,
+    rank: int,
+    slots: dict[str, torch.Tensor],
+    communicator: Communicator,
+    reload: Reloader | None = None,
 ) -> tuple[Staged, int]:
     """This rank's part of ``plan``: (new contents of its changed slots, bytes received).
 
     Every rank must call it with the same plan: sends and receives are queued in the plan's
-    global order so matching pairs line up.
+    global order so matching pairs line up. ``reload`` serves the plan's reloads (experts
+    no surviving slot holds); a plan with reloads for this rank needs it.
     """
     staged: Staged = {}
     received = 0
@@ -44,6 +53,15 @@ def stage_layer_plan(
             staged[t.dst_slot] = {
                 name: tensor[t.src_slot].clone() for name, tensor in slots.items()
             }
+    for r in plan.reloads:
+        if r.rank == rank:
+            if reload is None:
+                raise ValueError(f"expert {r.expert} has no surviving replica and no source")
+            weights = reload(r.expert)
+            staged[r.slot] = {
+                name: weights[name].to(tensor.device, tensor.dtype)
+                for name, tensor in slots.items()
+            }
     for d in plan.duplicates:
         if d.rank == rank:
             source = staged.get(d.src_slot)
@@ -61,11 +79,15 @@ def commit_staged(slots: dict[str, torch.Tensor], staged: Staged) -> None:
 
 
 def execute_layer_plan(
-    plan: LayerPlan, rank: int, slots: dict[str, torch.Tensor], communicator: Communicator
+    plan: LayerPlan,
+    rank: int,
+    slots: dict[str, torch.Tensor],
+    communicator: Communicator,
+    reload: Reloader | None = None,
 ) -> int:
     """Apply this rank's part of ``plan`` to ``slots`` now. Returns the bytes received."""
     if plan.is_empty():
         return 0
-    staged, received = stage_layer_plan(plan, rank, slots, communicator)
+    staged, received = stage_layer_plan(plan, rank, slots, communicator, reload)
     commit_staged(slots, staged)
     return received

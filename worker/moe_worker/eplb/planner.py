@@ -7,7 +7,9 @@ For one layer, old and new ``phy2log`` [P] over N ranks of S slots (slot p on ra
 - otherwise the rank receives one copy of the expert from a rank that held it, into the first
   slot that needs it, and fills its other slots needing it by local duplication.
 
-The rank counts may differ (elastic resize); ranks are identified by index.
+The rank counts may differ (elastic resize); ranks are identified by index. An old entry of -1
+marks a slot whose contents are lost (its rank died): nothing is kept from it or sent from it,
+and an expert no remaining slot holds is reloaded from the model source (``Reload``).
 """
 
 from __future__ import annotations
@@ -40,17 +42,27 @@ class Duplicate:
     dst_slot: int
 
 
+@dataclass(frozen=True)
+class Reload:
+    """``expert`` has no surviving replica: ``rank`` loads it from the source into ``slot``."""
+
+    expert: int
+    rank: int
+    slot: int
+
+
 @dataclass
 class LayerPlan:
     transfers: list[Transfer] = field(default_factory=list)
     duplicates: list[Duplicate] = field(default_factory=list)
+    reloads: list[Reload] = field(default_factory=list)
 
     @property
     def remote(self) -> list[Transfer]:
         return [t for t in self.transfers if t.src_rank != t.dst_rank]
 
     def is_empty(self) -> bool:
-        return not self.transfers and not self.duplicates
+        return not self.transfers and not self.duplicates and not self.reloads
 
 
 def plan_layer(old_phy2log: np.ndarray, new_phy2log: np.ndarray, slots_per_rank: int) -> LayerPlan:
@@ -62,7 +74,8 @@ def plan_layer(old_phy2log: np.ndarray, new_phy2log: np.ndarray, slots_per_rank:
     holders: dict[int, list[tuple[int, int]]] = {}
     for rank in range(old_ranks):
         for slot in range(slots_per_rank):
-            holders.setdefault(int(old[rank, slot]), []).append((rank, slot))
+            if old[rank, slot] >= 0:
+                holders.setdefault(int(old[rank, slot]), []).append((rank, slot))
     plan = LayerPlan()
     for rank in range(new_ranks):
         filled: dict[int, int] = {}  # expert -> a new slot on this rank already holding it
@@ -84,9 +97,10 @@ def plan_layer(old_phy2log: np.ndarray, new_phy2log: np.ndarray, slots_per_rank:
             else:
                 sources = holders.get(expert)
                 if not sources:
-                    raise ValueError(f"expert {expert} has no replica in the old placement")
-                src_rank, src_slot = sources[rank % len(sources)]
-                plan.transfers.append(Transfer(expert, src_rank, src_slot, rank, slot))
+                    plan.reloads.append(Reload(expert, rank, slot))
+                else:
+                    src_rank, src_slot = sources[rank % len(sources)]
+                    plan.transfers.append(Transfer(expert, src_rank, src_slot, rank, slot))
             filled[expert] = slot
         plan.duplicates.extend(Duplicate(rank, src, dst) for src, dst in pending)
     return plan
@@ -98,7 +112,7 @@ def apply_plan_to_contents(
     """What each new slot holds after executing ``plan`` (unchanged slots keep old content).
 
     Simulates the executor on expert ids instead of weights, for tests. Slots of new ranks
-    that nothing writes hold -1.
+    that nothing writes hold -1 (as do lost slots nothing rewrites).
     """
     old_ranks = len(old_phy2log) // slots_per_rank
     contents = np.full((new_ranks, slots_per_rank), -1, dtype=np.int64)
@@ -107,6 +121,8 @@ def apply_plan_to_contents(
     contents[:kept] = old[:kept]
     for t in plan.transfers:
         contents[t.dst_rank, t.dst_slot] = old[t.src_rank, t.src_slot]
+    for r in plan.reloads:
+        contents[r.rank, r.slot] = r.expert
     for d in plan.duplicates:
         contents[d.rank, d.dst_slot] = contents[d.rank, d.src_slot]
     return contents.reshape(-1)

@@ -145,6 +145,14 @@ class MoELayer:
         return result
 
 
+def set_placement(layers: list[MoELayer], placement: Placement) -> None:
+    """Point each layer's load-time map (used while EPLB is off) at ``placement``."""
+    for index, layer in enumerate(layers):
+        static = torch.from_numpy(placement.log2phy[index])
+        layer._static_log2phy = static.to(layer.ep.device)
+        layer._static_count = (static >= 0).sum(dim=1).to(layer.ep.device)
+
+
 class MoEModel:
     """A stack of MoE layers with residual connections and RMSNorm before each layer."""
 
@@ -171,8 +179,14 @@ class MoEModel:
         return hidden
 
 
-def build_model(source: WeightSource, placement: Placement, ep: EPGroup) -> MoEModel:
-    """This rank's part of the model: its slots (by ``placement``) of every MoE layer."""
+def build_model(
+    source: WeightSource, placement: Placement, ep: EPGroup, load_weights: bool = True
+) -> MoEModel:
+    """This rank's part of the model: its slots (by ``placement``) of every MoE layer.
+
+    ``load_weights=False`` (a rank joining a running group) allocates the slots zeroed; the
+    elastic resize then fills them from the ranks that hold the experts.
+    """
     slots_per_rank = placement.num_physical // ep.size
     layers = []
     for i in range(placement.num_layers):
@@ -192,7 +206,13 @@ def build_model(source: WeightSource, placement: Placement, ep: EPGroup) -> MoEM
             router.gate.to(ep.device),
             None if router.score_bias is None else router.score_bias.to(ep.device),
         )
-        slots = load_slots(source, i, mine, ep.device)
+        if load_weights:
+            slots = load_slots(source, i, mine, ep.device)
+        else:
+            slots = {
+                name: torch.zeros((len(mine), *w.shape), dtype=w.dtype, device=ep.device)
+                for name, w in source.expert(i, 0).items()
+            }
         static = torch.from_numpy(placement.log2phy[i])
         layers.append(MoELayer(i, source.config, router, slots, shared, ep, static))
     return MoEModel(source.config, layers)
@@ -205,19 +225,52 @@ def dense_reference(
     forced_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MoE block of ``layer`` on one process with every expert: [T, H] -> [T, H] float32."""
-    config = source.config
-    router = source.router(layer)
-    if forced_ids is None:
-        ids, combine = route(hidden, router, config)
-    else:
-        ids, combine = forced_ids, combine_weights_for(hidden, forced_ids, router, config)
-    out = torch.zeros(hidden.shape, dtype=torch.float32)
-    for e in torch.unique(ids).tolist():
-        weights = source.expert(layer, e)
-        token, k = torch.nonzero(ids == e, as_tuple=True)
-        y = swiglu(hidden[token], *(weights[name] for name in EXPERT_TENSORS))
-        out.index_add_(0, token, y.float() * combine[token, k].unsqueeze(1))
-    shared = source.shared(layer)
-    if shared is not None:
-        out = out + shared(hidden).float()
-    return out
+    return DenseReference(source).block(layer, hidden, forced_ids)
+
+
+class DenseReference:
+    """The whole model on one process with every expert (weights cached): the ground truth.
+
+    ``__call__``: hidden [T, H] -> [T, H] float32, residual + RMSNorm as ``MoEModel``.
+    """
+
+    def __init__(self, source: WeightSource) -> None:
+        self.source = source
+        self.config = source.config
+        self._experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def _expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        key = (layer, expert)
+        if key not in self._experts:
+            self._experts[key] = self.source.expert(layer, expert)
+        return self._experts[key]
+
+    def block(
+        self, layer: int, hidden: torch.Tensor, forced_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The MoE block of ``layer``: [T, H] -> [T, H] float32."""
+        router = self.source.router(layer)
+        if forced_ids is None:
+            ids, combine = route(hidden, router, self.config)
+        else:
+            ids, combine = forced_ids, combine_weights_for(hidden, forced_ids, router, self.config)
+        out = torch.zeros(hidden.shape, dtype=torch.float32)
+        for e in torch.unique(ids).tolist():
+            weights = self._expert(layer, e)
+            token, k = torch.nonzero(ids == e, as_tuple=True)
+            y = swiglu(hidden[token], *(weights[name] for name in EXPERT_TENSORS))
+            out.index_add_(0, token, y.float() * combine[token, k].unsqueeze(1))
+        shared = self.source.shared(layer)
+        if shared is not None:
+            out = out + shared(hidden).float()
+        return out
+
+    def __call__(
+        self, hidden: torch.Tensor, forced_ids: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        hidden = hidden.cpu()
+        for layer in range(self.config.num_layers):
+            normed = rms_norm(hidden, self.config.rms_norm_eps)
+            forced = None if forced_ids is None else forced_ids[layer].cpu()
+            hidden = hidden + self.block(layer, normed, forced).to(hidden.dtype)
+        return hidden

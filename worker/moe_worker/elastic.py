@@ -1,0 +1,274 @@
+"""Elastic expert parallelism: topology generations, the rendezvous, resize and recovery.
+
+A topology generation ``g`` is one process group of ``world`` ranks that serves steps from
+``start_step`` on. Rank 0 (the leader) hosts a TCPStore on MASTER_PORT for the deployment's
+life; generation ``g``'s process group lives under the key prefix ``gen/<g>/``, so groups of
+different generations never share keys. Rank ids are stable: a scale-up adds the next ranks, a
+scale-down retires the highest ones, a replacement takes the id of the rank it replaces.
+
+- Start: the leader publishes generation 0 (``kind="start"``) with WORLD_SIZE ranks; ranks that
+  arrive before it has formed are its members.
+- Resize to N': every serving rank learns the target at the same step (the control all-reduce);
+  the leader publishes generation g+1 with the old and the new placement (``incremental``
+  policy, slots per rank fixed); joiners (registered under ``joiners/<rank>``) wait for a
+  generation that includes them. Scale-up moves experts over the new group, scale-down over the
+  old one (retiring ranks send theirs away first); then all install the new maps at the same
+  step, and retiring ranks exit only once the leader marks the generation committed.
+- Recovery: a collective that fails (a peer died: gloo/NCCL raise) makes every survivor report
+  its step and the experts it actually holds; the leader waits for the dead rank's replacement
+  to register, and publishes generation g+1 with the lost slots marked -1, so the replacement
+  receives every expert from a surviving replica or reloads it from the model source.
+
+The decisions (``resize_placement``, ``recovery_topology``) are pure; ``Rendezvous`` is the
+store I/O; ``move_experts`` and ``form_group`` touch torch.distributed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_worker.eplb.communicator import Communicator
+from moe_worker.eplb.executor import Reloader, execute_layer_plan
+from moe_worker.eplb.planner import plan_layer
+from moe_worker.eplb.policy import Placement, compute_placement
+
+log = logging.getLogger("moe_worker.elastic")
+TopologyKind = Literal["start", "resize", "recover", "failed"]
+
+
+class ElasticError(RuntimeError):
+    """A resize or recovery could not complete (the process should exit non-zero)."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """One generation: who serves, from which step, and how the experts get there.
+
+    ``old_phy2log`` [L, previous_world x S] is what the slots held before (-1: lost),
+    ``new_phy2log`` [L, world x S] the placement this generation serves with.
+    """
+
+    generation: int
+    world: int
+    start_step: int
+    kind: TopologyKind
+    previous_world: int = 0
+    lost_ranks: tuple[int, ...] = ()
+    mapping_generation: int = 0
+    old_phy2log: list[list[int]] = field(default_factory=list)
+    new_phy2log: list[list[int]] = field(default_factory=list)
+    reason: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Topology:
+        data = json.loads(text)
+        data["lost_ranks"] = tuple(data.get("lost_ranks", ()))
+        return cls(**data)
+
+    @property
+    def transfer_world(self) -> int:
+        """Ranks taking part in the expert moves: the larger of the old and new groups."""
+        return max(self.world, self.previous_world)
+
+    def includes(self, rank: int) -> bool:
+        return rank < self.world
+
+    def placement(self, num_logical: int) -> Placement:
+        return Placement.from_phy2log(np.asarray(self.new_phy2log, dtype=np.int64), num_logical)
+
+
+# --- decisions (pure) -------------------------------------------------------------------------
+
+
+def resize_problem(target: int, world: int, slots_per_rank: int, num_logical: int) -> str | None:
+    """Why a resize to ``target`` ranks is invalid, or None."""
+    if target < 1:
+        return f"epSize: must be >= 1, got {target}"
+    if target * slots_per_rank < num_logical:
+        return (
+            f"epSize: {target} ranks x {slots_per_rank} slots per rank = "
+            f"{target * slots_per_rank} slots cannot hold all {num_logical} experts"
+        )
+    if target == world:
+        return f"epSize: already {world}"
+    return None
+
+
+def resize_placement(
+    current: Placement,
+    load: np.ndarray,
+    slots_per_rank: int,
+    target: int,
+    policy: str = "incremental",
+) -> Placement:
+    """The placement for ``target`` ranks with the same slots per rank, close to ``current``.
+
+    ``load`` [L, E] is the window's tokens per logical expert (uniform when it is empty).
+    """
+    weight = load if load.sum() > 0 else np.ones_like(load, dtype=np.float64)
+    return compute_placement(
+        policy,
+        weight,
+        num_physical=target * slots_per_rank,
+        num_gpus=target,
+        previous=current,
+    )
+
+
+def recovery_maps(
+    held_rows: dict[int, np.ndarray], mapped: np.ndarray, world: int, slots_per_rank: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(old, new) phy2log [L, world x S] after the ranks missing from ``held_rows`` died.
+
+    ``held_rows``: survivor rank -> what its slots hold [L, S]; ``mapped`` [L, world x S] is the
+    leader's map. Old marks the lost ranks' slots -1; new keeps every survivor's contents and
+    gives the replacements what the lost ranks held, so only the lost experts move.
+    """
+    old = np.full_like(mapped, -1)
+    for rank, rows in held_rows.items():
+        old[:, rank * slots_per_rank : (rank + 1) * slots_per_rank] = rows
+    new = np.where(old >= 0, old, mapped)
+    return old, new
+
+
+def lost_ranks_of(world: int, survivors: set[int]) -> tuple[int, ...]:
+    return tuple(r for r in range(world) if r not in survivors)
+
+
+# --- the store --------------------------------------------------------------------------------
+
+
+class Rendezvous:
+    """The deployment's TCPStore, hosted by the leader; every generation has its own prefix."""
+
+    def __init__(self, host: str, port: int, is_leader: bool, timeout_s: float = 300.0) -> None:
+        self.timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(
+            host, port, None, is_leader, timeout=self.timeout, wait_for_workers=False
+        )
+
+    def _has(self, key: str) -> bool:
+        return bool(self.store.check([key]))
+
+    def publish(self, topology: Topology) -> None:
+        for rank in range(topology.world):
+            if self._has(f"joiners/{rank}"):
+                self.store.delete_key(f"joiners/{rank}")
+        self.store.set(f"topology/{topology.generation}", topology.to_json())
+        self.store.set("topology/current", str(topology.generation))
+
+    def current_generation(self) -> int | None:
+        if not self._has("topology/current"):
+            return None
+        return int(self.store.get("topology/current"))
+
+    def topology(self, generation: int) -> Topology:
+        return Topology.from_json(self.store.get(f"topology/{generation}"))
+
+    def wait_topology(self, after: int, timeout_s: float) -> Topology:
+        """The first generation newer than ``after`` (polls; ElasticError past the deadline)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            current = self.current_generation()
+            if current is not None and current > after:
+                return self.topology(after + 1)
+            time.sleep(0.05)
+        raise ElasticError(f"no topology generation after {after} within {timeout_s:.0f} s")
+
+    def group_store(self, generation: int, name: str = "pg") -> dist.Store:
+        return dist.PrefixStore(f"gen/{generation}/{name}/", self.store)
+
+    def register_joiner(self, rank: int) -> None:
+        self.store.set(f"joiners/{rank}", str(time.time()))
+
+    def registered(self, ranks: range | list[int]) -> list[int]:
+        return [r for r in ranks if self._has(f"joiners/{r}")]
+
+    def set_flag(self, name: str, value: str = "1") -> None:
+        self.store.set(f"flags/{name}", value)
+
+    def has_flag(self, name: str) -> bool:
+        return self._has(f"flags/{name}")
+
+    def wait_flag(self, name: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.has_flag(name):
+                return self.store.get(f"flags/{name}").decode()
+            time.sleep(0.05)
+        raise ElasticError(f"flag {name} was not set within {timeout_s:.0f} s")
+
+    def report_failure(self, generation: int, rank: int, step: int, held: np.ndarray) -> None:
+        """A survivor of ``generation``: the step it resumes at and its slots' experts [L, S]."""
+        report = {"step": step, "held": held.tolist()}
+        self.store.set(f"failed/{generation}/{rank}", json.dumps(report))
+
+    def failure_reports(self, generation: int, world: int) -> dict[int, dict]:
+        return {
+            r: json.loads(self.store.get(f"failed/{generation}/{r}"))
+            for r in range(world)
+            if self._has(f"failed/{generation}/{r}")
+        }
+
+
+# --- torch.distributed ------------------------------------------------------------------------
+
+
+def form_group(
+    rendezvous: Rendezvous,
+    generation: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    timeout_s: float,
+) -> None:
+    """Make generation ``generation``'s group of ``world`` ranks the default process group."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if world == 1:
+        return
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        store=rendezvous.group_store(generation),
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def move_experts(
+    layers_slots: list[dict[str, torch.Tensor]],
+    old_phy2log: np.ndarray,
+    new_phy2log: np.ndarray,
+    slots_per_rank: int,
+    rank: int,
+    communicator: Communicator,
+    reload_layer: list[Reloader] | None = None,
+) -> int:
+    """Fill this rank's slots [S, ...] per layer for ``new_phy2log`` [L, P'] from ``old`` [L, P].
+
+    Every rank of the transfer group calls it with the same maps. Returns bytes received.
+    """
+    received = 0
+    for layer, slots in enumerate(layers_slots):
+        plan = plan_layer(old_phy2log[layer], new_phy2log[layer], slots_per_rank)
+        reload = None if reload_layer is None else reload_layer[layer]
+        received += execute_layer_plan(plan, rank, slots, communicator, reload)
+    return received
