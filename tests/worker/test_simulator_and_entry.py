@@ -92,8 +92,10 @@ def test_rank_env() -> None:
     assert (env.rank, env.world_size, env.master_port) == (1, 2, 1234)
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         RankEnv.from_environ({"RANK": "0"})
-    with pytest.raises(ValidationError, match="must be < WORLD_SIZE"):
-        RankEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2"})
+    # A rank beyond the initial group is a joiner (elastic scale-up), not an error.
+    assert RankEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2"}).rank == 2
+    with pytest.raises(ValidationError, match="rank"):
+        RankEnv.from_environ({"RANK": "-1", "WORLD_SIZE": "2"})
 
 
 def test_two_worker_processes_run_and_rebalance(tmp_path: Path) -> None:

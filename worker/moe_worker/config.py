@@ -189,10 +189,14 @@ class WorkerConfig(WireModel):
 
 
 class RankEnv(WireModel):
-    """This process's place in the group, from the environment the pod template sets."""
+    """This process's place in the group, from the environment the pod template sets.
+
+    WORLD_SIZE is the size of the group the deployment starts with; a rank at or beyond it
+    (a scale-up's new pod) joins the running group when a resize takes it in.
+    """
 
     rank: int = Field(ge=0)
-    world_size: int = Field(gt=0)
+    world_size: int = Field(gt=0, description="Ranks of the initial group.")
     master_addr: str = "127.0.0.1"
     master_port: int = Field(29500, gt=0, lt=65536)
 
@@ -216,9 +220,3 @@ class RankEnv(WireModel):
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", "29500")),
         )
-
-    @model_validator(mode="after")
-    def _rank_in_world(self) -> RankEnv:
-        if self.rank >= self.world_size:
-            raise ValueError(f"RANK ({self.rank}) must be < WORLD_SIZE ({self.world_size})")
-        return self

@@ -73,9 +73,7 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
         engine = membership.start(env, on_standby=standby)
         with status.lock:
             status.standby = False
-        service = WorkerService(
-            engine, status, metrics, config.metrics.update_interval, membership
-        )
+        service = WorkerService(engine, status, metrics, config.metrics.update_interval, membership)
         service.run(config.steps if steps is None else steps)
         summary: dict[str, Any] = {
             "rank": env.rank,

@@ -1,0 +1,176 @@
+"""Elastic EP: live resize 2 -> 4 -> 2 and recovery from a killed rank, outputs checked.
+
+Every rank runs with ``checkOutputs``: each step's output is compared with a dense
+single-process forward of the same batch, so "outputs equal the reference" is measured on every
+step before, during and after each switch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from moe_worker.elastic import Topology, recovery_maps, resize_placement, resize_problem
+from moe_worker.eplb.planner import apply_plan_to_contents, plan_layer
+from moe_worker.eplb.policy import Placement, default_placement
+from rank_processes import RankProcesses
+
+CONFIG: dict[str, Any] = {
+    "deployment": "elastic-test",
+    "steps": 0,
+    "checkOutputs": True,
+    "model": {"numExperts": 8, "numLayers": 2, "hiddenSize": 16, "intermediateSize": 8, "topK": 2},
+    # 2 ranks x 5 slots: 2 redundant; at 4 ranks the same 5 slots per rank give 12 redundant.
+    "eplb": {"numRedundantExperts": 2, "windowSize": 20, "stepInterval": 25, "useAsync": True},
+    "workload": {"kind": "drift", "tokensPerStep": 32, "driftPeriod": 80},
+    "elastic": {"collectiveTimeoutS": 20, "replacementTimeoutS": 60},
+    "metrics": {"updateInterval": 5},
+}
+
+
+# --- decisions -----------------------------------------------------------------------------
+
+
+def test_resize_problem_names_the_field_and_rule() -> None:
+    assert resize_problem(4, 2, 5, 8) is None
+    assert "must be >= 1" in (resize_problem(0, 2, 5, 8) or "")
+    assert "cannot hold all 8 experts" in (resize_problem(1, 2, 5, 8) or "")
+    assert "already 2" in (resize_problem(2, 2, 5, 8) or "")
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 4), (4, 2), (2, 3), (3, 2)])
+def test_resize_placement_keeps_slots_per_rank_and_every_expert(
+    old_world: int, new_world: int
+) -> None:
+    slots, experts, layers = 5, 8, 2
+    current = default_placement(layers, experts, old_world * slots)
+    load = np.random.default_rng(1).random((layers, experts)) * 100
+    new = resize_placement(current, load, slots, new_world)
+    assert new.phy2log.shape == (layers, new_world * slots)
+    for layer in range(layers):
+        assert set(new.phy2log[layer]) == set(range(experts))
+        plan = plan_layer(current.phy2log[layer], new.phy2log[layer], slots)
+        contents = apply_plan_to_contents(current.phy2log[layer], plan, slots, new_world)
+        assert (contents == new.phy2log[layer]).all(), "the moves produce the new placement"
+        # Surviving ranks keep what the new map leaves in place: no move into a kept slot.
+        assert all(t.dst_rank < new_world for t in plan.transfers)
+
+
+def test_recovery_maps_mark_lost_slots_and_plan_reloads_only_for_unreplicated_experts() -> None:
+    slots = 5
+    mapped = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1]])  # rank 1 holds 5, 6, 7 alone
+    held = {0: mapped[:, :slots]}
+    old, new = recovery_maps(held, mapped, world=2, slots_per_rank=slots)
+    assert (old[0, slots:] == -1).all() and (new == mapped).all()
+    plan = plan_layer(old[0], new[0], slots)
+    assert sorted(r.expert for r in plan.reloads) == [5, 6, 7]
+    assert sorted(t.expert for t in plan.transfers) == [0, 1]
+    assert all(t.src_rank == 0 and t.dst_rank == 1 for t in plan.transfers)
+    contents = apply_plan_to_contents(old[0], plan, slots, 2)
+    assert (contents == new[0]).all()
+
+
+def test_topology_round_trips_through_json() -> None:
+    placement = default_placement(2, 8, 10)
+    topology = Topology(
+        3,
+        2,
+        120,
+        "recover",
+        previous_world=2,
+        lost_ranks=(1,),
+        mapping_generation=4,
+        old_phy2log=placement.phy2log.tolist(),
+        new_phy2log=placement.phy2log.tolist(),
+    )
+    again = Topology.from_json(topology.to_json())
+    assert again == topology and again.transfer_world == 2
+    assert isinstance(again.placement(8), Placement)
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def steps_of(ranks: RankProcesses) -> int:
+    return int(ranks.state()["step"])
+
+
+def test_live_resize_two_four_two_keeps_outputs_equal_to_the_reference(tmp_path: Path) -> None:
+    ranks = RankProcesses(tmp_path, CONFIG, world=2)
+    try:
+        ranks.start(0)
+        ranks.start(1)
+        ranks.wait(lambda: ranks.readyz(0)[0] == 200 and ranks.readyz(1)[0] == 200, what="ready")
+        ranks.wait(lambda: steps_of(ranks) >= 30, what="30 steps at EP 2")
+        code, body = ranks.control("POST", "/v1/ep/resize", {"epSize": 4})
+        assert code == 409 and "[2, 3]" in body["error"], "joiners have not registered"
+        assert ranks.control("POST", "/v1/ep/resize", {"epSize": 1})[0] == 422
+        assert ranks.control("POST", "/v1/ep/resize", {"size": 4})[0] == 422
+
+        ranks.start(2)
+        ranks.start(3)
+        for rank in (2, 3):
+            ranks.wait(
+                lambda rank=rank: ranks.readyz(rank)[1].get("status") == "standby",
+                what=f"rank {rank} on standby",
+            )
+        assert ranks.state()["epSize"] == 2
+        code, body = ranks.control("POST", "/v1/ep/resize", {"epSize": 4, "reason": "test"})
+        assert code == 202, body
+        state = ranks.wait(
+            lambda: (
+                (s := ranks.state())["epSize"] == 4 and s["resize"]["phase"] == "committed" and s
+            ),
+            what="EP 4 committed",
+        )
+        assert state["topologyGeneration"] == 1 and state["resize"]["fromEpSize"] == 2
+        at_four = steps_of(ranks)
+        ranks.wait(lambda: steps_of(ranks) >= at_four + 30, what="30 steps at EP 4")
+
+        ranks.expected_exits |= {2, 3}
+        code, body = ranks.control("POST", "/v1/ep/resize", {"epSize": 2})
+        assert code == 202, body
+        retired = [ranks.summary(rank) for rank in (2, 3)]
+        assert all(s["retired"] and s["topologyGeneration"] == 2 for s in retired)
+        state = ranks.wait(
+            lambda: (s := ranks.state())["epSize"] == 2 and s["topologyGeneration"] == 2 and s,
+            what="EP 2 committed",
+        )
+        at_two = steps_of(ranks)
+        ranks.wait(lambda: steps_of(ranks) >= at_two + 30, what="30 steps back at EP 2")
+    finally:
+        ranks.stop()
+    survivors = [ranks.summary(rank) for rank in (0, 1)]
+    for summary in survivors + retired:
+        assert summary["outputMismatches"] == 0, summary
+        assert summary["recoveries"] == 0, "no step failed"
+    assert all(s["outputsChecked"] >= 90 and s["epSize"] == 2 for s in survivors)
+    assert all(s["outputsChecked"] >= 25 for s in retired), "the joiners served at EP 4"
+
+
+def test_killed_rank_is_replaced_and_every_expert_restored(tmp_path: Path) -> None:
+    ranks = RankProcesses(tmp_path, CONFIG, world=2)
+    try:
+        ranks.start(0)
+        ranks.start(1)
+        ranks.wait(lambda: steps_of(ranks) >= 30, what="30 steps")
+        ranks.expected_exits.add(1)
+        ranks.kill(1)
+        ranks.wait(lambda: ranks.state()["resize"].get("phase") == "recovering", what="detected")
+        ranks.expected_exits.discard(1)
+        ranks.start(1)  # the replacement (a restarted pod keeps its ordinal)
+        state = ranks.wait(
+            lambda: (s := ranks.state())["recoveries"] == 1 and s["topologyGeneration"] == 1 and s,
+            what="recovered",
+        )
+        assert state["resize"]["lostRanks"] == [1]
+        at = steps_of(ranks)
+        ranks.wait(lambda: steps_of(ranks) >= at + 30, what="30 steps after recovery")
+    finally:
+        ranks.stop()
+    leader, replacement = ranks.summary(0), ranks.summary(1)
+    assert leader["outputMismatches"] == 0 and replacement["outputMismatches"] == 0
+    assert replacement["outputsChecked"] >= 25 and leader["recoveries"] == 1
