@@ -99,12 +99,43 @@ class WorkloadConfig(WireModel):
     drift_period: int = Field(200, gt=0, description="Steps for drifting hot spots to rotate once.")
     trace_path: str | None = Field(None, description="Per-expert count trace [L, E] (.json/.npy).")
     seed: int = Field(0, ge=0, description="Seed of the simulator.")
+    offered_tokens_per_step: int | None = Field(
+        None,
+        gt=0,
+        description="Tokens per step offered to the whole deployment, split over the ranks "
+        "serving, so a resize changes each rank's share (unset: tokensPerStep on every rank).",
+    )
+    load_profile: list[float] = Field(
+        default_factory=list,
+        description="Factors on the offered load, each held for profilePeriodSteps steps, "
+        "cycling (e.g. [1, 3, 1]: a burst); empty: constant.",
+    )
+    profile_period_steps: int = Field(200, gt=0, description="Steps each loadProfile factor lasts.")
+    steps_per_second: float | None = Field(
+        None, gt=0, description="Pace the step loop at this rate (unset: as fast as it runs)."
+    )
 
     @model_validator(mode="after")
     def _trace_needs_path(self) -> WorkloadConfig:
         if (self.kind == "trace") != (self.trace_path is not None):
             raise ValueError("tracePath: required exactly when kind is trace")
+        if any(factor <= 0 for factor in self.load_profile):
+            raise ValueError("loadProfile: every factor must be > 0")
         return self
+
+    def factor(self, step: int) -> float:
+        """The load profile's factor at ``step`` (1 without a profile)."""
+        if not self.load_profile:
+            return 1.0
+        return self.load_profile[(step // self.profile_period_steps) % len(self.load_profile)]
+
+    def rank_tokens(self, step: int, rank: int, world: int) -> int:
+        """Tokens rank ``rank`` of ``world`` processes at ``step`` (at least 1)."""
+        if self.offered_tokens_per_step is None:
+            return max(1, round(self.tokens_per_step * self.factor(step)))
+        total = round(self.offered_tokens_per_step * self.factor(step))
+        share, extra = divmod(total, world)
+        return max(1, share + (1 if rank < extra else 0))
 
 
 class MetricsConfig(WireModel):

@@ -147,7 +147,7 @@ class Engine:
             self._start_eplb(channel_store)
         self.simulate_routing = model_config.source == "synthetic"
         self.simulator = RoutingSimulator(
-            config.workload, model_config, model_config.num_layers, rank
+            config.workload, model_config, model_config.num_layers, rank, world
         )
         self.step_index = 0
         self.tokens_processed = 0
@@ -188,6 +188,7 @@ class Engine:
         Every rank of the new group calls it at the same step."""
         self.config = self.config.resized(world)
         self.ep.size = world
+        self.simulator.world = world
         self.placement = placement
         set_placement(self.model.layers, placement)
         self._start_eplb(channel_store)
@@ -229,13 +230,14 @@ class Engine:
         stats = []
         for _ in range(steps):
             started = time.perf_counter()
+            tokens_before = self.tokens_processed
             self.step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             stats.append(
                 StepStats(
                     self.step_index,
-                    self.config.workload.tokens_per_step,
+                    self.tokens_processed - tokens_before,
                     time.perf_counter() - started,
                 )
             )

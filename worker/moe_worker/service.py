@@ -52,11 +52,12 @@ class WorkerService:
     def step(self) -> None:
         started = time.perf_counter()
         routed_before = sum(layer.computed_pairs for layer in self.engine.model.layers)
+        tokens_before = self.engine.tokens_processed
         self.engine.step()
         seconds = time.perf_counter() - started
         routed = sum(layer.computed_pairs for layer in self.engine.model.layers) - routed_before
         if self.metrics is not None:
-            self.metrics.observe_step(seconds, self.engine.config.workload.tokens_per_step, routed)
+            self.metrics.observe_step(seconds, self.engine.tokens_processed - tokens_before, routed)
         self._after_rebalances()
         target = self._relay_control()
         if target and self.membership is not None and not self.stopping:
@@ -214,7 +215,12 @@ class WorkerService:
         """Step until ``steps`` are done (0: no limit) or a stop is requested on any rank."""
         with self.status.lock:
             self.status.ready = True
+        rate = self.engine.config.workload.steps_per_second
+        next_step_at = time.monotonic()
         while not self.stopping and (steps == 0 or self.engine.step_index < steps):
+            if rate is not None:  # paced: a steady offered load, as from a request stream
+                next_step_at = max(next_step_at + 1.0 / rate, time.monotonic() - 1.0)
+                time.sleep(max(0.0, next_step_at - time.monotonic()))
             started_at = self.engine.step_index
             try:
                 self.step()

@@ -40,12 +40,19 @@ def read_trace(path: str | Path) -> np.ndarray:
 
 class RoutingSimulator:
     def __init__(
-        self, workload: WorkloadConfig, model: ModelConfig, num_layers: int, rank: int = 0
+        self,
+        workload: WorkloadConfig,
+        model: ModelConfig,
+        num_layers: int,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        """``world``: ranks serving (an offered load is split over them; a resize sets it)."""
         self.workload = workload
         self.model = model
         self.num_layers = num_layers
         self.rank = rank
+        self.world = world
         rng = np.random.default_rng(workload.seed)
         experts = model.num_experts
         # A fixed random order of experts per layer, so hot experts differ between layers.
@@ -76,7 +83,7 @@ class RoutingSimulator:
         return out
 
     def batch(self, step: int) -> Batch:
-        tokens = self.workload.tokens_per_step
+        tokens = self.workload.rank_tokens(step, self.rank, self.world)
         generator = torch.Generator().manual_seed(
             (self.workload.seed * 1_000_003 + self.rank * 10_007 + step) % (2**63)
         )
