@@ -286,6 +286,11 @@ def run_local(
         None, "--prometheus", help="Read metrics from this Prometheus instead of scraping."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, or cuda for local GPUs."),
+    check_outputs: bool = typer.Option(
+        False,
+        "--check-outputs",
+        help="Every rank compares each step's output with a dense reference (slower).",
+    ),
 ) -> None:
     """Run FILE on this machine: ranks as local processes, the operator's policy loop."""
     import asyncio
@@ -295,13 +300,21 @@ def run_local(
     if duration <= 0:
         fail("--duration: must be > 0 seconds")
     deployment = load_deployment(file)
-    timeline = asyncio.run(run_deployment(deployment, duration, report, prometheus, device))
+    timeline = asyncio.run(
+        run_deployment(deployment, duration, report, prometheus, device, True, check_outputs)
+    )
     remaps = sum(a["action"] == "remap" for a in timeline.actions)
     resizes = sum(a["action"] == "resize" for a in timeline.actions)
     console.print(
-        f"{len(timeline.points)} snapshots, {remaps} remaps, {resizes} resizes; "
-        f"wrote {report} and {report.with_suffix('.png')}"
+        f"{len(timeline.points)} snapshots, {remaps} remaps, {resizes} resizes, "
+        f"{timeline.restarts} pod restarts; wrote {report} and {report.with_suffix('.png')}"
     )
+    if check_outputs:
+        checked = sum(r.get("outputsChecked", 0) for r in timeline.rank_summaries)
+        wrong = sum(r.get("outputMismatches", 0) for r in timeline.rank_summaries)
+        console.print(f"outputs checked against the dense reference: {checked}, {wrong} differ")
+        if wrong:
+            raise typer.Exit(code=1)
 
 
 @app.command()

@@ -233,12 +233,13 @@ class RankEnv(WireModel):
 
     @classmethod
     def from_environ(cls, environ: dict[str, str]) -> RankEnv:
-        """RANK, or (in a StatefulSet pod) POD_NAME's ordinal x LOCAL_WORLD_SIZE + LOCAL_RANK."""
+        """RANK, or (in a StatefulSet pod) POD_NAME's ordinal x LOCAL_WORLD_SIZE + LOCAL_RANK
+        (LOCAL_RANK 0 in a one-GPU pod, where no launcher sets it)."""
         rank = environ.get("RANK")
-        if rank is None and "POD_NAME" in environ and "LOCAL_RANK" in environ:
+        if rank is None and "POD_NAME" in environ:
             ordinal = int(environ["POD_NAME"].rsplit("-", 1)[1])
             per_pod = int(environ.get("LOCAL_WORLD_SIZE", "1"))
-            rank = str(ordinal * per_pod + int(environ["LOCAL_RANK"]))
+            rank = str(ordinal * per_pod + int(environ.get("LOCAL_RANK", "0")))
         missing = [
             n for n, v in (("RANK", rank), ("WORLD_SIZE", environ.get("WORLD_SIZE"))) if v is None
         ]

@@ -52,7 +52,9 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             config.eplb.use_async,
             config.metrics.per_expert,
         )
-        local_rank = int(os.environ.get("LOCAL_RANK", env.rank))
+        # In a pod (POD_NAME set) ports count from the pod's first rank; elsewhere from rank 0.
+        in_pod = "POD_NAME" in os.environ
+        local_rank = int(os.environ.get("LOCAL_RANK", 0 if in_pod else env.rank))
         port = config.metrics.port + local_rank if config.metrics.port else 0
         servers.append(serve_metrics(port, metrics.exposition, status))
     if config.control.enabled and env.rank == 0:

@@ -1,12 +1,15 @@
 """The embedded default: run a MoEDeployment on this machine, with the operator's policy loop.
 
-All ranks run as local processes started with the command and environment of the StatefulSet's
-pod template (one "pod" holding every rank, so ports and MASTER_ADDR stay on 127.0.0.1; CPU and
-gloo unless the deployment asks for GPUs and they exist). Every second the runtime scrapes the
-ranks (or queries ``--prometheus``), runs ``policy.decide`` and acts: a remap is a POST to the
-leader's control API; a resize restarts the ranks at the new EP size (the live elastic protocol
-is not built yet, so a resize here is a restart, and steps in flight are lost). It shows a live
-table and writes a report: a JSON timeline and a PNG plot with the actions marked.
+The StatefulSet's pods run as local processes started with the command and environment of its
+pod template (one process per pod of ``gpusPerPod`` ranks, everything on 127.0.0.1; CPU and gloo
+unless the deployment asks for GPUs and they exist). Every second the runtime scrapes the ranks
+(or queries ``--prometheus``), runs ``policy.decide`` and acts as the operator does: a remap is
+a POST to the leader's control API; a resize is a live elastic resize through the protocol of
+``resize.py`` (scale up: start the new pods, wait until they are ready on standby, POST
+/v1/ep/resize; scale down: POST first, the retiring ranks hand their experts over and exit, then
+their pods go). Like a kubelet, it restarts a pod whose process dies; the surviving ranks take
+the restarted one back in and restore its experts. It shows a live table and writes a report: a
+JSON timeline and a PNG plot with the actions marked.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from ..api.models import MoEDeployment
 from ..builders import stateful_set, worker_config
 from ..metrics_source import MetricsUnavailable, PrometheusSource, ScrapeSource
 from ..policy import Decision, PolicyMemory, Snapshot, decide
+from ..resize import Observed, ResizeProgress, begin, pods_for
+from ..resize import step as resize_step
+
+RESIZE_PHASE_TIMEOUT_S = 120.0
 
 
 def free_ports(count: int) -> int:
@@ -56,70 +63,182 @@ def with_ep_size(deployment: MoEDeployment, ep_size: int) -> MoEDeployment:
     return MoEDeployment.model_validate(document)
 
 
-def pod_command(
-    deployment: MoEDeployment, workdir: Path, metrics_port: int, device: str
-) -> tuple[list[str], dict[str, str], dict[str, Any]]:
-    """The pod template's command and env with every rank in one local pod; and its config."""
-    ep_size = deployment.spec.parallelism.expert_parallel_size
-    container = stateful_set(deployment)["spec"]["template"]["spec"]["containers"][0]
-    config = worker_config(deployment)
-    config["device"] = device
-    config["metrics"]["port"] = metrics_port
-    config["control"] = {"port": metrics_port - 1, "tokenFile": str(workdir / "token")}
-    config["steps"] = 0
-    (workdir / "worker.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ)
-    env.pop("RANK", None)
-    for item in container["env"]:
-        if "value" in item:
-            env[item["name"]] = item["value"]
-    # The pod's numba cache dir is for its read-only root filesystem; here numba's own default
-    # (or the caller's NUMBA_CACHE_DIR) keeps compiled kernels across runs.
-    env.pop("NUMBA_CACHE_DIR", None)
-    if "NUMBA_CACHE_DIR" in os.environ:
-        env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
-    env.update(
-        POD_NAME=f"{deployment.metadata.name}-0",
-        POD_NAMESPACE=deployment.metadata.namespace or "default",
-        LOCAL_WORLD_SIZE=str(ep_size),
-        WORLD_SIZE=str(ep_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_ports(1)),
-    )
-    command = list(container["command"])
-    command[0] = str(Path(sys.executable).parent / "moe-eplb")
-    command[command.index("--config") + 1] = str(workdir / "worker.yaml")
-    return command, env, config
-
-
 @dataclass
-class Ranks:
-    """The running worker processes of one EP size."""
-
+class LocalPod:
+    ordinal: int
     process: subprocess.Popen[bytes]
-    ep_size: int
-    metrics_port: int
-    control_port: int
+    retiring: bool = False
+
+
+class LocalPods:
+    """The deployment's pods as local processes; rank r's metrics are on ``metrics_port + r``."""
+
+    def __init__(
+        self, deployment: MoEDeployment, workdir: Path, device: str, check_outputs: bool = False
+    ) -> None:
+        self.deployment = deployment
+        self.workdir = workdir
+        self.gpus_per_pod = deployment.spec.parallelism.gpus_per_pod
+        self.ep_size = deployment.spec.parallelism.expert_parallel_size
+        most = max(self.ep_size, deployment.spec.elastic.max_expert_parallel_size or 0)
+        self.control_port = free_ports(most + 1)
+        self.metrics_port = self.control_port + 1
+        self.master_port = free_ports(1)
+        self.token = secrets.token_urlsafe(32)
+        (workdir / "token").write_text(self.token)
+        self.device = device
+        self.check_outputs = check_outputs
+        self.pods: dict[int, LocalPod] = {}
+        self.restarts = 0
+        self.exits: list[dict[str, Any]] = []
+
+    def _command(self, ordinal: int) -> tuple[list[str], dict[str, str]]:
+        """The pod template's command and env for pod ``ordinal``, with a local config file."""
+        container = stateful_set(self.deployment)["spec"]["template"]["spec"]["containers"][0]
+        config = worker_config(self.deployment)
+        config["device"] = self.device
+        config["metrics"]["port"] = self.metrics_port + ordinal * self.gpus_per_pod
+        config["control"] = {"port": self.control_port, "tokenFile": str(self.workdir / "token")}
+        config["steps"] = 0
+        config["checkOutputs"] = self.check_outputs
+        path = self.workdir / f"worker-{ordinal}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env = dict(os.environ)
+        for name in ("RANK", "LOCAL_RANK"):
+            env.pop(name, None)
+        for item in container["env"]:
+            if "value" in item:
+                env[item["name"]] = item["value"]
+        # The pod's numba cache dir is for its read-only root filesystem; here numba's default
+        # (or the caller's NUMBA_CACHE_DIR) keeps compiled kernels across runs.
+        env.pop("NUMBA_CACHE_DIR", None)
+        if "NUMBA_CACHE_DIR" in os.environ:
+            env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
+        if self.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Several ranks share this machine's cores; torch's default (a thread per core in
+            # every rank) oversubscribes them and the collectives then wait on descheduled ranks.
+            env["OMP_NUM_THREADS"] = "1"
+        env.update(
+            POD_NAME=f"{self.deployment.metadata.name}-{ordinal}",
+            POD_NAMESPACE=self.deployment.metadata.namespace or "default",
+            # Pods started later join the running group; a full restart starts at this size.
+            WORLD_SIZE=str(self.ep_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(self.master_port),
+        )
+        command = list(container["command"])
+        command[0] = str(Path(sys.executable).parent / "moe-eplb")
+        command[command.index("--config") + 1] = str(path)
+        return command, env
+
+    def start(self, ordinal: int) -> None:
+        command, env = self._command(ordinal)
+        log = open(self.workdir / f"pod-{ordinal}.log", "ab")  # noqa: SIM115 - owned by the child
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.pods[ordinal] = LocalPod(ordinal, process)
+
+    def set_pods(self, count: int) -> None:
+        """Like a StatefulSet's replicas: start missing ordinals, stop those at or above count."""
+        for ordinal in range(count):
+            if ordinal not in self.pods:
+                self.start(ordinal)
+        for ordinal in sorted(o for o in self.pods if o >= count):
+            self._terminate(self.pods.pop(ordinal))
+
+    def supervise(self) -> list[str]:
+        """Restart pods whose process died (restartPolicy Always); returns what happened."""
+        events = []
+        for ordinal, pod in list(self.pods.items()):
+            code = pod.process.poll()
+            if code is None:
+                continue
+            self.exits.append({"pod": ordinal, "code": code, "t": time.time()})
+            if code == 0 and pod.retiring:
+                continue  # a retired rank waits for its pod to be removed
+            events.append(f"pod {ordinal} exited ({code}); restarted")
+            self.restarts += 1
+            self.start(ordinal)
+        return events
+
+    def ready_pods(self) -> int:
+        """Pods whose every rank answers /readyz with 200 (standby included)."""
+        import urllib.request
+
+        count = 0
+        for ordinal in sorted(self.pods):
+            ok = True
+            for local in range(self.gpus_per_pod):
+                port = self.metrics_port + ordinal * self.gpus_per_pod + local
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                        pass
+                except OSError:
+                    ok = False
+            count += ok
+        return count
+
+    def metrics_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{self.metrics_port + r}/metrics" for r in range(self.ep_size)]
+
+    async def control(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{self.control_port}{path}"
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+            http.request(method, url, json=body, headers=headers) as response,
+        ):
+            return response.status, await response.json(content_type=None)
+
+    async def leader_ep_size(self) -> int | None:
+        try:
+            code, state = await self.control("GET", "/v1/state")
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return int(state["epSize"]) if code == 200 and not state.get("resizing") else None
+
+    @staticmethod
+    def _terminate(pod: LocalPod) -> None:
+        if pod.process.poll() is None:
+            os.killpg(pod.process.pid, signal.SIGTERM)
+            try:
+                pod.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(pod.process.pid, signal.SIGKILL)
+                pod.process.wait()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        """SIGTERM to the leader's pod first (the stop relays to every rank), then the rest."""
+        for ordinal in sorted(self.pods):
+            self._terminate(self.pods[ordinal])
+        self.pods.clear()
 
 
-def start_ranks(deployment: MoEDeployment, workdir: Path, device: str) -> Ranks:
-    ep_size = deployment.spec.parallelism.expert_parallel_size
-    base = free_ports(ep_size + 1)
-    command, env, _ = pod_command(deployment, workdir, base + 1, device)
-    log = open(workdir / f"ranks-ep{ep_size}.log", "ab")  # noqa: SIM115 - owned by the child
-    process = subprocess.Popen(
-        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+async def advance_resize(
+    pods: LocalPods, progress: ResizeProgress, now: float
+) -> tuple[str, ResizeProgress]:
+    """One round of the resize protocol; returns the action taken and the new progress."""
+    observed = Observed(pods.ready_pods(), await pods.leader_ep_size())
+    action, progress = resize_step(
+        progress, observed, pods.gpus_per_pod, now, RESIZE_PHASE_TIMEOUT_S
     )
-    return Ranks(process, ep_size, base + 1, base)
+    target_pods = pods_for(progress.to_ep_size, pods.gpus_per_pod)
+    if action == "set-pods":
+        if progress.phase == "pods-down":
+            pods.set_pods(target_pods)
+        else:
+            pods.set_pods(max(target_pods, len(pods.pods)))
+    elif action == "post-resize":
+        if not progress.up:
+            for ordinal, pod in pods.pods.items():
+                pod.retiring = ordinal >= target_pods
+        code, body = await pods.control("POST", "/v1/ep/resize", {"epSize": progress.to_ep_size})
+        if code != 202:
+            return f"failed: the leader answered {code} {body}", progress
+    elif action == "done":
+        pods.ep_size = progress.to_ep_size
+    return action, progress
 
 
 @dataclass
@@ -127,6 +246,12 @@ class Timeline:
     started: float = field(default_factory=time.time)
     points: list[dict[str, Any]] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    restarts: int = 0
+    rank_summaries: list[dict[str, Any]] = field(default_factory=list)
+
+    def note(self, event: str) -> None:
+        self.events.append({"t": round(time.time() - self.started, 2), "event": event})
 
     def add(self, snapshot: Snapshot | None, decision: Decision, ep_size: int) -> None:
         t = round(time.time() - self.started, 2)
@@ -165,6 +290,9 @@ def write_report(timeline: Timeline, deployment: MoEDeployment, path: Path) -> P
         "threshold": deployment.spec.remap.balancedness_threshold,
         "points": timeline.points,
         "actions": timeline.actions,
+        "events": timeline.events,
+        "podRestarts": timeline.restarts,
+        "ranks": timeline.rank_summaries,
     }
     path.write_text(json.dumps(report, indent=1))
     figure, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
@@ -210,16 +338,9 @@ def table(snapshot: Snapshot | None, decision: Decision, timeline: Timeline) -> 
     out.add_row("policy", f"{decision.verb}: {decision.reason}")
     for action in timeline.actions[-5:]:
         out.add_row(f"t={action['t']:.0f}s {action['action']}", action["reason"])
+    for event in timeline.events[-3:]:
+        out.add_row(f"t={event['t']:.0f}s", event["event"])
     return out
-
-
-async def _remap(ranks: Ranks, token: str, reason: str) -> str:
-    url = f"http://127.0.0.1:{ranks.control_port}/v1/eplb/rebalance"
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
-        http.post(url, json={"reason": reason}, headers={"Authorization": f"Bearer {token}"}) as r,
-    ):
-        return "accepted" if r.status == 202 else f"HTTP {r.status}"
 
 
 async def run(
@@ -229,29 +350,28 @@ async def run(
     prometheus: str | None = None,
     device: str = "cpu",
     live: bool = True,
+    check_outputs: bool = False,
 ) -> Timeline:
     """Run until ``duration`` seconds pass (or Ctrl-C); returns the timeline (also written)."""
     from rich.live import Live
 
     workdir = report.parent / f".{deployment.metadata.name}-run"
     workdir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    (workdir / "token").write_text(token)
+    pods = LocalPods(deployment, workdir, device, check_outputs)
+    pods.set_pods(pods_for(pods.ep_size, pods.gpus_per_pod))
     current = deployment
-    ranks = start_ranks(current, workdir, device)
     timeline = Timeline()
     memory = PolicyMemory()
     deadline = time.monotonic() + duration
+    resize: ResizeProgress | None = None
 
-    def source_for(r: Ranks) -> PrometheusSource | ScrapeSource:
+    def source_for(ep_size: int) -> PrometheusSource | ScrapeSource:
         if prometheus:
             meta = current.metadata
             return PrometheusSource(prometheus, meta.namespace or "default", meta.name)
-        return ScrapeSource(
-            [f"http://127.0.0.1:{r.metrics_port + i}/metrics" for i in range(r.ep_size)]
-        )
+        return ScrapeSource(pods.metrics_urls())
 
-    source = source_for(ranks)
+    source = source_for(pods.ep_size)
     decision = Decision("none", "starting")
     snapshot: Snapshot | None = None
     try:
@@ -260,29 +380,47 @@ async def run(
         ) as view:
             while time.monotonic() < deadline:
                 await asyncio.sleep(1.0)
-                if ranks.process.poll() is not None:
-                    raise RuntimeError(
-                        f"the ranks exited with status {ranks.process.returncode}; "
-                        f"see {workdir}/ranks-ep{ranks.ep_size}.log"
-                    )
+                for event in pods.supervise():
+                    timeline.note(event)
+                if resize is not None:
+                    action, resize = await advance_resize(pods, resize, time.time())
+                    if action in ("done", "failed") or action.startswith("failed"):
+                        timeline.note(f"resize to {resize.to_ep_size}: {action}")
+                        if action != "done":
+                            pods.set_pods(pods_for(pods.ep_size, pods.gpus_per_pod))
+                        current = with_ep_size(current, pods.ep_size)
+                        source = source_for(pods.ep_size)
+                        resize = None
                 try:
                     snapshot = await source.snapshot()
                 except MetricsUnavailable:
                     snapshot = None
                 decision = decide(current.spec, memory, snapshot, time.time())
                 memory = decision.memory
-                timeline.add(snapshot, decision, ranks.ep_size)
+                timeline.add(snapshot, decision, pods.ep_size)
                 if decision.verb == "remap":
-                    await _remap(ranks, token, decision.reason)
-                elif decision.verb == "resize":
-                    ranks.stop()
-                    current = with_ep_size(current, decision.target_ep_size)
-                    ranks = start_ranks(current, workdir, device)
-                    source = source_for(ranks)
+                    await pods.control("POST", "/v1/eplb/rebalance", {"reason": decision.reason})
+                elif decision.verb == "resize" and resize is None:
+                    resize = begin(pods.ep_size, decision.target_ep_size, time.time())
                 view.update(table(snapshot, decision, timeline))
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     finally:
-        ranks.stop()
+        pods.stop()
+        timeline.restarts = pods.restarts
+        timeline.rank_summaries = read_summaries(workdir)
         write_report(timeline, deployment, report)
     return timeline
+
+
+def read_summaries(workdir: Path) -> list[dict[str, Any]]:
+    """The JSON summary line every rank printed when it exited (retired or stopped)."""
+    out = []
+    for log in sorted(workdir.glob("pod-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"rank"' in line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return out
