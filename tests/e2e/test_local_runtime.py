@@ -14,15 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_run_remaps_on_low_balancedness_and_writes_the_report(tmp_path: Path) -> None:
-    document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
-    # Remap as soon as balancedness is below 0.999 (always, with skewed routing).
-    document["spec"]["remap"] = {
-        "balancednessThreshold": 0.999,
-        "sustainedSeconds": 2,
-        "minIntervalSeconds": 5,
-    }
-    document["spec"]["eplb"]["stepInterval"] = 1000000  # only the operator's remaps
+def run_tiny(tmp_path: Path, document: dict, duration: int) -> tuple[dict, str]:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(document))
     report = tmp_path / "out" / "run.json"
@@ -32,25 +24,53 @@ def test_run_remaps_on_low_balancedness_and_writes_the_report(tmp_path: Path) ->
             "run",
             str(path),
             "--duration",
-            "30",
+            str(duration),
             "--report",
             str(report),
+            "--check-outputs",
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=duration + 180,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    timeline = json.loads(report.read_text())
     assert report.with_suffix(".png").stat().st_size > 10_000
-    assert timeline["points"], "no metrics snapshots"
-    assert all(p["ep_size"] == 2 for p in timeline["points"])
-    remaps = [a for a in timeline["actions"] if a["action"] == "remap"]
-    assert remaps and "below 0.999" in remaps[0]["reason"]
-    # The workers carried the remaps out: the mapping generation moved after the first one.
-    after = [p for p in timeline["points"] if p["t"] > remaps[0]["t"]]
-    assert max(p["mapping_generation"] for p in after) >= 1
-    assert "remaps" in result.stdout
+    return json.loads(report.read_text()), result.stdout
+
+
+def test_run_remaps_and_resizes_live_with_outputs_equal_to_the_reference(tmp_path: Path) -> None:
+    """The tiny example, its load burst shortened: remaps, then EP 2 -> 3 -> 4 -> 3 -> 2 live."""
+    document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    document["spec"]["workload"]["profilePeriodSteps"] = 300  # 15 s per load phase
+    document["spec"]["elastic"].update(scaleUpCooldownSeconds=4, scaleDownCooldownSeconds=4)
+    report, stdout = run_tiny(tmp_path, document, duration=55)
+    threshold = report["threshold"]
+    points, actions = report["points"], report["actions"]
+
+    remaps = [a for a in actions if a["action"] == "remap"]
+    assert remaps, "balancedness of the drifting load sagged below the threshold"
+    lifted = [
+        p
+        for p in points
+        if remaps[0]["t"] < p["t"] <= remaps[0]["t"] + 6 and p["balancedness"] > threshold
+    ]
+    assert lifted, f"no snapshot above {threshold} within 6 s of the first remap"
+
+    resizes = [(a["from_ep_size"], a["to_ep_size"]) for a in actions if a["action"] == "resize"]
+    assert resizes[:4] == [(2, 3), (3, 4), (4, 3), (3, 2)], resizes
+    done = [e["event"] for e in report["events"]]
+    assert done[:4] == [f"resize to {n}: done" for n in (3, 4, 3, 2)], done
+    sizes = [p["ep_size"] for p in points]
+    assert 4 in sizes and sizes[-1] == 2
+
+    # Under load, no step failed (no pod died, no recovery) and every rank's every step equals
+    # the dense reference, including the ranks that joined and later retired.
+    assert report["podRestarts"] == 0
+    ranks = report["ranks"]
+    assert len([r for r in ranks if r["retired"]]) >= 2, "ranks 2 and 3 retired"
+    assert all(r["recoveries"] == 0 and r["outputMismatches"] == 0 for r in ranks), ranks
+    assert sum(r["outputsChecked"] for r in ranks) > 500
+    assert "0 differ" in stdout
 
 
 def test_run_rejects_an_invalid_file_with_the_field_named(tmp_path: Path) -> None:
