@@ -2,8 +2,10 @@
 
 Actions: a remap is ``POST /v1/eplb/rebalance`` to the leader rank's control API (bearer token
 from the deployment's Secret); a resize sets ``spec.parallelism.expertParallelSize`` through the
-CR's ``scale`` subresource, the same path as ``kubectl scale``, which the reconcile handlers turn
-into a StatefulSet and worker-config change. The policy memory is written to ``status.policy``.
+CR's ``scale`` subresource, the same path as ``kubectl scale``. With elastic on, ``resize_round``
+then carries the change out live (``resize.py``: pods up, POST /v1/ep/resize, pods down), its
+progress in ``status.resize`` so an operator restart resumes it; without elastic, the reconcile
+handlers re-deploy at the new size. The policy memory is written to ``status.policy``.
 
 Ranks are reached at ``MOE_OPERATOR_POD_HOST`` (a template over {pod}, {name}, {namespace};
 default ``{pod}.{name}-ranks.{namespace}.svc``, the headless Service's DNS).
@@ -24,24 +26,38 @@ from .builders import control_port
 from .k8s import KubeClient, KubeError
 from .metrics_source import MetricsUnavailable, PrometheusSource, ScrapeSource
 from .policy import Decision, decide, memory_from_status, memory_to_status
+from .resize import Observed as ResizeObserved
+from .resize import (
+    begin,
+    pods_for,
+    progress_from_status,
+    progress_to_status,
+    serving_ep_size,
+)
+from .resize import step as resize_step
 
 POD_HOST = os.environ.get("MOE_OPERATOR_POD_HOST", "{pod}.{name}-ranks.{namespace}.svc")
+RESIZE_PHASE_TIMEOUT_S = float(os.environ.get("MOE_OPERATOR_RESIZE_PHASE_SECONDS", "600"))
 
 
 def rank_host(deployment: MoEDeployment, ordinal: int) -> str:
     name = deployment.metadata.name
     return POD_HOST.format(
-        pod=f"{name}-{ordinal}", name=name, namespace=deployment.metadata.namespace or "default"
+        pod=f"{name}-{ordinal}",
+        name=name,
+        namespace=deployment.metadata.namespace or "default",
+        ordinal=ordinal,
     )
 
 
-def metrics_urls(deployment: MoEDeployment) -> list[str]:
-    """Every rank's /metrics, in rank order (rank = ordinal x gpusPerPod + local rank)."""
+def metrics_urls(deployment: MoEDeployment, ep_size: int | None = None) -> list[str]:
+    """Every serving rank's /metrics, in rank order (rank = ordinal x gpusPerPod + local)."""
     spec = deployment.spec
+    gpus = spec.parallelism.gpus_per_pod
+    ranks = spec.parallelism.expert_parallel_size if ep_size is None else ep_size
     return [
-        f"http://{rank_host(deployment, ordinal)}:{spec.metrics.port + local}/metrics"
-        for ordinal in range(spec.pods)
-        for local in range(spec.parallelism.gpus_per_pod)
+        f"http://{rank_host(deployment, rank // gpus)}:{spec.metrics.port + rank % gpus}/metrics"
+        for rank in range(ranks)
     ]
 
 
@@ -51,9 +67,12 @@ class Sources:
 
     by_uid: dict[str, Any] = field(default_factory=dict)
 
-    def get(self, uid: str, deployment: MoEDeployment) -> PrometheusSource | ScrapeSource:
+    def get(
+        self, uid: str, deployment: MoEDeployment, ep_size: int
+    ) -> PrometheusSource | ScrapeSource:
+        """The source for the ``ep_size`` ranks serving now."""
         url = deployment.spec.metrics.prometheus_url
-        key = (url, deployment.spec.parallelism.expert_parallel_size)
+        key = (url, ep_size)
         cached = self.by_uid.get(uid)
         if cached is not None and cached[0] == key:
             return cached[1]  # type: ignore[no-any-return]
@@ -62,7 +81,7 @@ class Sources:
             meta = deployment.metadata
             source = PrometheusSource(url, meta.namespace or "default", meta.name)
         else:
-            source = ScrapeSource(metrics_urls(deployment))
+            source = ScrapeSource(metrics_urls(deployment, ep_size))
         self.by_uid[uid] = (key, source)
         return source
 
@@ -83,22 +102,114 @@ async def _token(kube: KubeClient, deployment: MoEDeployment) -> str:
     return base64.b64decode(secret["data"]["token"]).decode()
 
 
-async def request_remap(kube: KubeClient, deployment: MoEDeployment, reason: str) -> str:
-    """Ask the leader for a rebalance; returns how it answered."""
-    url = f"http://{rank_host(deployment, 0)}:{control_port(deployment)}/v1/eplb/rebalance"
+async def call_leader(
+    kube: KubeClient, deployment: MoEDeployment, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    """One control-API request to the leader rank: (HTTP status, JSON body)."""
+    url = f"http://{rank_host(deployment, 0)}:{control_port(deployment)}{path}"
     headers = {"Authorization": f"Bearer {await _token(kube, deployment)}"}
     timeout = aiohttp.ClientTimeout(total=10)
     async with (
         aiohttp.ClientSession(timeout=timeout) as http,
-        http.post(url, json={"reason": reason}, headers=headers) as response,
+        http.request(method, url, json=body, headers=headers) as response,
     ):
-        if response.status == 202:
-            return "accepted"
-        if response.status == 409:
-            return "already running"
-        raise aiohttp.ClientResponseError(
-            response.request_info, (), status=response.status, message=await response.text()
+        return response.status, await response.json(content_type=None)
+
+
+async def request_remap(kube: KubeClient, deployment: MoEDeployment, reason: str) -> str:
+    """Ask the leader for a rebalance; returns how it answered."""
+    code, body = await call_leader(
+        kube, deployment, "POST", "/v1/eplb/rebalance", {"reason": reason}
+    )
+    if code == 202:
+        return "accepted"
+    if code == 409:
+        return "already running"
+    raise KubeError(code, f"the leader answered {code}: {body}")
+
+
+async def leader_state(kube: KubeClient, deployment: MoEDeployment) -> dict[str, Any] | None:
+    """The leader's GET /v1/state, or None when it cannot be reached."""
+    try:
+        code, body = await call_leader(kube, deployment, "GET", "/v1/state")
+    except (aiohttp.ClientError, TimeoutError, ValueError, KubeError):
+        return None
+    return body if code == 200 and isinstance(body, dict) else None
+
+
+@dataclass
+class ResizeRound:
+    status: dict[str, Any]
+    event: tuple[str, str, str] | None = None
+
+
+async def resize_round(
+    kube: KubeClient,
+    deployment: MoEDeployment,
+    status: dict[str, Any],
+    now: float | None = None,
+    phase_timeout_s: float = RESIZE_PHASE_TIMEOUT_S,
+) -> ResizeRound:
+    """Carry a live resize one step further (elastic on): see ``resize.step``.
+
+    Starts one when the leader serves at a size other than the spec's; records the size it
+    serves at in ``status.expertParallelSize``; the progress goes to ``status.resize``.
+    """
+    now = time.time() if now is None else now
+    spec, meta = deployment.spec, deployment.metadata
+    state = await leader_state(kube, deployment)
+    serving = None
+    if state is not None and not state.get("resizing"):
+        serving = int(state["epSize"])
+    patch: dict[str, Any] = {}
+    if serving is not None:
+        patch["expertParallelSize"] = serving
+    progress = progress_from_status(status.get("resize"))
+    target = spec.parallelism.expert_parallel_size
+    event = None
+    if progress is None:
+        if serving is None or serving == target:
+            return ResizeRound(patch)
+        progress = begin(serving, target, now)
+        event = ("Normal", "Resizing", f"live resize of EP {serving} -> {target} started")
+    sts = await kube.get("apps/v1", "StatefulSet", meta.namespace, meta.name) or {}
+    ready = int((sts.get("status") or {}).get("readyReplicas") or 0)
+    gpus = spec.parallelism.gpus_per_pod
+    action, progress = resize_step(
+        progress, ResizeObserved(ready, serving), gpus, now, phase_timeout_s
+    )
+    if action == "set-pods":
+        replicas = pods_for(progress.to_ep_size, gpus)
+        if (sts.get("spec") or {}).get("replicas") != replicas:
+            await kube.patch(
+                "apps/v1",
+                "StatefulSet",
+                meta.namespace,
+                meta.name,
+                {"spec": {"replicas": replicas}},
+            )
+    elif action == "post-resize":
+        code, body = await call_leader(
+            kube, deployment, "POST", "/v1/ep/resize", {"epSize": progress.to_ep_size}
         )
+        if code not in (202, 409) and not (code == 422 and "already" in str(body)):
+            action = "failed"
+            event = ("Warning", "ResizeFailed", f"the leader answered {code}: {body}")
+    if action == "done":
+        patch["expertParallelSize"] = progress.to_ep_size
+        patch["resize"] = None
+        event = ("Normal", "Resized", f"EP {progress.from_ep_size} -> {progress.to_ep_size} live")
+    elif action == "failed":
+        patch["resize"] = None
+        event = event or (
+            "Warning",
+            "ResizeFailed",
+            f"EP {progress.from_ep_size} -> {progress.to_ep_size}: phase {progress.phase} "
+            f"took over {phase_timeout_s:.0f} s; the group keeps serving at its size",
+        )
+    else:
+        patch["resize"] = progress_to_status(progress)
+    return ResizeRound(patch, event)
 
 
 async def policy_round(
@@ -113,7 +224,8 @@ async def policy_round(
     memory = memory_from_status(status.get("policy"))
     problem = None
     try:
-        snapshot = await sources.get(uid, deployment).snapshot()
+        serving = serving_ep_size(deployment.spec, status)
+        snapshot = await sources.get(uid, deployment, serving).snapshot()
     except MetricsUnavailable as exc:
         snapshot, problem = None, str(exc)
     decision = decide(deployment.spec, memory, snapshot, now)

@@ -64,12 +64,12 @@ def _metadata(deployment: MoEDeployment, name: str, owner_uid: str | None) -> di
 def worker_config(deployment: MoEDeployment) -> dict[str, Any]:
     """The WorkerConfig (camelCase) every rank of this deployment reads."""
     spec = deployment.spec
-    physical = spec.slots_per_rank * spec.parallelism.expert_parallel_size
+    physical = spec.slots_per_rank * spec.base_ep_size
     eplb = spec.eplb.model_dump(by_alias=True)
     eplb["numRedundantExperts"] = physical - spec.model.num_experts
     return {
         "deployment": deployment.metadata.name,
-        "epSize": spec.parallelism.expert_parallel_size,
+        "epSize": spec.base_ep_size,
         "device": "cuda",
         "model": spec.model.model_dump(by_alias=True, exclude_none=True),
         "eplb": eplb,
@@ -150,7 +150,10 @@ def config_hash(deployment: MoEDeployment) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def stateful_set(deployment: MoEDeployment, owner_uid: str | None = None) -> Manifest:
+def stateful_set(
+    deployment: MoEDeployment, owner_uid: str | None = None, pods: int | None = None
+) -> Manifest:
+    """The ranks' StatefulSet; ``pods`` overrides the replicas (a live resize in progress)."""
     name = deployment.metadata.name
     spec = deployment.spec
     gpus = spec.parallelism.gpus_per_pod
@@ -158,7 +161,7 @@ def stateful_set(deployment: MoEDeployment, owner_uid: str | None = None) -> Man
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "WORLD_SIZE", "value": str(spec.parallelism.expert_parallel_size)},
+        {"name": "WORLD_SIZE", "value": str(spec.base_ep_size)},
         {"name": "LOCAL_WORLD_SIZE", "value": str(gpus)},
         {"name": "MASTER_ADDR", "value": f"{name}-0.{name}-ranks.{namespace}.svc"},
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
@@ -268,7 +271,7 @@ def stateful_set(deployment: MoEDeployment, owner_uid: str | None = None) -> Man
         "kind": "StatefulSet",
         "metadata": _metadata(deployment, name, owner_uid),
         "spec": {
-            "replicas": spec.pods,
+            "replicas": spec.pods if pods is None else pods,
             "serviceName": f"{name}-ranks",
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector_labels(name)},
@@ -347,6 +350,7 @@ def children(
     token: str,
     owner_uid: str | None = None,
     with_pod_monitor: bool = False,
+    pods: int | None = None,
 ) -> list[Manifest]:
     """Every child manifest, in creation order (config and identity before the pods)."""
     out = [
@@ -356,7 +360,7 @@ def children(
         metrics_service(deployment, owner_uid),
         disruption_budget(deployment, owner_uid),
         network_policy(deployment, owner_uid),
-        stateful_set(deployment, owner_uid),
+        stateful_set(deployment, owner_uid, pods),
     ]
     if with_pod_monitor:
         out.append(pod_monitor(deployment, owner_uid))

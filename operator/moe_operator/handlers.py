@@ -24,7 +24,7 @@ import prometheus_client
 
 from . import metrics
 from .api.models import GROUP, PLURAL, VERSION, MoEDeployment
-from .autopilot import Sources, policy_round
+from .autopilot import Sources, policy_round, resize_round
 from .k8s import KubeClient, KubeError, bearer_token, load_configuration
 from .reconcile import Round, _observed, document_of, reconcile
 from .status import METRICS_UNAVAILABLE, compute_status, now_rfc3339, set_condition
@@ -180,7 +180,8 @@ async def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 async def autopilot(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """The closed loop: metrics -> policy -> remap or resize, while the deployment runs."""
     status = _plain(body.get("status") or {})
-    if getattr(memo, "closing", False) or status.get("phase") != "Running":
+    resizing = status.get("phase") == "Resizing" or bool(status.get("resize"))
+    if getattr(memo, "closing", False) or (status.get("phase") != "Running" and not resizing):
         return
     document = document_of(body)
     if validation_problems(document):
@@ -190,6 +191,18 @@ async def autopilot(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     meta = body["metadata"]
     kube: KubeClient = memo.kube
     labels = (meta["namespace"], meta["name"])
+    resize_patch: dict[str, Any] = {}
+    if deployment.spec.elastic.enabled:
+        # A live resize goes on while new pods are not ready yet (phase Pending).
+        resized = await resize_round(kube, deployment, status)
+        resize_patch = resized.status
+        status = {**status, **resize_patch}
+        if resized.event is not None:
+            kind, reason, message = resized.event
+            kopf.event(body, type=kind, reason=reason, message=message)
+        if status.get("phase") != "Running":
+            await kube.patch_status(meta["namespace"], meta["name"], resize_patch)
+            return
     rnd = await policy_round(kube, deployment, meta["uid"], status, sources)
     metrics.METRICS_AVAILABLE.labels(*labels).set(0 if rnd.metrics_problem else 1)
     if rnd.decision.verb in ("remap", "resize"):
@@ -220,7 +233,7 @@ async def autopilot(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             conditions, "Degraded", False, "AsExpected", "", int(meta.get("generation") or 0), now
         )
     await kube.patch_status(
-        meta["namespace"], meta["name"], {**rnd.status, "conditions": conditions}
+        meta["namespace"], meta["name"], {**resize_patch, **rnd.status, "conditions": conditions}
     )
 
 

@@ -16,6 +16,7 @@ from .api.models import MoEDeployment
 from .builders import children, selector_string
 from .drift import plan_child
 from .k8s import KubeClient, KubeError
+from .resize import desired_pods, progress_from_status, serving_ep_size
 from .status import Observed
 from .validation import problems
 
@@ -51,20 +52,29 @@ def _observed(
     name = str(meta.get("name"))
     sts_status = (statefulset or {}).get("status") or {}
     sts_meta = (statefulset or {}).get("metadata") or {}
-    ep_size = deployment.spec.parallelism.expert_parallel_size if deployment else 0
+    status = dict(body.get("status") or {})
+    ep_size = serving_ep_size(deployment.spec, status) if deployment else 0
     gpus = deployment.spec.parallelism.gpus_per_pod if deployment else 1
     return Observed(
         generation=int(meta.get("generation") or 0),
         ep_size=ep_size,
         gpus_per_pod=gpus,
         selector=selector_string(name),
-        pods_wanted=deployment.spec.pods if deployment else 0,
+        pods_wanted=desired_pods(deployment.spec, status) if deployment else 0,
         pods_ready=int(sts_status.get("readyReplicas") or 0),
         pods_updated=int(sts_status.get("updatedReplicas") or 0),
         sts_observed_generation=sts_status.get("observedGeneration"),
         sts_generation=sts_meta.get("generation"),
         problem=problem,
+        resize=_resize_words(status) if deployment else None,
     )
+
+
+def _resize_words(status: Mapping[str, Any]) -> str | None:
+    progress = progress_from_status(status.get("resize"))
+    if progress is None:
+        return None
+    return f"EP {progress.from_ep_size} -> {progress.to_ep_size}: {progress.phase}"
 
 
 async def reconcile(kube: KubeClient, body: Mapping[str, Any], with_pod_monitor: bool) -> Round:
@@ -79,7 +89,11 @@ async def reconcile(kube: KubeClient, body: Mapping[str, Any], with_pod_monitor:
     deployment = MoEDeployment.model_validate(document_of(body))
     uid = (body.get("metadata") or {}).get("uid")
     manifests = children(
-        deployment, secrets.token_urlsafe(32), owner_uid=uid, with_pod_monitor=with_pod_monitor
+        deployment,
+        secrets.token_urlsafe(32),
+        owner_uid=uid,
+        with_pod_monitor=with_pod_monitor,
+        pods=desired_pods(deployment.spec, dict(body.get("status") or {})),
     )
     actions: list[str] = []
     statefulset: dict[str, Any] | None = None

@@ -12,8 +12,10 @@ resumes it) and the local runtime in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from .api.models import MoEDeploymentSpec, ResizeStatus
 
 Phase = Literal["pods-up", "request", "moving", "pods-down"]
 Action = Literal["set-pods", "post-resize", "wait", "done", "failed"]
@@ -78,3 +80,38 @@ def step(
         return "set-pods", replace(progress, phase="pods-down", since=now)
     # pods-down: the retired ranks have left; the pods above the target go away.
     return "done", progress
+
+
+def progress_from_status(value: dict[str, Any] | None) -> ResizeProgress | None:
+    if not value:
+        return None
+    parsed = ResizeStatus.model_validate(dict(value))
+    return ResizeProgress(**parsed.model_dump())
+
+
+def progress_to_status(progress: ResizeProgress | None) -> dict[str, Any] | None:
+    if progress is None:
+        return None
+    return ResizeStatus(**asdict(progress)).model_dump(by_alias=True)
+
+
+def serving_ep_size(spec: MoEDeploymentSpec, status: dict[str, Any]) -> int:
+    """The EP size the group serves at: the last one the leader reported (status), else the
+    size a fresh group starts at."""
+    if spec.elastic.enabled:
+        return int(status.get("expertParallelSize") or spec.base_ep_size)
+    return spec.parallelism.expert_parallel_size
+
+
+def desired_pods(spec: MoEDeploymentSpec, status: dict[str, Any]) -> int:
+    """The StatefulSet's replicas. Without elastic: the spec's. With it: enough for the spec's
+    size and for the ranks serving now, and for the old size until a scale-down has passed
+    its request (so no serving rank's pod is removed before it hands its experts away)."""
+    gpus = spec.parallelism.gpus_per_pod
+    if not spec.elastic.enabled:
+        return spec.pods
+    sizes = [spec.parallelism.expert_parallel_size, serving_ep_size(spec, status)]
+    progress = progress_from_status(status.get("resize"))
+    if progress is not None and progress.phase != "pods-down":
+        sizes.append(progress.from_ep_size)
+    return pods_for(max(sizes), gpus)

@@ -38,6 +38,7 @@ class Observed:
     sts_observed_generation: int | None = None
     sts_generation: int | None = None
     problem: tuple[str, str] | None = None
+    resize: str | None = None  # a live resize in progress, in words
 
 
 def set_condition(
@@ -128,8 +129,16 @@ def compute_status(observed: Observed, previous: dict[str, Any] | None, now: str
         conditions = set_condition(
             conditions, "Progressing", True, "RollingOut", waiting, generation, now
         )
+    phase = "Running" if all_ready else "Pending"
+    if observed.resize is not None:
+        phase = "Resizing"
+        conditions = set_condition(
+            conditions, "Resizing", True, "LiveResize", observed.resize, generation, now
+        )
+    elif any(c.get("type") == "Resizing" for c in conditions):
+        conditions = set_condition(conditions, "Resizing", False, "Stable", "", generation, now)
     return {
-        "phase": "Running" if all_ready else "Pending",
+        "phase": phase,
         "conditions": conditions,
         "observedGeneration": generation,
         "expertParallelSize": observed.ep_size,

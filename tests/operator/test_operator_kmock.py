@@ -180,8 +180,11 @@ async def test_restart_resumes_without_recreating_anything(world: World) -> None
 
 
 async def test_spec_update_rolls_pods_and_ep_size_change_is_consistent(world: World) -> None:
+    """Without elastic, an EP size change re-deploys: replicas, WORLD_SIZE and config move."""
+    document = tiny()
+    document["spec"]["elastic"] = {"enabled": False}
     async with running_operator(world.kubeconfig):
-        await world.kube.create(tiny())
+        await world.kube.create(document)
         await eventually(world.children_present, what="children")
         sts = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")
         hash_before = sts["spec"]["template"]["metadata"]["annotations"][f"{GROUP}/config-hash"]
@@ -209,6 +212,21 @@ async def test_spec_update_rolls_pods_and_ep_size_change_is_consistent(world: Wo
         assert world_size == "4"
         assert world.status()["expertParallelSize"] == 4
         assert any(e["reason"] == "Updated" for e in world.events())
+
+
+async def test_elastic_ep_change_raises_replicas_without_rolling_pods(world: World) -> None:
+    """With elastic on, an EP change keeps the template (no pod restarts) and adds pods; the
+    live resize itself waits for the new pods (none run here: see the e2e test)."""
+    async with running_operator(world.kubeconfig):
+        await world.kube.create(tiny())
+        await eventually(world.children_present, what="children")
+        template = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")["spec"]["template"]
+        await world.patch_spec({"parallelism": {"expertParallelSize": 4}})
+        await eventually(lambda: world.status().get("observedGeneration") == 2, what="gen 2")
+        sts = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")
+        assert sts["spec"]["replicas"] == 4
+        assert sts["spec"]["template"] == template, "the pods do not roll"
+        assert world.status()["expertParallelSize"] == 2, "still serving at 2"
 
 
 async def test_scale_subresource_goes_through_the_same_path(world: World) -> None:

@@ -10,7 +10,13 @@ from typer.testing import CliRunner
 
 from manifest_checks import kubernetes_validate_strict
 from moe_operator.api import MoEDeployment
-from moe_operator.builders import children, config_hash, selector_string, worker_config
+from moe_operator.builders import (
+    children,
+    config_hash,
+    selector_string,
+    stateful_set,
+    worker_config,
+)
 from moe_operator.cli import app
 from moe_worker.config import RankEnv, WorkerConfig
 
@@ -77,11 +83,19 @@ def test_children_follow_the_spec(example: Path) -> None:
     for manifest in manifests.values():
         owner = manifest["metadata"]["ownerReferences"][0]
         assert owner["uid"] == "uid-1" and owner["kind"] == "MoEDeployment" and owner["controller"]
-    # The worker config in the ConfigMap is one a worker accepts, for this EP size.
+    # The worker config in the ConfigMap is one a worker accepts. With elastic on it is for the
+    # elastic minimum (the size a fresh group forms at; EP changes are live and roll nothing).
     config = WorkerConfig.model_validate(
         yaml.safe_load(manifests[("ConfigMap", f"{name}-config")]["data"]["worker.yaml"])
     )
-    assert config.ep_size == spec.parallelism.expert_parallel_size
+    start_size = (
+        spec.elastic.min_expert_parallel_size
+        if spec.elastic.enabled
+        else spec.parallelism.expert_parallel_size
+    )
+    assert config.ep_size == start_size
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["WORLD_SIZE"] == str(start_size)
     assert config.slots_per_rank == spec.slots_per_rank
     assert (
         selector_string(name)
@@ -97,6 +111,20 @@ def test_config_or_image_change_rolls_the_pods() -> None:
     assert config_hash(base) != config_hash(other_image)
     assert config_hash(base) != config_hash(MoEDeployment.model_validate(bigger))
     assert worker_config(base) == worker_config(load(EXAMPLES[-1]))
+
+
+def test_live_resize_changes_only_the_replicas() -> None:
+    """With elastic on, an EP size change keeps the pod template and config (no pod rolls)."""
+    document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    small = MoEDeployment.model_validate(document)
+    document["spec"]["parallelism"]["expertParallelSize"] = 4
+    big = MoEDeployment.model_validate(document)
+    assert small.spec.elastic.enabled
+    assert config_hash(small) == config_hash(big)
+    assert worker_config(small) == worker_config(big)
+    assert stateful_set(big)["spec"]["template"] == stateful_set(small)["spec"]["template"]
+    assert stateful_set(big)["spec"]["replicas"] == 4
+    assert stateful_set(big, pods=3)["spec"]["replicas"] == 3
 
 
 def test_render_rejects_an_invalid_file(tmp_path: Path) -> None:

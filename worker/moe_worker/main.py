@@ -40,6 +40,9 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
     from moe_worker.service import WorkerService
 
     status = WorkerStatus()
+    # Where the HTTP servers listen: every address unless MOE_BIND_HOST names one (tests run
+    # several "pods" on one host, each on its own loopback address).
+    bind_host = os.environ.get("MOE_BIND_HOST", "0.0.0.0")
     signal.signal(signal.SIGTERM, lambda *_: setattr(status, "stop_requested", True))
     metrics = None
     servers = []
@@ -56,10 +59,12 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
         in_pod = "POD_NAME" in os.environ
         local_rank = int(os.environ.get("LOCAL_RANK", 0 if in_pod else env.rank))
         port = config.metrics.port + local_rank if config.metrics.port else 0
-        servers.append(serve_metrics(port, metrics.exposition, status))
+        servers.append(serve_metrics(port, metrics.exposition, status, bind_host))
     if config.control.enabled and env.rank == 0:
         servers.append(
-            serve_control(config.control.port, status, read_token(config.control.token_file))
+            serve_control(
+                config.control.port, status, read_token(config.control.token_file), bind_host
+            )
         )
     device = resolve_device(config.device, env.rank)
     rendezvous = Rendezvous(

@@ -178,6 +178,15 @@ class MoEDeploymentSpec(ApiModel):
     def pods(self) -> int:
         return self.parallelism.expert_parallel_size // self.parallelism.gpus_per_pod
 
+    @property
+    def base_ep_size(self) -> int:
+        """The EP size written into the pod template and worker config. With elastic on it is
+        the elastic minimum, so EP changes never roll pods: the group starts there and is
+        resized live; otherwise it is the EP size (a change re-deploys)."""
+        if self.elastic.enabled:
+            return self.elastic.min_expert_parallel_size
+        return self.parallelism.expert_parallel_size
+
 
 @dataclass(frozen=True)
 class CrossFieldRule:
@@ -271,6 +280,16 @@ class PolicyStatus(ApiModel):
     pending: PendingActionStatus | None = None
 
 
+class ResizeStatus(ApiModel):
+    """A live elastic resize in progress (the protocol of resize.py)."""
+
+    from_ep_size: int = Field(ge=1, description="EP size when it began.")
+    to_ep_size: int = Field(ge=1, description="EP size it moves to.")
+    phase: Literal["pods-up", "request", "moving", "pods-down"]
+    since: float = Field(description="Epoch seconds the phase began.")
+    started_at: float = Field(description="Epoch seconds the resize began.")
+
+
 class MoEDeploymentStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -284,6 +303,7 @@ class MoEDeploymentStatus(ApiModel):
     mapping_generation: int | None = Field(None, ge=0)
     topology_generation: int | None = Field(None, ge=0)
     policy: PolicyStatus | None = Field(None, description="Remap/resize policy memory.")
+    resize: ResizeStatus | None = Field(None, description="The live resize in progress.")
 
 
 class ObjectMeta(BaseModel):
