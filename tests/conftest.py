@@ -23,6 +23,7 @@ def _free_port() -> int:
 # a fast resync, the admission webhook on plain HTTP, the operator's metrics on a free port.
 os.environ.setdefault("MOE_OPERATOR_RESYNC_SECONDS", "1")
 os.environ.setdefault("MOE_OPERATOR_POLICY_SECONDS", "1")
-os.environ.setdefault("MOE_OPERATOR_POD_HOST", "127.0.0.1")  # the tests' "pods" are local
+# The tests' "pods" are local processes, pod k on its own loopback address (local_pods.py).
+os.environ.setdefault("MOE_OPERATOR_POD_HOST", "127.0.1.{ordinal}")
 os.environ.setdefault("MOE_OPERATOR_WEBHOOK_PORT", str(_free_port()))
 os.environ.setdefault("MOE_OPERATOR_METRICS_PORT", str(_free_port()))

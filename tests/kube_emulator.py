@@ -83,9 +83,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # (RBAC verb, apiGroup, resource[/subresource], User-Agent) of every resource request.
     verbs: list[tuple[str, str, str, str]] = attrs.field(factory=list, init=False)
 
-    # Requests being served now. KMock matches a request to its reactions by scanning every
-    # request it has recorded (quadratic over a run); the recorded list is trimmed to these.
-    _inflight: set[Any] = attrs.field(factory=set, init=False)
+    # Requests answered since the last trim. KMock matches a request to its reactions by
+    # scanning every request it has recorded (quadratic over a run); answered ones are dropped.
+    _answered: set[Any] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -174,12 +174,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return data
 
     async def _handle(self, request: rendering.Request) -> Any:
-        self._inflight.add(request)
-        self._requests[:] = [r for r in self._requests if r in self._inflight]
+        # Trim KMock's request log (matching is linear in it) of requests already answered
+        # only: a request KMock has logged but not yet handed to this method must stay.
+        if self._answered:
+            self._requests[:] = [r for r in self._requests if r not in self._answered]
+            self._answered.clear()
         try:
             return await self._serve(request)
         finally:
-            self._inflight.discard(request)
+            self._answered.add(request)
 
     async def _serve(self, request: rendering.Request) -> Any:
         if request.resource is None:

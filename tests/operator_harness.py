@@ -32,7 +32,13 @@ async def running_operator(kubeconfig: Path) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
+        done, _ = await asyncio.wait({task}, timeout=30)
+        if not done:
+            for other in asyncio.all_tasks():
+                other.print_stack(limit=8)
+            task.cancel()
+            raise AssertionError("the operator did not stop within 30 s of its stop flag")
+        task.result()
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:

@@ -180,13 +180,19 @@ async def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 async def autopilot(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """The closed loop: metrics -> policy -> remap or resize, while the deployment runs."""
     status = _plain(body.get("status") or {})
-    resizing = status.get("phase") == "Resizing" or bool(status.get("resize"))
-    if getattr(memo, "closing", False) or (status.get("phase") != "Running" and not resizing):
+    if getattr(memo, "closing", False):
         return
     document = document_of(body)
     if validation_problems(document):
         return  # the reconcile rounds report it
     deployment = MoEDeployment.model_validate(document)
+    spec = deployment.spec
+    resizing = spec.elastic.enabled and (
+        bool(status.get("resize"))
+        or status.get("expertParallelSize") not in (None, spec.parallelism.expert_parallel_size)
+    )
+    if status.get("phase") != "Running" and not resizing:
+        return
     sources: Sources = memo.sources
     meta = body["metadata"]
     kube: KubeClient = memo.kube

@@ -78,7 +78,7 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                 await eventually(
                     lambda: cluster.get("apps/v1", "statefulsets", "default", "tiny"), what="sts"
                 )
-                pods.start()
+                pods.start(kube)
                 await eventually(pods.ready, timeout=180, what="ranks ready")
                 # Prometheus has seen the operator's action counter at 0 (so the annotation
                 # query can see the first action) before the deployment turns Running.
@@ -88,23 +88,6 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                     ),
                     timeout=60,
                     what="Prometheus scraping the operator",
-                )
-                sts = cluster.get("apps/v1", "statefulsets", "default", "tiny")
-                replicas = sts["spec"]["replicas"]
-                await kube.patch(
-                    "apps/v1",
-                    "StatefulSet",
-                    "default",
-                    "tiny",
-                    {
-                        "status": {
-                            "replicas": replicas,
-                            "readyReplicas": replicas,
-                            "updatedReplicas": replicas,
-                            "observedGeneration": sts["metadata"]["generation"],
-                        }
-                    },
-                    "status",
                 )
                 await eventually(
                     lambda: (cr().get("status") or {}).get("phase") == "Running", what="Running"
@@ -129,7 +112,7 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                     what="mapping generation",
                 )
                 # Ranks gone: metrics unavailable -> Degraded, and no action is taken.
-                pods.stop()
+                await pods.stop()
                 await eventually(
                     lambda: degraded().get("reason") == "MetricsUnavailable",
                     timeout=30,
@@ -147,7 +130,118 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                 assert not missing, f"operator panels without data: {missing}"
                 assert has_data(prometheus, ANNOTATION_EXPR.replace("[2m]", "[10m]"))
         finally:
-            pods.stop()
+            await pods.stop()
             server.terminate()
             server.wait(timeout=30)
             await kube.close()
+
+
+def gauge(text: str, name: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    return None
+
+
+async def test_live_resize_through_the_operator_and_a_killed_rank(
+    tmp_path: Path,
+) -> None:
+    """kubectl scale 2 -> 4 -> 2, then a rank killed; every step of every rank equals the
+    dense reference. (An operator restart mid-resize: test_operator_kmock.)"""
+    document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    document["metadata"]["namespace"] = "default"
+    spec = document["spec"]
+    spec["parallelism"] = {"expertParallelSize": 2, "gpusPerPod": 1}
+    # Elastic on (live resizes), but a load band so wide the policy itself never resizes.
+    spec["elastic"] = {
+        "enabled": True,
+        "minExpertParallelSize": 2,
+        "maxExpertParallelSize": 4,
+        "tokensPerRankLow": 0,
+        "tokensPerRankHigh": 1e12,
+    }
+    spec["workload"].update(stepsPerSecond=25)
+    spec["metrics"] = {"port": free_port() + 10}  # control port = port - 10
+    api = f"{GROUP}/{VERSION}"
+    async with running_cluster(tmp_path) as (cluster, kubeconfig):
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        kube = await KubeClient.connect(user_agent="moe-tests")
+        pods = LocalPods(cluster, "default", "tiny", tmp_path, check_outputs=True)
+
+        def status() -> dict:
+            return (cluster.get(api, PLURAL, "default", "tiny") or {}).get("status") or {}
+
+        def reasons() -> list[str]:
+            names = cluster.names("v1", "events", "default")
+            return [(cluster.get("v1", "events", "default", n) or {}).get("reason") for n in names]
+
+        async def scale(replicas: int) -> None:
+            await kube.patch(
+                api, "MoEDeployment", "default", "tiny", {"spec": {"replicas": replicas}}, "scale"
+            )
+
+        try:
+            async with running_operator(kubeconfig):
+                await kube.create(document)
+                await eventually(
+                    lambda: cluster.get("apps/v1", "statefulsets", "default", "tiny"), what="sts"
+                )
+                pods.start(kube)
+                await eventually(lambda: status().get("phase") == "Running", 180, "Running")
+                template = cluster.get("apps/v1", "statefulsets", "default", "tiny")["spec"][
+                    "template"
+                ]
+                await scale(4)
+                progress = await eventually(lambda: status().get("resize"), 30, "resize begun")
+                assert progress["fromEpSize"] == 2 and progress["toEpSize"] == 4
+                await eventually(
+                    lambda: status().get("expertParallelSize") == 4 and not status().get("resize"),
+                    120,
+                    "EP 4 served",
+                )
+                assert gauge(pods.scrape(3), "moe_ep_size") == 4
+                sts = cluster.get("apps/v1", "statefulsets", "default", "tiny")
+                assert sts["spec"]["replicas"] == 4 and sts["spec"]["template"] == template
+                await eventually(lambda: {"Resizing", "Resized"} <= set(reasons()), 10, "events")
+
+                await scale(2)
+                await eventually(
+                    lambda: (
+                        status().get("expertParallelSize") == 2
+                        and not status().get("resize")
+                        and cluster.get("apps/v1", "statefulsets", "default", "tiny")["spec"][
+                            "replicas"
+                        ]
+                        == 2
+                    ),
+                    120,
+                    "EP 2 served, pods 2 and 3 gone",
+                )
+                await eventually(lambda: len(pods.pods) == 2, 60, "two pods")
+                generation = gauge(pods.scrape(0), "moe_topology_generation")
+                assert generation == 2
+
+                # A rank dies; the kubelet restarts its pod; the group takes it back in.
+                pods.kill(1)
+                await eventually(
+                    lambda: gauge(pods.scrape(0), "moe_topology_generation") == 3,
+                    120,
+                    "recovered in generation 3",
+                )
+                steps = gauge(pods.scrape(1), "moe_steps_total") or 0
+                await eventually(
+                    lambda: (gauge(pods.scrape(1), "moe_steps_total") or 0) >= steps + 25,
+                    60,
+                    "the replacement serving",
+                )
+                assert pods.restarts >= 1
+        finally:
+            await pods.stop()
+            await kube.close()
+    summaries = pods.summaries()
+    served = [s for s in summaries if not s.get("standby")]
+    assert {s["rank"] for s in served if s.get("retired")} == {2, 3}
+    assert all(s["outputMismatches"] == 0 for s in served), summaries
+    leader = next(s for s in served if s["rank"] == 0)
+    assert leader["recoveries"] == 1 and leader["outputsChecked"] > 100

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
+from distributed import free_port
 from kube_emulator import ClusterEmulator, running_cluster
 from moe_operator.api import GROUP, PLURAL, VERSION
 from moe_operator.k8s import KubeClient
@@ -383,3 +384,75 @@ async def test_admission_webhook_rejects_with_the_field_named(world: World) -> N
             answer = (await response.json())["response"]
         assert answer["allowed"] is False
         assert "spec.model.numExperts: is immutable" in answer["status"]["message"]
+
+
+async def test_live_resize_in_progress_resumes_from_the_status_after_a_restart(
+    world: World,
+) -> None:
+    """The resize's progress lives in status.resize: what a fresh operator runs first (its
+    autopilot round, with a new API client and nothing in memory) reads it and finishes.
+
+    The leader here is the worker's real control API (``serve_control``) over a status whose
+    EP size follows the accepted request, standing in for a group of ranks (the e2e tests run
+    real ones); the StatefulSet's readiness is reported as its controller would.
+    """
+    import threading
+
+    from moe_operator.api import MoEDeployment
+    from moe_operator.autopilot import resize_round
+    from moe_operator.builders import control_port
+    from moe_operator.reconcile import reconcile
+    from moe_worker.server import WorkerStatus, serve_control
+
+    document = tiny()
+    document["spec"]["metrics"] = {"port": free_port() + 10}
+    leader = WorkerStatus(ready=True, state={"epSize": 2})
+    leader.resize_check = lambda target: None
+    done = threading.Event()
+
+    def group() -> None:  # the ranks carry an accepted resize out
+        while not done.wait(0.05):
+            with leader.lock:
+                if leader.resize_target:
+                    leader.state = {"epSize": leader.resize_target}
+                    leader.resize_target = 0
+
+    threading.Thread(target=group, daemon=True).start()
+    await world.kube.create(document)
+    await reconcile(world.kube, world.cr() or {}, False)
+    secret = world.cluster.get("v1", "secrets", NS, "tiny-control")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    deployment = MoEDeployment.model_validate(document)
+    server = serve_control(control_port(deployment), leader, token, host="127.0.1.0")
+    try:
+        await world.mark_pods_ready()
+        await world.kube.patch(API, "MoEDeployment", NS, "tiny", {"spec": {"replicas": 4}}, "scale")
+        document["spec"]["parallelism"]["expertParallelSize"] = 4
+        deployment = MoEDeployment.model_validate(document)
+        first = await resize_round(world.kube, deployment, {"expertParallelSize": 2})
+        await world.kube.patch_status(NS, "tiny", first.status)
+        assert first.event is not None and first.event[1] == "Resizing"
+        assert world.status()["resize"]["phase"] == "pods-up"
+        sts = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")
+        assert sts["spec"]["replicas"] == 4, "the new pods are asked for first"
+        assert leader.state["epSize"] == 2, "nothing asked of the leader before they are ready"
+
+        # The operator process is gone; a new one (new client, no memory) resumes from the API.
+        await world.kube.close()
+        world.kube = await KubeClient.connect(user_agent="moe-tests")
+        await world.mark_pods_ready()  # the new pods came up on standby meanwhile
+        actions = []
+        for _ in range(20):
+            status = world.status()
+            if status.get("expertParallelSize") == 4 and not status.get("resize"):
+                break
+            rnd = await resize_round(world.kube, deployment, status)
+            await world.kube.patch_status(NS, "tiny", rnd.status)
+            actions.append((rnd.status.get("resize") or {}).get("phase"))
+            await asyncio.sleep(0.1)
+        assert world.status()["expertParallelSize"] == 4 and not world.status().get("resize")
+        assert leader.state["epSize"] == 4
+        assert actions[0] == "moving", "the resumed round asks the leader"
+    finally:
+        done.set()
+        server.shutdown()

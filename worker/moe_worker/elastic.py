@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Literal
@@ -47,6 +48,10 @@ TopologyKind = Literal["start", "resize", "recover", "failed"]
 
 class ElasticError(RuntimeError):
     """A resize or recovery could not complete (the process should exit non-zero)."""
+
+
+class StandbyStopped(Exception):
+    """A rank waiting to join was asked to stop (SIGTERM) before any generation took it in."""
 
 
 @dataclass(frozen=True)
@@ -177,10 +182,15 @@ class Rendezvous:
     def topology(self, generation: int) -> Topology:
         return Topology.from_json(self.store.get(f"topology/{generation}"))
 
-    def wait_topology(self, after: int, timeout_s: float) -> Topology:
-        """The first generation newer than ``after`` (polls; ElasticError past the deadline)."""
+    def wait_topology(
+        self, after: int, timeout_s: float, stopped: Callable[[], bool] = lambda: False
+    ) -> Topology:
+        """The first generation newer than ``after`` (polls; ElasticError past the deadline,
+        StandbyStopped when ``stopped()`` turns true)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if stopped():
+                raise StandbyStopped(f"stopped while waiting for generation {after + 1}")
             current = self.current_generation()
             if current is not None and current > after:
                 return self.topology(after + 1)

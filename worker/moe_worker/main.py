@@ -32,7 +32,7 @@ def load_config(path: str | Path) -> WorkerConfig:
 def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from moe_worker.elastic import Rendezvous
+    from moe_worker.elastic import Rendezvous, StandbyStopped
     from moe_worker.engine import resolve_device
     from moe_worker.membership import Membership
     from moe_worker.metrics import WorkerMetrics
@@ -77,7 +77,10 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             status.standby = True
 
     try:
-        engine = membership.start(env, on_standby=standby)
+        try:
+            engine = membership.start(env, standby, lambda: status.stop_requested)
+        except StandbyStopped:
+            return {"rank": env.rank, "steps": 0, "standby": True, "stopped_by_signal": True}
         with status.lock:
             status.standby = False
         service = WorkerService(engine, status, metrics, config.metrics.update_interval, membership)

@@ -53,12 +53,18 @@ class Membership:
 
     # --- start -----------------------------------------------------------------------------
 
-    def start(self, env: RankEnv, on_standby: Callable[[], None] | None = None) -> Engine:
+    def start(
+        self,
+        env: RankEnv,
+        on_standby: Callable[[], None] | None = None,
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> Engine:
         """Join generation 0 as one of its WORLD_SIZE ranks, or wait to join a running group.
 
         The leader publishes generation 0; a rank that finds it still forming is a member, one
         that finds it formed (a scale-up joiner or a dead rank's replacement) registers and
-        waits (``on_standby`` is called then) until a generation takes it in.
+        waits (``on_standby`` is called then) until a generation takes it in, or until
+        ``stopped()`` (StandbyStopped).
         """
         rendezvous = self.rendezvous
         if self.rank == 0:
@@ -86,7 +92,9 @@ class Membership:
         if on_standby is not None:
             on_standby()
         while True:
-            topology = rendezvous.wait_topology(current, self.config.elastic.join_timeout_s)
+            topology = rendezvous.wait_topology(
+                current, self.config.elastic.join_timeout_s, stopped
+            )
             current = topology.generation
             if topology.kind in ("resize", "recover") and topology.includes(self.rank):
                 break
