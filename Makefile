@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 # table; report out/run.json + out/run.png), then a placement for a real expert-load trace.
 demo: setup
 	mkdir -p out
-	$(BIN)/moe-eplb run examples/tiny.yaml --duration 60 --report out/run.json
+	$(BIN)/moe-eplb run examples/tiny.yaml --duration 90 --report out/run.json --check-outputs
 	$(BIN)/moe-eplb plan --loads examples/loads/qwen2_57b_a14b_sharegpt.json \
 		--gpus 8 --slots 72 --policy deepseek
 	$(BIN)/moe-eplb plan --loads examples/loads/qwen2_57b_a14b_sharegpt.json \

@@ -78,10 +78,8 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                 await eventually(
                     lambda: cluster.get("apps/v1", "statefulsets", "default", "tiny"), what="sts"
                 )
-                pods.start(kube)
-                await eventually(pods.ready, timeout=180, what="ranks ready")
                 # Prometheus has seen the operator's action counter at 0 (so the annotation
-                # query can see the first action) before the deployment turns Running.
+                # query can see the first action) before any pod runs.
                 await eventually(
                     lambda: has_data(
                         prometheus, 'moe_operator_actions_total{deployment="tiny"} == 0'
@@ -89,6 +87,8 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                     timeout=60,
                     what="Prometheus scraping the operator",
                 )
+                pods.start(kube)
+                await eventually(pods.ready, timeout=180, what="ranks ready")
                 await eventually(
                     lambda: (cr().get("status") or {}).get("phase") == "Running", what="Running"
                 )
