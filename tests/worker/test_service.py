@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,27 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from distributed import free_port
 from moe_worker.metrics import SPECS, WorkerMetrics, reference_markdown
 from moe_worker.server import WorkerStatus, serve_control
+from rank_processes import http
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-token"
-
-
-def http(
-    method: str, url: str, token: str | None = None, body: bytes | None = None
-) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=body, method=method)
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            raw = response.read()
-            code = response.status
-    except urllib.error.HTTPError as error:
-        raw, code = error.read(), error.code
-    try:
-        return code, json.loads(raw)
-    except json.JSONDecodeError:
-        return code, raw.decode()
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
