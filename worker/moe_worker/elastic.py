@@ -148,10 +148,6 @@ def recovery_maps(
     return old, new
 
 
-def lost_ranks_of(world: int, survivors: set[int]) -> tuple[int, ...]:
-    return tuple(r for r in range(world) if r not in survivors)
-
-
 # --- the store --------------------------------------------------------------------------------
 
 

@@ -365,13 +365,14 @@ async def run(
     deadline = time.monotonic() + duration
     resize: ResizeProgress | None = None
 
-    def source_for(ep_size: int) -> PrometheusSource | ScrapeSource:
+    def source_for() -> PrometheusSource | ScrapeSource:
+        """The metrics of the ranks serving now (Prometheus, or a scrape of each)."""
         if prometheus:
             meta = current.metadata
             return PrometheusSource(prometheus, meta.namespace or "default", meta.name)
         return ScrapeSource(pods.metrics_urls())
 
-    source = source_for(pods.ep_size)
+    source = source_for()
     decision = Decision("none", "starting")
     snapshot: Snapshot | None = None
     try:
@@ -384,12 +385,12 @@ async def run(
                     timeline.note(event)
                 if resize is not None:
                     action, resize = await advance_resize(pods, resize, time.time())
-                    if action in ("done", "failed") or action.startswith("failed"):
+                    if action == "done" or action.startswith("failed"):
                         timeline.note(f"resize to {resize.to_ep_size}: {action}")
                         if action != "done":
                             pods.set_pods(pods_for(pods.ep_size, pods.gpus_per_pod))
                         current = with_ep_size(current, pods.ep_size)
-                        source = source_for(pods.ep_size)
+                        source = source_for()
                         resize = None
                 try:
                     snapshot = await source.snapshot()
