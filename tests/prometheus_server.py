@@ -19,13 +19,18 @@ from distributed import free_port
 def start_prometheus(
     tmp_path: Path, targets: list[str], namespace: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Prometheus scraping ``targets`` every second (labelled ``namespace``); (process, URL)."""
+    """Prometheus scraping ``targets`` every second (labelled ``namespace``); (process, URL).
+    Every query it answers is logged to ``tmp_path / "queries.log"`` (see ``logged_queries``)."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.fail("prometheus is missing: `make setup` installs Debian's prometheus package")
     port = free_port()
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {
+            "scrape_interval": "1s",
+            "evaluation_interval": "1s",
+            "query_log_file": str(tmp_path / "queries.log"),
+        },
         "scrape_configs": [
             {
                 "job_name": "moe",
@@ -45,6 +50,15 @@ def start_prometheus(
         stderr=subprocess.DEVNULL,
     )
     return server, f"http://127.0.0.1:{port}"
+
+
+def logged_queries(tmp_path: Path) -> list[str]:
+    """The PromQL expressions the Prometheus of ``start_prometheus(tmp_path, ...)`` answered."""
+    log = tmp_path / "queries.log"
+    if not log.exists():
+        return []
+    lines = log.read_text().splitlines()
+    return [json.loads(line)["params"]["query"] for line in lines if line.strip()]
 
 
 def query(base: str, expr: str) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The full loop on one machine: the operator (Kopf, on the KMock emulator) creates the
-children; the StatefulSet's pods run as local processes from its pod template; the operator
-scrapes the ranks, its policy asks the leader for a remap, and the workers carry it out."""
+children; the StatefulSet's pods run as local processes from its pod template; a real
+Prometheus scrapes the ranks, the operator's policy reads PromQL from it and asks the leader for
+a remap, and the workers carry it out. Then live resizes and a killed rank (direct scrape)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from distributed import free_port
 from kube_emulator import running_cluster
-from local_pods import LocalPods
+from local_pods import LocalPods, pod_address
 from moe_operator.api import GROUP, PLURAL, VERSION
 from moe_operator.dashboards import ANNOTATION_EXPR, OPERATOR
 from moe_operator.k8s import KubeClient
+from moe_operator.metrics_source import promql
 from operator_harness import eventually, running_operator
-from prometheus_server import for_prometheus, query, start_prometheus
+from prometheus_server import for_prometheus, logged_queries, query, start_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -45,7 +47,8 @@ def has_data(base: str, expr: str) -> bool:
         return False
 
 
-async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path) -> None:
+async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path) -> None:
+    """spec.metrics.prometheusUrl set: the policy's snapshots come from PromQL only."""
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     document["metadata"]["namespace"] = "default"
     spec = document["spec"]
@@ -57,13 +60,19 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
         "sustainedSeconds": 0,
         "minIntervalSeconds": 3,
     }
-    spec["metrics"] = {"port": free_port(consecutive=2) + 10}  # control port = port - 10
+    rank_port = free_port(consecutive=2) + 10  # control port = port - 10
     async with running_cluster(tmp_path) as (cluster, kubeconfig):
         os.environ["KUBECONFIG"] = str(kubeconfig)
         kube = await KubeClient.connect(user_agent="moe-tests")
         pods = LocalPods(cluster, "default", "tiny", tmp_path)
-        operator_metrics = f"127.0.0.1:{os.environ['MOE_OPERATOR_METRICS_PORT']}"
-        server, prometheus = start_prometheus(tmp_path, [operator_metrics], "default")
+        # One Prometheus scrapes the operator and the pod's two ranks (on the pod's address).
+        targets = [
+            f"127.0.0.1:{os.environ['MOE_OPERATOR_METRICS_PORT']}",
+            f"{pod_address(0)}:{rank_port}",
+            f"{pod_address(0)}:{rank_port + 1}",
+        ]
+        server, prometheus = start_prometheus(tmp_path, targets, "default")
+        spec["metrics"] = {"port": rank_port, "prometheusUrl": prometheus}
 
         def cr() -> dict:
             return cluster.get(f"{GROUP}/{VERSION}", PLURAL, "default", "tiny") or {}
@@ -92,7 +101,8 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                 await eventually(
                     lambda: (cr().get("status") or {}).get("phase") == "Running", what="Running"
                 )
-                # The policy reads the ranks' metrics and asks the leader for remaps.
+                # The policy reads the ranks' metrics from Prometheus and asks the leader for
+                # remaps.
                 await eventually(
                     lambda: manual_rebalances(pods.scrape(0)) >= 1,
                     timeout=90,
@@ -111,7 +121,12 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                     lambda: (cr()["status"].get("mappingGeneration") or 0) >= 1,
                     what="mapping generation",
                 )
-                # Ranks gone: metrics unavailable -> Degraded, and no action is taken.
+                # The snapshots were Prometheus' answers to the operator's PromQL.
+                answered = logged_queries(tmp_path)
+                for expr in promql("default", "tiny").values():
+                    assert expr in answered, f"the operator never asked Prometheus for {expr}"
+                # Ranks gone: Prometheus marks their series stale, the queries come back
+                # empty -> Degraded, and no action is taken.
                 await pods.stop()
                 await eventually(
                     lambda: degraded().get("reason") == "MetricsUnavailable",
@@ -119,6 +134,7 @@ async def test_metrics_drive_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                     what="Degraded MetricsUnavailable",
                 )
                 assert degraded()["status"] == "True"
+                assert "no moe_ep_size series" in degraded()["message"], degraded()
                 # Every panel of the "moe-operator" dashboard, and the overview's annotation of
                 # operator actions, has data in a real Prometheus scraping the operator.
                 missing: list[str] = []
