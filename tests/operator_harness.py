@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -39,6 +43,55 @@ async def running_operator(kubeconfig: Path) -> AsyncIterator[None]:
             task.cancel()
             raise AssertionError("the operator did not stop within 30 s of its stop flag")
         task.result()
+
+
+class OperatorProcess:
+    """The operator as its image runs it (``kopf run -m moe_operator.handlers``, the chart's
+    arguments), in its own process, so a test can kill it as a node failure would."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        from distributed import free_port
+
+        self.kubeconfig, self.log = kubeconfig, log
+        self.health = f"http://127.0.0.1:{free_port()}/healthz"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self, timeout: float = 60) -> None:
+        kopf_bin = str(Path(sys.executable).parent / "kopf")
+        command = [kopf_bin, "run", "-m", "moe_operator.handlers", "--standalone"]
+        command += ["--all-namespaces", f"--liveness={self.health}"]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def alive() -> bool:
+            assert self.process is not None and self.process.poll() is None, self.log.read_text()
+            try:
+                with urllib.request.urlopen(self.health, timeout=2) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        await eventually(alive, timeout, "the operator's liveness endpoint")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handlers, nothing written on the way out."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:

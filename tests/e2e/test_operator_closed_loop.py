@@ -20,7 +20,7 @@ from moe_operator.api import GROUP, PLURAL, VERSION
 from moe_operator.dashboards import ANNOTATION_EXPR, OPERATOR
 from moe_operator.k8s import KubeClient
 from moe_operator.metrics_source import promql
-from operator_harness import eventually, running_operator
+from operator_harness import OperatorProcess, eventually, running_operator
 from prometheus_server import for_prometheus, logged_queries, query, start_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,8 +163,9 @@ def gauge(text: str, name: str) -> float | None:
 async def test_live_resize_through_the_operator_and_a_killed_rank(
     tmp_path: Path,
 ) -> None:
-    """kubectl scale 2 -> 4 -> 2, then a rank killed; every step of every rank equals the
-    dense reference. (An operator restart mid-resize: test_operator_kmock.)"""
+    """kubectl scale 2 -> 4 with the operator SIGKILLed mid-resize and started again (the
+    resize resumes from status.resize), 4 -> 2, then a rank killed; every step of every rank
+    equals the dense reference. The operator runs as its image does, in its own process."""
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     document["metadata"]["namespace"] = "default"
     spec = document["spec"]
@@ -197,62 +198,70 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
                 api, "MoEDeployment", "default", "tiny", {"spec": {"replicas": replicas}}, "scale"
             )
 
+        operator = OperatorProcess(kubeconfig, tmp_path / "operator.log")
         try:
-            async with running_operator(kubeconfig):
-                await kube.create(document)
-                await eventually(
-                    lambda: cluster.get("apps/v1", "statefulsets", "default", "tiny"), what="sts"
-                )
-                pods.start(kube)
-                await eventually(lambda: status().get("phase") == "Running", 180, "Running")
-                template = cluster.get("apps/v1", "statefulsets", "default", "tiny")["spec"][
-                    "template"
-                ]
-                await scale(4)
-                progress = await eventually(lambda: status().get("resize"), 30, "resize begun")
-                assert progress["fromEpSize"] == 2 and progress["toEpSize"] == 4
-                await eventually(
-                    lambda: status().get("expertParallelSize") == 4 and not status().get("resize"),
-                    120,
-                    "EP 4 served",
-                )
-                assert gauge(pods.scrape(3), "moe_ep_size") == 4
-                sts = cluster.get("apps/v1", "statefulsets", "default", "tiny")
-                assert sts["spec"]["replicas"] == 4 and sts["spec"]["template"] == template
-                await eventually(lambda: {"Resizing", "Resized"} <= set(reasons()), 10, "events")
+            await operator.start()
+            await kube.create(document)
+            await eventually(
+                lambda: cluster.get("apps/v1", "statefulsets", "default", "tiny"), what="sts"
+            )
+            pods.start(kube)
+            await eventually(lambda: status().get("phase") == "Running", 180, "Running")
+            template = cluster.get("apps/v1", "statefulsets", "default", "tiny")["spec"]["template"]
+            await scale(4)
+            progress = await eventually(lambda: status().get("resize"), 30, "resize begun")
+            assert progress["fromEpSize"] == 2 and progress["toEpSize"] == 4
+            # The operator dies mid-resize (the new pods are starting); its successor
+            # knows nothing but what the API holds.
+            operator.kill()
+            interrupted = status().get("resize")
+            assert interrupted and interrupted["phase"] == "pods-up", interrupted
+            await eventually(pods.ready, 120, "the new pods ready on standby")
+            assert status().get("expertParallelSize") == 2
+            await operator.start()
+            await eventually(
+                lambda: status().get("expertParallelSize") == 4 and not status().get("resize"),
+                120,
+                "EP 4 served",
+            )
+            assert gauge(pods.scrape(3), "moe_ep_size") == 4
+            sts = cluster.get("apps/v1", "statefulsets", "default", "tiny")
+            assert sts["spec"]["replicas"] == 4 and sts["spec"]["template"] == template
+            await eventually(lambda: {"Resizing", "Resized"} <= set(reasons()), 10, "events")
 
-                await scale(2)
-                await eventually(
-                    lambda: (
-                        status().get("expertParallelSize") == 2
-                        and not status().get("resize")
-                        and cluster.get("apps/v1", "statefulsets", "default", "tiny")["spec"][
-                            "replicas"
-                        ]
-                        == 2
-                    ),
-                    120,
-                    "EP 2 served, pods 2 and 3 gone",
-                )
-                await eventually(lambda: len(pods.pods) == 2, 60, "two pods")
-                generation = gauge(pods.scrape(0), "moe_topology_generation")
-                assert generation == 2
+            await scale(2)
+            await eventually(
+                lambda: (
+                    status().get("expertParallelSize") == 2
+                    and not status().get("resize")
+                    and cluster.get("apps/v1", "statefulsets", "default", "tiny")["spec"][
+                        "replicas"
+                    ]
+                    == 2
+                ),
+                120,
+                "EP 2 served, pods 2 and 3 gone",
+            )
+            await eventually(lambda: len(pods.pods) == 2, 60, "two pods")
+            generation = gauge(pods.scrape(0), "moe_topology_generation")
+            assert generation == 2
 
-                # A rank dies; the kubelet restarts its pod; the group takes it back in.
-                pods.kill(1)
-                await eventually(
-                    lambda: gauge(pods.scrape(0), "moe_topology_generation") == 3,
-                    120,
-                    "recovered in generation 3",
-                )
-                steps = gauge(pods.scrape(1), "moe_steps_total") or 0
-                await eventually(
-                    lambda: (gauge(pods.scrape(1), "moe_steps_total") or 0) >= steps + 25,
-                    60,
-                    "the replacement serving",
-                )
-                assert pods.restarts >= 1
+            # A rank dies; the kubelet restarts its pod; the group takes it back in.
+            pods.kill(1)
+            await eventually(
+                lambda: gauge(pods.scrape(0), "moe_topology_generation") == 3,
+                120,
+                "recovered in generation 3",
+            )
+            steps = gauge(pods.scrape(1), "moe_steps_total") or 0
+            await eventually(
+                lambda: (gauge(pods.scrape(1), "moe_steps_total") or 0) >= steps + 25,
+                60,
+                "the replacement serving",
+            )
+            assert pods.restarts >= 1
         finally:
+            operator.stop()
             await pods.stop()
             await kube.close()
     summaries = pods.summaries()
