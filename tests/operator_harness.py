@@ -54,6 +54,13 @@ class OperatorProcess:
 
         self.kubeconfig, self.log = kubeconfig, log
         self.health = f"http://127.0.0.1:{free_port()}/healthz"
+        # Its own ports: an in-process operator of an earlier test keeps its metrics server.
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "MOE_OPERATOR_METRICS_PORT": str(free_port()),
+            "MOE_OPERATOR_WEBHOOK_PORT": str(free_port()),
+        }
         self.process: subprocess.Popen[bytes] | None = None
 
     async def start(self, timeout: float = 60) -> None:
@@ -63,7 +70,7 @@ class OperatorProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 command,
-                env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+                env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
