@@ -295,14 +295,20 @@ def run_local(
     """Run FILE on this machine: ranks as local processes, the operator's policy loop."""
     import asyncio
 
+    from moe_operator.runtime.local import LocalGpuError
     from moe_operator.runtime.local import run as run_deployment
 
     if duration <= 0:
         fail("--duration: must be > 0 seconds")
+    if device not in ("cpu", "cuda"):
+        fail(f"--device: must be cpu or cuda, not {device!r}")
     deployment = load_deployment(file)
-    timeline = asyncio.run(
-        run_deployment(deployment, duration, report, prometheus, device, True, check_outputs)
-    )
+    try:
+        timeline = asyncio.run(
+            run_deployment(deployment, duration, report, prometheus, device, True, check_outputs)
+        )
+    except LocalGpuError as exc:
+        fail(str(exc))
     remaps = sum(a["action"] == "remap" for a in timeline.actions)
     resizes = sum(a["action"] == "resize" for a in timeline.actions)
     console.print(

@@ -57,6 +57,39 @@ def free_ports(count: int) -> int:
         return base
 
 
+class LocalGpuError(ValueError):
+    """The machine has too few GPUs for ``--device cuda``."""
+
+
+def local_gpus(deployment: MoEDeployment, visible: list[str]) -> list[list[str]]:
+    """The GPUs of each pod ordinal (one per rank, as a device plugin gives a pod its own), from
+    the machine's ``visible`` GPU ids; raises LocalGpuError when there are too few for the
+    largest EP size the deployment may reach."""
+    parallelism, elastic = deployment.spec.parallelism, deployment.spec.elastic
+    most = parallelism.expert_parallel_size
+    field = "spec.parallelism.expertParallelSize"
+    if elastic.enabled and (elastic.max_expert_parallel_size or 0) > most:
+        most = int(elastic.max_expert_parallel_size or 0)
+        field = "spec.elastic.maxExpertParallelSize"
+    if len(visible) < most:
+        raise LocalGpuError(
+            f"--device cuda: {field} = {most} ranks need {most} GPUs (one per rank); "
+            f"this machine has {len(visible)}"
+        )
+    per_pod = parallelism.gpus_per_pod
+    return [visible[first : first + per_pod] for first in range(0, most, per_pod)]
+
+
+def visible_gpus() -> list[str]:
+    """This machine's GPU ids as CUDA sees them (CUDA_VISIBLE_DEVICES narrows them)."""
+    narrowed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if narrowed is not None:
+        return [gpu.strip() for gpu in narrowed.split(",") if gpu.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
 def with_ep_size(deployment: MoEDeployment, ep_size: int) -> MoEDeployment:
     document = deployment.model_dump(by_alias=True, exclude_none=True)
     document["spec"]["parallelism"]["expertParallelSize"] = ep_size
@@ -87,6 +120,7 @@ class LocalPods:
         self.token = secrets.token_urlsafe(32)
         (workdir / "token").write_text(self.token)
         self.device = device
+        self.gpus = local_gpus(deployment, visible_gpus()) if device == "cuda" else []
         self.check_outputs = check_outputs
         self.pods: dict[int, LocalPod] = {}
         self.restarts = 0
@@ -114,6 +148,8 @@ class LocalPods:
         env.pop("NUMBA_CACHE_DIR", None)
         if "NUMBA_CACHE_DIR" in os.environ:
             env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[ordinal])
         if self.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Several ranks share this machine's cores; torch's default (a thread per core in
             # every rank) oversubscribes them and the collectives then wait on descheduled ranks.
