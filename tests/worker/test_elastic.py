@@ -1,4 +1,5 @@
-"""Elastic EP: live resize 2 -> 4 -> 2 and recovery from a killed rank, outputs checked.
+"""Elastic EP: live resize 2 -> 4 -> 2 and recovery from a killed rank (the leader included),
+outputs checked.
 
 Every rank runs with ``checkOutputs``: each step's output is compared with a dense
 single-process forward of the same batch, so "outputs equal the reference" is measured on every
@@ -13,7 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from moe_worker.elastic import Topology, recovery_maps, resize_placement, resize_problem
+from moe_worker.elastic import (
+    ElasticError,
+    Topology,
+    adoption_topology,
+    recovery_maps,
+    resize_placement,
+    resize_problem,
+)
 from moe_worker.eplb.planner import apply_plan_to_contents, plan_layer
 from moe_worker.eplb.policy import Placement, default_placement
 from rank_processes import RankProcesses
@@ -71,6 +79,29 @@ def test_recovery_maps_mark_lost_slots_and_plan_reloads_only_for_unreplicated_ex
     assert all(t.src_rank == 0 and t.dst_rank == 1 for t in plan.transfers)
     contents = apply_plan_to_contents(old[0], plan, slots, 2)
     assert (contents == new[0]).all()
+
+
+def test_adoption_topology_takes_the_survivors_back_and_marks_the_leader_lost() -> None:
+    slots = 4
+    mapped = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3], [7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5, 4]])
+
+    def report(rank: int, step: int) -> dict:
+        held = mapped[:, rank * slots : (rank + 1) * slots]
+        return {"generation": 2, "world": 3, "step": step, "mappingGeneration": 5,
+                "mapped": mapped.tolist(), "held": held.tolist()}  # fmt: skip
+
+    topology = adoption_topology({1: report(1, 40), 2: report(2, 41)}, slots)
+    assert topology.generation == 3 and topology.kind == "recover" and topology.world == 3
+    assert topology.lost_ranks == (0,) and topology.start_step == 40
+    assert topology.mapping_generation == 6
+    old, new = np.asarray(topology.old_phy2log), np.asarray(topology.new_phy2log)
+    assert (old[:, :slots] == -1).all() and (old[:, slots:] == mapped[:, slots:]).all()
+    assert (new == mapped).all(), "the replacement leader gets exactly what rank 0 held"
+    # Two dead (rank 0 and rank 2): both lost; survivors that disagree are refused.
+    assert adoption_topology({1: report(1, 40)}, slots).lost_ranks == (0, 2)
+    other = {**report(2, 41), "generation": 1}
+    with pytest.raises(ElasticError, match="different generations"):
+        adoption_topology({1: report(1, 40), 2: other}, slots)
 
 
 def test_topology_round_trips_through_json() -> None:
@@ -174,3 +205,28 @@ def test_killed_rank_is_replaced_and_every_expert_restored(tmp_path: Path) -> No
     leader, replacement = ranks.summary(0), ranks.summary(1)
     assert leader["outputMismatches"] == 0 and replacement["outputMismatches"] == 0
     assert replacement["outputsChecked"] >= 25 and leader["recoveries"] == 1
+
+
+def test_killed_leader_restarts_and_takes_the_survivor_back(tmp_path: Path) -> None:
+    """Rank 0 hosts the store: the survivor reconnects to its restart, which adopts it."""
+    ranks = RankProcesses(tmp_path, CONFIG, world=2)
+    try:
+        ranks.start(0)
+        ranks.start(1)
+        ranks.wait(lambda: steps_of(ranks) >= 30, what="30 steps")
+        ranks.expected_exits.add(0)
+        ranks.kill(0)
+        ranks.wait(lambda: "the leader is gone" in ranks.log(1), what="the survivor noticed")
+        ranks.expected_exits.discard(0)
+        ranks.start(0)  # the leader's pod restarts at the same address
+        state = ranks.wait(lambda: (s := ranks.state())["topologyGeneration"] == 1 and s, 60)
+        assert state["resize"]["lostRanks"] == [0] and state["resize"]["kind"] == "recover"
+        at = steps_of(ranks)
+        ranks.wait(lambda: steps_of(ranks) >= at + 30, what="30 steps after the adoption")
+    finally:
+        ranks.stop()
+    leader, survivor = ranks.summary(0), ranks.summary(1)
+    assert survivor["recoveries"] == 1 and survivor["topologyGeneration"] == 1
+    assert leader["topologyGeneration"] == 1 and leader["epSize"] == 2
+    assert leader["outputMismatches"] == 0 and survivor["outputMismatches"] == 0
+    assert leader["outputsChecked"] >= 25 and survivor["outputsChecked"] >= 50

@@ -171,6 +171,14 @@ class ElasticConfig(WireModel):
     join_timeout_s: float = Field(
         3600.0, gt=0, description="How long a joining rank waits to be taken into a generation."
     )
+    leader_rejoin_window_s: float = Field(
+        2.0,
+        ge=0,
+        description=(
+            "A starting leader (rank 0) first waits this long for survivors of a group it led "
+            "before it died; if any report, it takes them back instead of starting afresh."
+        ),
+    )
 
 
 class WorkerConfig(WireModel):

@@ -18,6 +18,12 @@ scale-down retires the highest ones, a replacement takes the id of the rank it r
   its step and the experts it actually holds; the leader waits for the dead rank's replacement
   to register, and publishes generation g+1 with the lost slots marked -1, so the replacement
   receives every expert from a surviving replica or reloads it from the model source.
+- Leader loss: the store dies with rank 0. The survivors reconnect to MASTER_ADDR:MASTER_PORT,
+  where the restarted leader hosts a fresh store, and each reports its generation, step, map
+  and held experts under ``orphans/<rank>``. A starting leader waits ``leaderRejoinWindowS`` for
+  such reports before it starts a new group; if they come it publishes generation g+1
+  (``adoption_topology``: its own slots and any other dead rank's marked lost) and joins it as
+  the replacement of rank 0, so the survivors keep serving without a restart.
 
 The decisions (``resize_placement``, ``recovery_topology``) are pure; ``Rendezvous`` is the
 store I/O; ``move_experts`` and ``form_group`` touch torch.distributed.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -148,6 +155,37 @@ def recovery_maps(
     return old, new
 
 
+def adoption_topology(reports: dict[int, dict], slots_per_rank: int) -> Topology:
+    """Generation g+1 for a restarted leader from the survivors' ``orphans`` reports.
+
+    ``reports``: survivor rank -> {"generation", "world", "step", "mappingGeneration",
+    "mapped" [L, world x S] (its map), "held" [L, S] (what its slots hold)}. Ranks without a
+    report (rank 0 and any other dead rank) are lost: their replacements restore their slots.
+    """
+    first = reports[min(reports)]
+    generation, world = int(first["generation"]), int(first["world"])
+    if any(
+        int(r["generation"]) != generation or int(r["world"]) != world for r in reports.values()
+    ):
+        raise ElasticError("survivors report different generations: cannot take them back")
+    held = {rank: np.asarray(r["held"], dtype=np.int64) for rank, r in reports.items()}
+    mapped = np.asarray(first["mapped"], dtype=np.int64)
+    old, new = recovery_maps(held, mapped, world, slots_per_rank)
+    lost = tuple(r for r in range(world) if r not in reports)
+    return Topology(
+        generation=generation + 1,
+        world=world,
+        start_step=min(int(r["step"]) for r in reports.values()),
+        kind="recover",
+        previous_world=world,
+        lost_ranks=lost,
+        mapping_generation=max(int(r["mappingGeneration"]) for r in reports.values()) + 1,
+        old_phy2log=old.tolist(),
+        new_phy2log=new.tolist(),
+        reason=f"rank(s) {list(lost)} died, the leader among them",
+    )
+
+
 # --- the store --------------------------------------------------------------------------------
 
 
@@ -155,18 +193,77 @@ class Rendezvous:
     """The deployment's TCPStore, hosted by the leader; every generation has its own prefix."""
 
     def __init__(self, host: str, port: int, is_leader: bool, timeout_s: float = 300.0) -> None:
+        self.host, self.port = host, port
         self.timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(
             host, port, None, is_leader, timeout=self.timeout, wait_for_workers=False
         )
+
+    def reconnect(self, timeout_s: float) -> None:
+        """A survivor of the leader: connect to the store its restart hosts (same address)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1.0):
+                    pass
+                self.store = dist.TCPStore(self.host, self.port, None, False, timeout=self.timeout)
+                return
+            except (OSError, dist.DistError) as exc:
+                if time.monotonic() > deadline:
+                    raise ElasticError(
+                        f"no leader came back at {self.host}:{self.port} within {timeout_s:.0f} s"
+                    ) from exc
+                time.sleep(0.1)
+
+    def report_orphan(self, rank: int, report: dict) -> None:
+        """A survivor whose leader died: what ``adoption_topology`` needs from it."""
+        self.store.set(f"orphans/{rank}", json.dumps(report))
+        self.store.set("orphans/world", str(report["world"]))
+
+    def wait_orphans(self, window_s: float, replacement_timeout_s: float) -> dict[int, dict]:
+        """The leader at start: survivors' reports (rank -> report), or {} when none came within
+        ``window_s``. Once one came, waits until every other rank reported or has a
+        replacement registered (ElasticError past ``replacement_timeout_s``)."""
+        deadline = time.monotonic() + window_s
+        while not self._has("orphans/world"):
+            if time.monotonic() > deadline:
+                return {}
+            time.sleep(0.05)
+        world = int(self.store.get("orphans/world"))
+        deadline = time.monotonic() + replacement_timeout_s
+        while True:
+            reports = {
+                r: json.loads(self.store.get(f"orphans/{r}"))
+                for r in range(1, world)
+                if self._has(f"orphans/{r}")
+            }
+            missing = [r for r in range(1, world) if r not in reports]
+            if reports and len(self.registered(missing)) == len(missing):
+                return reports
+            if time.monotonic() > deadline:
+                raise ElasticError(f"ranks {missing} neither reported nor were replaced in time")
+            time.sleep(0.05)
+
+    def wait_adoption(self, after: int, timeout_s: float) -> Topology:
+        """A survivor that reported: the restarted leader's generation ``after + 1``.
+        ElasticError when the leader started a new group instead (its window had passed)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            current = self.current_generation()
+            if current is not None:
+                if self.topology(current).kind == "start":
+                    raise ElasticError("the restarted leader started a new group")
+                if current > after:
+                    return self.topology(after + 1)
+            time.sleep(0.05)
+        raise ElasticError(f"the restarted leader published nothing within {timeout_s:.0f} s")
 
     def _has(self, key: str) -> bool:
         return bool(self.store.check([key]))
 
     def publish(self, topology: Topology) -> None:
         for rank in range(topology.world):
-            if self._has(f"joiners/{rank}"):
-                self.store.delete_key(f"joiners/{rank}")
+            self.unregister_joiner(rank)
         self.store.set(f"topology/{topology.generation}", topology.to_json())
         self.store.set("topology/current", str(topology.generation))
 
@@ -198,6 +295,10 @@ class Rendezvous:
 
     def register_joiner(self, rank: int) -> None:
         self.store.set(f"joiners/{rank}", str(time.time()))
+
+    def unregister_joiner(self, rank: int) -> None:
+        if self._has(f"joiners/{rank}"):
+            self.store.delete_key(f"joiners/{rank}")
 
     def registered(self, ranks: range | list[int]) -> list[int]:
         return [r for r in ranks if self._has(f"joiners/{r}")]

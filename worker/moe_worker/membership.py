@@ -20,6 +20,7 @@ from moe_worker.elastic import (
     ElasticError,
     Rendezvous,
     Topology,
+    adoption_topology,
     form_group,
     leave_group,
     move_experts,
@@ -42,6 +43,7 @@ class Membership:
     device: torch.device
     generation: int = 0
     retired: bool = False
+    last_switch: Topology | None = None  # the last resize or recovery this rank took part in
     on_phase: Callable[[str, Topology | None], None] = lambda phase, topology: None
 
     @property
@@ -67,14 +69,31 @@ class Membership:
         ``stopped()`` (StandbyStopped).
         """
         rendezvous = self.rendezvous
+        elastic = self.config.elastic
         if self.rank == 0:
+            survivors = rendezvous.wait_orphans(
+                elastic.leader_rejoin_window_s, elastic.replacement_timeout_s
+            )
+            if survivors:
+                return self._adopt(survivors)
             rendezvous.publish(Topology(0, env.world_size, 0, "start"))
             current = 0
         else:
+            # Registered from the start: a leader that restarts after several ranks died takes
+            # this rank as a replacement (publishing a generation clears the keys of its ranks).
+            rendezvous.register_joiner(self.rank)
             current = self._wait_current()
         topology = rendezvous.topology(current)
         forming = topology.kind == "start" and not rendezvous.has_flag("formed/0")
+        adopted = (
+            topology.kind == "recover"
+            and self.rank in topology.lost_ranks
+            and not rendezvous.has_flag(f"committed/{current}")
+        )
+        if adopted:  # a restarted leader's generation already counts on this replacement
+            return self._join(topology)
         if forming and topology.includes(self.rank):
+            rendezvous.unregister_joiner(self.rank)  # a member, not a replacement-in-waiting
             form_group(rendezvous, 0, self.rank, topology.world, self.device, self.timeout_s)
             engine = Engine(
                 self.config.resized(topology.world),
@@ -98,6 +117,10 @@ class Membership:
             current = topology.generation
             if topology.kind in ("resize", "recover") and topology.includes(self.rank):
                 break
+        return self._join(topology)
+
+    def _join(self, topology: Topology) -> Engine:
+        """Enter ``topology`` (a resize or recovery) as a rank with empty slots."""
         num_logical = self.config.model.num_experts
         engine = Engine(
             self.config.resized(topology.world),
@@ -107,9 +130,21 @@ class Membership:
             placement=topology.placement(num_logical),
             joining=True,
         )
-        self.generation = current - 1
+        self.generation = topology.generation - 1
         self._switch(engine, topology)
         return engine
+
+    def _adopt(self, survivors: dict[int, dict]) -> Engine:
+        """The restarted leader: take the survivors of its group back (see ``elastic``)."""
+        topology = adoption_topology(survivors, self.config.slots_per_rank)
+        log.warning(
+            "leader restarted: generation %d takes back ranks %s (lost: %s)",
+            topology.generation,
+            sorted(survivors),
+            list(topology.lost_ranks),
+        )
+        self.rendezvous.publish(topology)
+        return self._join(topology)
 
     def _wait_current(self) -> int:
         deadline = time.monotonic() + self.config.elastic.join_timeout_s
@@ -171,11 +206,27 @@ class Membership:
             engine.eplb = None
         leave_group()
         held = mapped[:, self.rank * slots : (self.rank + 1) * slots]
-        self.rendezvous.report_failure(self.generation, self.rank, resume_step, held)
         wait = self.config.elastic.replacement_timeout_s + self.timeout_s
-        if self.rank == 0:
-            self.rendezvous.publish(self._recovery_topology(engine, mapped, world, slots))
-        topology = self.rendezvous.wait_topology(self.generation, wait)
+        try:
+            self.rendezvous.report_failure(self.generation, self.rank, resume_step, held)
+            if self.rank == 0:
+                self.rendezvous.publish(self._recovery_topology(engine, mapped, world, slots))
+            topology = self.rendezvous.wait_topology(self.generation, wait)
+        except dist.DistError as store_lost:  # the leader, and the store with it, died
+            if self.rank == 0:
+                raise
+            log.warning("rank %d: the leader is gone (%s); waiting for it", self.rank, store_lost)
+            self.rendezvous.reconnect(wait)
+            report = {
+                "generation": self.generation,
+                "world": world,
+                "step": resume_step,
+                "mappingGeneration": engine.mapping_generation,
+                "mapped": mapped.tolist(),
+                "held": held.tolist(),
+            }
+            self.rendezvous.report_orphan(self.rank, report)
+            topology = self.rendezvous.wait_adoption(self.generation, wait)
         if topology.kind == "failed":
             raise ElasticError(f"recovery failed: {topology.reason}")
         self._switch(engine, topology)
@@ -268,4 +319,5 @@ class Membership:
             topology.world,
             topology.start_step,
         )
+        self.last_switch = topology
         self.on_phase("committed", topology)

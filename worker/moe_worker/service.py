@@ -45,6 +45,8 @@ class WorkerService:
             membership.on_phase = self._on_phase
             with status.lock:
                 status.resize_check = self._resize_check
+            if membership.last_switch is not None:  # it joined a running group: say how
+                self._on_phase("committed", membership.last_switch)
         self._seen_rebalances = 0
         self._last_balancedness: list[float] = []
         self._publish()

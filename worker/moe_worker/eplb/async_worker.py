@@ -107,9 +107,10 @@ class AsyncRebalance:
         )
         self.new = new
         slots_per_rank = self.current.num_physical // self.world
+        # Every rank's thread exchanges layers 0 .. c, c being the layers committed when the
+        # rebalance is abandoned (the same on every rank: commits are agreed at a step). So an
+        # abandon never leaves one rank's exchange waiting on a peer that did not start it.
         for layer, module in enumerate(self.layers):
-            if self._abort.is_set():
-                return
             plan = plan_layer(self.current.phy2log[layer], new.phy2log[layer], slots_per_rank)
             staged, received = stage_layer_plan(plan, self.rank, module.slots, self.communicator)
             if self.fault_hook is not None:
@@ -124,6 +125,8 @@ class AsyncRebalance:
                 # Bounded memory: stage the next layer only once this one is committed.
                 while self.committed <= layer and not self._abort.is_set():
                     self._condition.wait(timeout=0.5)
+                if self.committed <= layer:  # abandoned before this layer committed
+                    return
 
     # Step loop ---------------------------------------------------------------------------
 
