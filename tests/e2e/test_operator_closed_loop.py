@@ -164,8 +164,9 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
     tmp_path: Path,
 ) -> None:
     """kubectl scale 2 -> 4 with the operator SIGKILLed mid-resize and started again (the
-    resize resumes from status.resize), 4 -> 2, then a rank killed; every step of every rank
-    equals the dense reference. The operator runs as its image does, in its own process."""
+    resize resumes from status.resize), 4 -> 2, then rank 1 killed, then the leader (rank 0)
+    killed; every step of every rank equals the dense reference. The operator runs as its image
+    does, in its own process."""
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     document["metadata"]["namespace"] = "default"
     spec = document["spec"]
@@ -260,6 +261,24 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
                 "the replacement serving",
             )
             assert pods.restarts >= 1
+
+            # The leader dies, and the rendezvous store with it; its restarted pod takes the
+            # survivor back in generation 4 (no other pod restarts).
+            restarts = pods.restarts
+            pods.kill(0)
+            await eventually(
+                lambda: gauge(pods.scrape(1), "moe_topology_generation") == 4,
+                120,
+                "rank 1 adopted by the restarted leader in generation 4",
+            )
+            steps = gauge(pods.scrape(0), "moe_steps_total") or 0
+            await eventually(
+                lambda: (gauge(pods.scrape(0), "moe_steps_total") or 0) >= steps + 25,
+                60,
+                "the restarted leader serving",
+            )
+            assert pods.restarts == restarts + 1, "only the leader's pod restarted"
+            await eventually(lambda: status().get("phase") == "Running", 60, "Running")
         finally:
             operator.stop()
             await pods.stop()
@@ -268,5 +287,9 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
     served = [s for s in summaries if not s.get("standby")]
     assert {s["rank"] for s in served if s.get("retired")} == {2, 3}
     assert all(s["outputMismatches"] == 0 for s in served), summaries
-    leader = next(s for s in served if s["rank"] == 0)
-    assert leader["recoveries"] == 1 and leader["outputsChecked"] > 100
+    # What is left: the restarted leader and rank 1's replacement, both in generation 4.
+    final = {s["rank"]: s for s in served if not s.get("retired")}
+    assert sorted(final) == [0, 1], summaries
+    assert all(s["topologyGeneration"] == 4 for s in final.values()), summaries
+    assert final[1]["recoveries"] == 1 and final[1]["outputsChecked"] > 50
+    assert final[0]["outputsChecked"] >= 25
