@@ -285,7 +285,11 @@ def run_local(
     prometheus: str | None = typer.Option(
         None, "--prometheus", help="Read metrics from this Prometheus instead of scraping."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu, or cuda for local GPUs."),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        help="cpu, cuda (local GPUs, one per rank), or auto: cuda when there are enough.",
+    ),
     check_outputs: bool = typer.Option(
         False,
         "--check-outputs",
@@ -295,14 +299,17 @@ def run_local(
     """Run FILE on this machine: ranks as local processes, the operator's policy loop."""
     import asyncio
 
-    from moe_operator.runtime.local import LocalGpuError
+    from moe_operator.runtime.local import LocalGpuError, choose_device, visible_gpus
     from moe_operator.runtime.local import run as run_deployment
 
     if duration <= 0:
         fail("--duration: must be > 0 seconds")
-    if device not in ("cpu", "cuda"):
-        fail(f"--device: must be cpu or cuda, not {device!r}")
+    if device not in ("cpu", "cuda", "auto"):
+        fail(f"--device: must be cpu, cuda or auto, not {device!r}")
     deployment = load_deployment(file)
+    if device == "auto":
+        device, why = choose_device(device, deployment, visible_gpus())
+        console.print(f"device: {why}")
     try:
         timeline = asyncio.run(
             run_deployment(deployment, duration, report, prometheus, device, True, check_outputs)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from moe_operator.api import MoEDeployment
 from moe_operator.cli import app
-from moe_operator.runtime.local import LocalGpuError, local_gpus
+from moe_operator.runtime.local import LocalGpuError, choose_device, local_gpus
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
@@ -59,4 +59,14 @@ def test_run_with_too_few_gpus_exits_2_before_starting_anything(
     assert not report.exists()
     tiny = str(ROOT / "examples" / "tiny.yaml")
     wrong = CliRunner().invoke(app, ["run", tiny, "--device", "tpu"])
-    assert wrong.exit_code == 2 and "--device: must be cpu or cuda" in wrong.stderr
+    assert wrong.exit_code == 2 and "--device: must be cpu, cuda or auto" in wrong.stderr
+
+
+def test_auto_takes_the_gpus_only_when_every_rank_gets_one() -> None:
+    tiny = deployment(2, 1, 4)  # up to 4 ranks
+    assert choose_device("auto", tiny, ["0", "1", "2", "3"]) == ("cuda", "local GPUs 0,1,2,3")
+    device, why = choose_device("auto", tiny, ["0"])
+    assert device == "cpu" and "maxExpertParallelSize = 4 ranks need 4 GPUs" in why
+    assert choose_device("auto", tiny, []) == ("cpu", "CPU: no local GPU")
+    assert choose_device("cpu", tiny, ["0", "1", "2", "3"])[0] == "cpu"
+    assert choose_device("cuda", tiny, [])[0] == "cuda"  # checked (and refused) when pods start

@@ -93,6 +93,7 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             "retired": membership.retired,
             "topologyGeneration": membership.generation,
             "epSize": engine.ep.size,
+            "device": str(engine.device),
             "recoveries": service.recoveries,
             "outputsChecked": engine.outputs_checked,
             "outputMismatches": engine.output_mismatches,

@@ -80,6 +80,19 @@ def local_gpus(deployment: MoEDeployment, visible: list[str]) -> list[list[str]]
     return [visible[first : first + per_pod] for first in range(0, most, per_pod)]
 
 
+def choose_device(requested: str, deployment: MoEDeployment, visible: list[str]) -> tuple[str, str]:
+    """(device, why) for ``--device``: cpu and cuda as asked; auto takes the local GPUs when
+    there are enough for one per rank up to the elastic maximum, else the CPU (and gloo)."""
+    if requested != "auto":
+        return requested, f"--device {requested}"
+    try:
+        local_gpus(deployment, visible)
+    except LocalGpuError as exc:
+        reason = str(exc).removeprefix("--device cuda: ")
+        return "cpu", f"CPU: {reason}" if visible else "CPU: no local GPU"
+    return "cuda", f"local GPUs {','.join(visible)}"
+
+
 def visible_gpus() -> list[str]:
     """This machine's GPU ids as CUDA sees them (CUDA_VISIBLE_DEVICES narrows them)."""
     narrowed = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -162,8 +175,8 @@ class LocalPods:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(self.master_port),
         )
-        command = list(container["command"])
-        command[0] = str(Path(sys.executable).parent / "moe-eplb")
+        # The template's `moe-eplb ...`, run by this interpreter (console script or not).
+        command = [sys.executable, "-m", "moe_operator.cli", *container["command"][1:]]
         command[command.index("--config") + 1] = str(path)
         return command, env
 
@@ -393,6 +406,8 @@ async def run(
 
     workdir = report.parent / f".{deployment.metadata.name}-run"
     workdir.mkdir(parents=True, exist_ok=True)
+    for old_log in workdir.glob("pod-*.log"):  # a previous run's: its summaries are not ours
+        old_log.unlink()
     pods = LocalPods(deployment, workdir, device, check_outputs)
     pods.set_pods(pods_for(pods.ep_size, pods.gpus_per_pod))
     current = deployment
