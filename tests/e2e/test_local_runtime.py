@@ -39,30 +39,34 @@ def run_tiny(tmp_path: Path, document: dict, duration: int) -> tuple[dict, str]:
 
 
 def test_run_remaps_and_resizes_live_with_outputs_equal_to_the_reference(tmp_path: Path) -> None:
-    """The tiny example, its load burst shortened: remaps, then EP 2 -> 3 -> 4 -> 3 -> 2 live."""
+    """The tiny example, its load phases shortened: remaps, then EP 2 -> 3 -> 4 -> 3 -> 2 live."""
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
-    document["spec"]["workload"]["profilePeriodSteps"] = 300  # 15 s per load phase
+    # 15 s per load phase; the burst comes in the third, so the volume stays put while the
+    # policy remaps the drifting skew in the first 30 s (a burst changes the skew at once: a
+    # placement planned just before it reads ~0.8 right after it, whatever the policy did).
+    document["spec"]["workload"].update(profilePeriodSteps=300, loadProfile=[1, 1, 3, 1])
     # Only the policy remaps (the workers' own periodic rebalance is off, so it cannot fix the
-    # sag first), and the skew drifts 3x slower than in the demo, so a remap's placement still
-    # fits the load when it commits even on a loaded 2-core runner.
+    # sag first). The drift moves the hot experts one place every driftPeriod / 8 steps: 15 s
+    # here, longer than the policy's 5 s of patience plus the remap, so the remapped placement
+    # serves a while before the next shift (in the demo the skew moves every 2.5 s).
     document["spec"]["eplb"]["stepInterval"] = 1000000
-    document["spec"]["workload"]["driftPeriod"] = 1200
+    document["spec"]["workload"]["driftPeriod"] = 2400
     document["spec"]["elastic"].update(scaleUpCooldownSeconds=4, scaleDownCooldownSeconds=4)
-    report, stdout = run_tiny(tmp_path, document, duration=55)
+    report, stdout = run_tiny(tmp_path, document, duration=75)
     threshold = report["threshold"]
     points, actions = report["points"], report["actions"]
 
     remaps = [a for a in actions if a["action"] == "remap"]
     assert remaps, "balancedness of the drifting load sagged below the threshold"
-    # The drifting load moves on while a remap is planned and carried out, so not every remap
-    # lands; at least one lifts balancedness above the threshold within 6 s.
+    # A remap lifts the measured balancedness (over a refilled window: a layer's reading waits
+    # for half a window after its maps change) above the threshold within 8 s.
     lifted = [
         (r["t"], p["t"], p["balancedness"])
         for r in remaps
         for p in points
-        if r["t"] < p["t"] <= r["t"] + 6 and p["balancedness"] > threshold
+        if r["t"] < p["t"] <= r["t"] + 8 and p["balancedness"] > threshold
     ]
-    assert lifted, f"no snapshot above {threshold} within 6 s of any remap: {remaps}"
+    assert lifted, f"no snapshot above {threshold} within 8 s of any remap: {remaps}"
 
     resizes = [(a["from_ep_size"], a["to_ep_size"]) for a in actions if a["action"] == "resize"]
     assert resizes[:4] == [(2, 3), (3, 4), (4, 3), (3, 2)], resizes

@@ -124,3 +124,32 @@ def test_decorator_steps_controller_and_triggers_on_schedule() -> None:
     engine.eplb.request_rebalance()
     engine.step()
     assert engine.eplb.history[-1].trigger == "manual"
+
+
+def test_a_layer_whose_maps_changed_keeps_its_reading_until_its_window_refills(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An emptied window would read a perfect 1.0 that nobody measured; the last value holds
+    for READING_MIN_STEPS steps instead, then the new window speaks."""
+    import moe_worker.eplb.controller as controller
+    from moe_worker.eplb.controller import READING_MIN_STEPS
+
+    engine = TinyEngine(EPLBConfig(window_size=64, step_interval=10**6, use_async=False))
+    # Read the 10 slots as two ranks of 5 (one process: the all-reduce is the identity).
+    engine.eplb.world = 2
+    monkeypatch.setattr(controller.dist, "all_reduce", lambda *args, **kwargs: None)
+    for _ in range(40):
+        engine.step()
+    state = engine.eplb.models["main"].state
+    before = engine.eplb.measured_layer_balancedness()
+    assert (before < 1).all()
+    state.clear_layer_window(1)  # layer 1's maps changed (an async commit does this)
+    assert state.layer_window_steps().tolist() == [40, 0, 40]
+    held = engine.eplb.measured_layer_balancedness()
+    assert held[1] == before[1] and held[0] == pytest.approx(before[0])
+    for _ in range(READING_MIN_STEPS):
+        engine.step()
+    assert state.layer_window_steps()[1] == READING_MIN_STEPS
+    fresh = engine.eplb.measured_layer_balancedness()
+    window = state.window_slot_load()[1].double().view(2, -1).sum(dim=1)
+    assert fresh[1] == pytest.approx(float(window.mean() / window.max()))

@@ -166,7 +166,7 @@ class AsyncRebalance:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         commit_staged(self.layers[layer].slots, staged)
         self.state.commit(self.new, layers=[layer], new_generation=layer == 0)
-        self.state.load_window[:, layer].zero_()  # slot meanings of this layer changed
+        self.state.clear_layer_window(layer)  # slot meanings of this layer changed
         with self._condition:
             self.committed += 1
             self._condition.notify_all()

@@ -25,6 +25,9 @@ from .policy import Placement
 from .rebalance import RebalanceResult, global_logical_load, rebalance
 from .state import EPLBLayerState, EPLBState
 
+# Steps of load a layer's window needs after its maps changed before its balancedness is read.
+READING_MIN_STEPS = 16
+
 log = logging.getLogger("moe_worker.eplb")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,6 +77,7 @@ class EPLBController:
         self.models: dict[str, RegisteredModel] = {}
         self.step_count = 0
         self.history: list[RebalanceResult] = []
+        self._last_measured: dict[str, np.ndarray] = {}  # per model: the last per-layer reading
         self.balancedness_log: list[tuple[int, float]] = []
         self._requested: str | None = None
 
@@ -243,15 +247,26 @@ class EPLBController:
     def measured_layer_balancedness(self, name: str = "main") -> np.ndarray:
         """Per layer [L], over the window and all ranks' tokens: mean / max rank load.
 
-        A collective: every rank must call it at the same step.
+        A layer whose window was cleared (its maps changed) fewer than ``READING_MIN_STEPS``
+        steps ago (or half a small window) keeps its last measured value: a nearly empty window
+        says little yet (an empty one would read 1.0, a perfect balance never measured). A
+        collective: every rank must call it at the same step.
         """
-        slot_load = self.models[name].state.window_slot_load().double()
+        state = self.models[name].state
+        slot_load = state.window_slot_load().double()
         if self.world > 1:
             dist.all_reduce(slot_load, group=self.group)
         rank_load = slot_load.view(slot_load.shape[0], self.world, -1).sum(dim=2)
         peak = rank_load.max(dim=1).values
         ratio = torch.where(peak > 0, rank_load.mean(dim=1) / peak.clamp_min(1e-30), 1.0)
-        return ratio.cpu().numpy()
+        measured = ratio.cpu().numpy()
+        last = self._last_measured.get(name)
+        if last is not None and last.shape == measured.shape:
+            enough = max(1, min(READING_MIN_STEPS, state.window_size // 2))
+            too_few = state.layer_window_steps() < enough
+            measured = np.where(too_few, last, measured)
+        self._last_measured[name] = measured
+        return measured
 
     def current_balancedness(self, name: str = "main") -> float:
         """Mean over layers of ``measured_layer_balancedness`` (a collective)."""

@@ -76,6 +76,8 @@ class EPLBState:
         )
         self.window_position = [0]
         self.steps_recorded = 0
+        # steps_recorded when each layer's window was last cleared (its slots changed meaning)
+        self.layer_cleared_at = [0] * num_layers
         self.mapping_generation = 0
         self.commit(placement, layers=range(num_layers))
         self.mapping_generation = 0
@@ -139,6 +141,17 @@ class EPLBState:
         self.load_window.zero_()
         self.steps_recorded = 0
         self.window_position[0] = 0
+        self.layer_cleared_at = [0] * self.num_layers
+
+    def clear_layer_window(self, layer: int) -> None:
+        """Forget one layer's recorded load (its slots changed meaning: a layer commit)."""
+        self.load_window[:, layer].zero_()
+        self.layer_cleared_at[layer] = self.steps_recorded
+
+    def layer_window_steps(self) -> np.ndarray:
+        """Steps of load each layer's window holds now [L] (at most the window size)."""
+        since = self.steps_recorded - np.asarray(self.layer_cleared_at)
+        return np.minimum(since, self.window_size)
 
     def window_slot_load(self) -> torch.Tensor:
         """Tokens per slot over the window, [L, P]."""
