@@ -247,37 +247,29 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
             generation = gauge(pods.scrape(0), "moe_topology_generation")
             assert generation == 2
 
-            # A rank dies; the kubelet restarts its pod; the group takes it back in.
-            pods.kill(1)
-            await eventually(
-                lambda: gauge(pods.scrape(0), "moe_topology_generation") == 3,
-                120,
-                "recovered in generation 3",
-            )
-            steps = gauge(pods.scrape(1), "moe_steps_total") or 0
-            await eventually(
-                lambda: (gauge(pods.scrape(1), "moe_steps_total") or 0) >= steps + 25,
-                60,
-                "the replacement serving",
-            )
-            assert pods.restarts >= 1
+            async def kill_and_recover(killed: int, survivor: int, generation: int) -> None:
+                """Kill ``killed``'s pod; the survivor reaches ``generation`` and the
+                restarted rank serves 25 steps; only that one pod restarted."""
+                restarts = pods.restarts
+                pods.kill(killed)
+                await eventually(
+                    lambda: gauge(pods.scrape(survivor), "moe_topology_generation") == generation,
+                    120,
+                    f"rank {killed} replaced in generation {generation}",
+                )
+                steps = gauge(pods.scrape(killed), "moe_steps_total") or 0
+                await eventually(
+                    lambda: (gauge(pods.scrape(killed), "moe_steps_total") or 0) >= steps + 25,
+                    60,
+                    f"the restarted rank {killed} serving",
+                )
+                assert pods.restarts == restarts + 1, "only the killed pod restarted"
 
+            # A rank dies; the kubelet restarts its pod; the group takes it back in.
+            await kill_and_recover(killed=1, survivor=0, generation=3)
             # The leader dies, and the rendezvous store with it; its restarted pod takes the
-            # survivor back in generation 4 (no other pod restarts).
-            restarts = pods.restarts
-            pods.kill(0)
-            await eventually(
-                lambda: gauge(pods.scrape(1), "moe_topology_generation") == 4,
-                120,
-                "rank 1 adopted by the restarted leader in generation 4",
-            )
-            steps = gauge(pods.scrape(0), "moe_steps_total") or 0
-            await eventually(
-                lambda: (gauge(pods.scrape(0), "moe_steps_total") or 0) >= steps + 25,
-                60,
-                "the restarted leader serving",
-            )
-            assert pods.restarts == restarts + 1, "only the leader's pod restarted"
+            # survivor back in generation 4.
+            await kill_and_recover(killed=0, survivor=1, generation=4)
             await eventually(lambda: status().get("phase") == "Running", 60, "Running")
         finally:
             operator.stop()

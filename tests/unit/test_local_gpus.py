@@ -70,3 +70,24 @@ def test_auto_takes_the_gpus_only_when_every_rank_gets_one() -> None:
     assert choose_device("auto", tiny, []) == ("cpu", "CPU: no local GPU")
     assert choose_device("cpu", tiny, ["0", "1", "2", "3"])[0] == "cpu"
     assert choose_device("cuda", tiny, [])[0] == "cuda"  # checked (and refused) when pods start
+
+
+def test_visible_gpus_from_cuda_visible_devices_or_nvidia_smi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moe_operator.runtime.local import visible_gpus
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: a)'\necho '  MIG 1g.10gb Device 0: (UUID: m)'\n"
+        "echo 'GPU 1: NVIDIA H100 (UUID: b)'\n"
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus() == ["0", "1"]  # MIG lines are not GPUs of their own here
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+    assert visible_gpus() == ["3", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert visible_gpus() == []

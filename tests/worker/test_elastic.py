@@ -8,6 +8,7 @@ step before, during and after each switch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,17 +183,23 @@ def test_live_resize_two_four_two_keeps_outputs_equal_to_the_reference(tmp_path:
     assert all(s["outputsChecked"] >= 25 for s in retired), "the joiners served at EP 4"
 
 
+def serve_then_kill(ranks: RankProcesses, rank: int, noticed: Callable[[], bool]) -> None:
+    """Two ranks serve 30 steps; ``rank`` is SIGKILLed and, once ``noticed()``, started again
+    (a restarted pod keeps its ordinal and address)."""
+    ranks.start(0)
+    ranks.start(1)
+    ranks.wait(lambda: steps_of(ranks) >= 30, what="30 steps")
+    ranks.expected_exits.add(rank)
+    ranks.kill(rank)
+    ranks.wait(noticed, what="the death noticed")
+    ranks.expected_exits.discard(rank)
+    ranks.start(rank)
+
+
 def test_killed_rank_is_replaced_and_every_expert_restored(tmp_path: Path) -> None:
     ranks = RankProcesses(tmp_path, CONFIG, world=2)
     try:
-        ranks.start(0)
-        ranks.start(1)
-        ranks.wait(lambda: steps_of(ranks) >= 30, what="30 steps")
-        ranks.expected_exits.add(1)
-        ranks.kill(1)
-        ranks.wait(lambda: ranks.state()["resize"].get("phase") == "recovering", what="detected")
-        ranks.expected_exits.discard(1)
-        ranks.start(1)  # the replacement (a restarted pod keeps its ordinal)
+        serve_then_kill(ranks, 1, lambda: ranks.state()["resize"].get("phase") == "recovering")
         state = ranks.wait(
             lambda: (s := ranks.state())["recoveries"] == 1 and s["topologyGeneration"] == 1 and s,
             what="recovered",
@@ -211,14 +218,7 @@ def test_killed_leader_restarts_and_takes_the_survivor_back(tmp_path: Path) -> N
     """Rank 0 hosts the store: the survivor reconnects to its restart, which adopts it."""
     ranks = RankProcesses(tmp_path, CONFIG, world=2)
     try:
-        ranks.start(0)
-        ranks.start(1)
-        ranks.wait(lambda: steps_of(ranks) >= 30, what="30 steps")
-        ranks.expected_exits.add(0)
-        ranks.kill(0)
-        ranks.wait(lambda: "the leader is gone" in ranks.log(1), what="the survivor noticed")
-        ranks.expected_exits.discard(0)
-        ranks.start(0)  # the leader's pod restarts at the same address
+        serve_then_kill(ranks, 0, lambda: "the leader is gone" in ranks.log(1))
         state = ranks.wait(lambda: (s := ranks.state())["topologyGeneration"] == 1 and s, 60)
         assert state["resize"]["lostRanks"] == [0] and state["resize"]["kind"] == "recover"
         at = steps_of(ranks)

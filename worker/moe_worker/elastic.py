@@ -155,6 +155,35 @@ def recovery_maps(
     return old, new
 
 
+def recovery_topology(
+    generation: int,
+    world: int,
+    reports: dict[int, dict],
+    mapped: np.ndarray,
+    slots_per_rank: int,
+    mapping_generation: int,
+    reason: str,
+) -> Topology:
+    """Generation ``generation`` after ranks died: ``reports`` (survivor rank -> {"step",
+    "held" [L, S]}) keep what they hold, every rank without a report is lost and its
+    replacement restores its slots of ``mapped`` [L, world x S]."""
+    held = {rank: np.asarray(r["held"], dtype=np.int64) for rank, r in reports.items()}
+    old, new = recovery_maps(held, mapped, world, slots_per_rank)
+    lost = tuple(r for r in range(world) if r not in reports)
+    return Topology(
+        generation=generation,
+        world=world,
+        start_step=min(int(r["step"]) for r in reports.values()),
+        kind="recover",
+        previous_world=world,
+        lost_ranks=lost,
+        mapping_generation=mapping_generation,
+        old_phy2log=old.tolist(),
+        new_phy2log=new.tolist(),
+        reason=f"rank(s) {list(lost)} died{reason}",
+    )
+
+
 def adoption_topology(reports: dict[int, dict], slots_per_rank: int) -> Topology:
     """Generation g+1 for a restarted leader from the survivors' ``orphans`` reports.
 
@@ -168,21 +197,14 @@ def adoption_topology(reports: dict[int, dict], slots_per_rank: int) -> Topology
         int(r["generation"]) != generation or int(r["world"]) != world for r in reports.values()
     ):
         raise ElasticError("survivors report different generations: cannot take them back")
-    held = {rank: np.asarray(r["held"], dtype=np.int64) for rank, r in reports.items()}
-    mapped = np.asarray(first["mapped"], dtype=np.int64)
-    old, new = recovery_maps(held, mapped, world, slots_per_rank)
-    lost = tuple(r for r in range(world) if r not in reports)
-    return Topology(
-        generation=generation + 1,
-        world=world,
-        start_step=min(int(r["step"]) for r in reports.values()),
-        kind="recover",
-        previous_world=world,
-        lost_ranks=lost,
-        mapping_generation=max(int(r["mappingGeneration"]) for r in reports.values()) + 1,
-        old_phy2log=old.tolist(),
-        new_phy2log=new.tolist(),
-        reason=f"rank(s) {list(lost)} died, the leader among them",
+    return recovery_topology(
+        generation + 1,
+        world,
+        reports,
+        np.asarray(first["mapped"], dtype=np.int64),
+        slots_per_rank,
+        max(int(r["mappingGeneration"]) for r in reports.values()) + 1,
+        ", the leader among them",
     )
 
 

@@ -24,7 +24,7 @@ from moe_worker.elastic import (
     form_group,
     leave_group,
     move_experts,
-    recovery_maps,
+    recovery_topology,
     resize_placement,
 )
 from moe_worker.engine import Engine
@@ -253,20 +253,9 @@ class Membership:
                     reason=f"ranks {missing} neither reported nor were replaced in time",
                 )
             time.sleep(0.1)
-        held = {r: np.asarray(report["held"], dtype=np.int64) for r, report in reports.items()}
-        old, new = recovery_maps(held, mapped, world, slots)
         log.info("generation %d: ranks %s lost; their replacements join", g + 1, missing)
-        return Topology(
-            generation=g + 1,
-            world=world,
-            start_step=min(int(report["step"]) for report in reports.values()),
-            kind="recover",
-            previous_world=world,
-            lost_ranks=tuple(missing),
-            mapping_generation=engine.mapping_generation + 1,
-            old_phy2log=old.tolist(),
-            new_phy2log=new.tolist(),
-            reason=f"rank(s) {missing} died",
+        return recovery_topology(
+            g + 1, world, reports, mapped, slots, engine.mapping_generation + 1, ""
         )
 
     # --- the switch ------------------------------------------------------------------------

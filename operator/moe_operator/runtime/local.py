@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,13 +95,20 @@ def choose_device(requested: str, deployment: MoEDeployment, visible: list[str])
 
 
 def visible_gpus() -> list[str]:
-    """This machine's GPU ids as CUDA sees them (CUDA_VISIBLE_DEVICES narrows them)."""
+    """This machine's GPU ids as CUDA sees them: CUDA_VISIBLE_DEVICES when set, else the GPUs
+    `nvidia-smi -L` lists (none without the driver). No torch: the operator's image has none."""
     narrowed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if narrowed is not None:
         return [gpu.strip() for gpu in narrowed.split(",") if gpu.strip()]
-    import torch
-
-    return [str(index) for index in range(torch.cuda.device_count())]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]
+    return [str(index) for index in range(len(gpus))]
 
 
 def with_ep_size(deployment: MoEDeployment, ep_size: int) -> MoEDeployment:
