@@ -162,11 +162,12 @@ def recovery_topology(
     mapped: np.ndarray,
     slots_per_rank: int,
     mapping_generation: int,
-    reason: str,
+    reason_suffix: str = "",
 ) -> Topology:
     """Generation ``generation`` after ranks died: ``reports`` (survivor rank -> {"step",
     "held" [L, S]}) keep what they hold, every rank without a report is lost and its
-    replacement restores its slots of ``mapped`` [L, world x S]."""
+    replacement restores its slots of ``mapped`` [L, world x S]. The reason reads "rank(s)
+    [lost] died" plus ``reason_suffix``."""
     held = {rank: np.asarray(r["held"], dtype=np.int64) for rank, r in reports.items()}
     old, new = recovery_maps(held, mapped, world, slots_per_rank)
     lost = tuple(r for r in range(world) if r not in reports)
@@ -180,7 +181,7 @@ def recovery_topology(
         mapping_generation=mapping_generation,
         old_phy2log=old.tolist(),
         new_phy2log=new.tolist(),
-        reason=f"rank(s) {list(lost)} died{reason}",
+        reason=f"rank(s) {list(lost)} died{reason_suffix}",
     )
 
 

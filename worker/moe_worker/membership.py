@@ -63,7 +63,9 @@ class Membership:
     ) -> Engine:
         """Join generation 0 as one of its WORLD_SIZE ranks, or wait to join a running group.
 
-        The leader publishes generation 0; a rank that finds it still forming is a member, one
+        The leader first waits ``leaderRejoinWindowS`` for survivors of a group it led (it died
+        and restarted): if they report, it adopts them in their next generation instead. Else
+        it publishes generation 0; a rank that finds it still forming is a member, one
         that finds it formed (a scale-up joiner or a dead rank's replacement) registers and
         waits (``on_standby`` is called then) until a generation takes it in, or until
         ``stopped()`` (StandbyStopped).
@@ -255,7 +257,7 @@ class Membership:
             time.sleep(0.1)
         log.info("generation %d: ranks %s lost; their replacements join", g + 1, missing)
         return recovery_topology(
-            g + 1, world, reports, mapped, slots, engine.mapping_generation + 1, ""
+            g + 1, world, reports, mapped, slots, engine.mapping_generation + 1
         )
 
     # --- the switch ------------------------------------------------------------------------

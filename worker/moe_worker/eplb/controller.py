@@ -261,7 +261,7 @@ class EPLBController:
         ratio = torch.where(peak > 0, rank_load.mean(dim=1) / peak.clamp_min(1e-30), 1.0)
         measured = ratio.cpu().numpy()
         last = self._last_measured.get(name)
-        if last is not None and last.shape == measured.shape:
+        if last is not None:
             enough = max(1, min(READING_MIN_STEPS, state.window_size // 2))
             too_few = state.layer_window_steps() < enough
             measured = np.where(too_few, last, measured)
