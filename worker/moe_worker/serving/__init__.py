@@ -1,0 +1,1 @@
+"""Serving: continuous-batching scheduler (pure), sampling, the OpenAI-compatible API."""
