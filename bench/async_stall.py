@@ -84,7 +84,7 @@ def _rank(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     controller = engine.eplb
     assert controller is not None
     state = controller.models["main"].state
-    layers = engine.model.layers
+    layers = engine.model.moe_layers
     sync_comm = create_communicator("torch_nccl", device=device)
     for _ in range(20):
         _timed(engine, device)

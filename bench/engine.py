@@ -79,14 +79,14 @@ def run(shape: str, device: str, rounds: int, steps: int) -> dict[str, Any]:
     engine = Engine(config, device=torch.device(device))
     controller = engine.eplb
     assert controller is not None
-    layer_states = [layer.eplb_state for layer in engine.model.layers]
+    layer_states = [layer.eplb_state for layer in engine.model.moe_layers]
     metrics = WorkerMetrics("bench", 0, "torch_gloo", "incremental", False)
     with_metrics = WorkerService(engine, WorkerStatus(), metrics)
     without_metrics = WorkerService(engine, WorkerStatus(), None)
 
     def set_eplb(on: bool) -> None:
         engine.eplb = controller if on else None
-        for layer, state in zip(engine.model.layers, layer_states, strict=True):
+        for layer, state in zip(engine.model.moe_layers, layer_states, strict=True):
             layer.eplb_state = state if on else None
 
     modes: dict[str, tuple[bool, Callable[[], None]]] = {

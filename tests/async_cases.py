@@ -31,7 +31,7 @@ def slot_errors(model, source, phy2log: np.ndarray, rank: int, world: int) -> li
     """Slots whose weights are not exactly the expert ``phy2log`` says they hold."""
     slots = REBALANCE_PHYSICAL // world
     wrong = []
-    for layer_index, layer in enumerate(model.layers):
+    for layer_index, layer in enumerate(model.moe_layers):
         for slot in range(slots):
             expert = int(phy2log[layer_index, rank * slots + slot])
             want = source.expert(layer_index, expert)
@@ -85,7 +85,7 @@ def async_rebalance_run(
     mine = hidden[rank * TOKENS : (rank + 1) * TOKENS]
     rebalance = AsyncRebalance(
         state,
-        model.layers,
+        model.moe_layers,
         policy,
         skewed_load(),
         rank,
@@ -129,6 +129,6 @@ def sync_rebalance_run(rank: int, world: int, policy: str = "balanced") -> dict:
     new = compute_placement(
         policy, skewed_load(), num_physical=REBALANCE_PHYSICAL, num_gpus=world, previous=initial
     )
-    apply_placement(state, model.layers, new, rank, world, create_communicator("torch_gloo"))
+    apply_placement(state, model.moe_layers, new, rank, world, create_communicator("torch_gloo"))
     final = state.placement().phy2log.copy()
     return {"final": final, "wrong": slot_errors(model, source, final, rank, world)}

@@ -152,7 +152,7 @@ def rank_model(
 
 def attach_state(model: MoEModel, placement: Placement, device: torch.device) -> EPLBState:
     state = EPLBState(placement, window_size=4, device=device)
-    for index, layer in enumerate(model.layers):
+    for index, layer in enumerate(model.moe_layers):
         layer.eplb_state = EPLBLayerState()
         layer.eplb_state.set_layer_state(index, state)
     return state
@@ -192,9 +192,9 @@ def fingerprint_run(
     slots = REBALANCE_PHYSICAL // world
     wrong = []
     for step, (kind, new) in enumerate(rebalance_targets(world, seed)):
-        apply_placement(state, model.layers, new, rank, world, comm)
+        apply_placement(state, model.moe_layers, new, rank, world, comm)
         assert np.array_equal(state.placement().phy2log, new.phy2log)
-        for layer_index, layer in enumerate(model.layers):
+        for layer_index, layer in enumerate(model.moe_layers):
             for slot in range(slots):
                 expert = int(new.phy2log[layer_index, rank * slots + slot])
                 want = source.expert(layer_index, expert)
@@ -218,7 +218,7 @@ def outputs_after_rebalances(rank: int, world: int, seed: int, device: str = "cp
     mine = hidden[rank * 8 : (rank + 1) * 8].to(target)
     outputs = []
     for _, new in rebalance_targets(world, seed):
-        apply_placement(state, model.layers, new, rank, world, comm)
+        apply_placement(state, model.moe_layers, new, rank, world, comm)
         outputs.append([layer(mine, rank * 8).cpu() for layer in model.layers])
     return outputs
 

@@ -59,7 +59,7 @@ def test_window_slides_and_clears() -> None:
 
 def test_layers_without_state_use_the_load_time_map() -> None:
     model, _ = small_model()
-    assert all(layer.eplb_state is None for layer in model.layers)
+    assert all(layer.eplb_state is None for layer in model.moe_layers)
     hidden = torch.randn(4, 16)
     source = SyntheticSource(model.config)
     for index, layer in enumerate(model.layers):
@@ -87,7 +87,7 @@ def test_registers_wrapped_main_and_draft_models() -> None:
     assert controller.register_model(Wrapper(main), placement) is main
     assert controller.register_draft_model(Wrapper(draft), placement) is draft
     assert set(controller.models) == {"main", "draft"}
-    assert all(layer.eplb_state is not None for layer in main.layers + draft.layers)
+    assert all(layer.eplb_state is not None for layer in main.moe_layers + draft.moe_layers)
 
 
 def test_model_without_moe_layers_fails_loudly() -> None:

@@ -190,14 +190,14 @@ class Engine:
         self.ep.size = world
         self.simulator.world = world
         self.placement = placement
-        set_placement(self.model.layers, placement)
+        set_placement(self.model.moe_layers, placement)
         self._start_eplb(channel_store)
         if self.eplb is not None:
             self.eplb.models["main"].state.mapping_generation = mapping_generation
 
     def layer_slots(self) -> list[dict[str, torch.Tensor]]:
         """Each layer's slot weights (name -> [S, ...]), updated in place by moves."""
-        return [layer.slots for layer in self.model.layers]
+        return [layer.slots for layer in self.model.moe_layers]
 
     def reload_expert(self, layer: int) -> Callable[[int], dict[str, torch.Tensor]]:
         """A loader of ``layer``'s experts from the model source (the last resort of recovery)."""

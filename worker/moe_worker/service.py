@@ -53,11 +53,11 @@ class WorkerService:
 
     def step(self) -> None:
         started = time.perf_counter()
-        routed_before = sum(layer.computed_pairs for layer in self.engine.model.layers)
+        routed_before = sum(layer.computed_pairs for layer in self.engine.model.moe_layers)
         tokens_before = self.engine.tokens_processed
         self.engine.step()
         seconds = time.perf_counter() - started
-        routed = sum(layer.computed_pairs for layer in self.engine.model.layers) - routed_before
+        routed = sum(layer.computed_pairs for layer in self.engine.model.moe_layers) - routed_before
         if self.metrics is not None:
             self.metrics.observe_step(seconds, self.engine.tokens_processed - tokens_before, routed)
         self._after_rebalances()

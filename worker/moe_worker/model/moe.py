@@ -1,34 +1,20 @@
-"""Expert-parallel MoE layer and the model stack.
+"""The routing simulator's model: a stack of MoE layers (router, shared experts and the
+expert-parallel experts of ``ep_experts``) with RMSNorm and residuals, and its dense reference.
 
-Each EP rank holds S = P / N physical slots; slot p lives on rank p // S. For every (token,
-expert) pair the router's logical expert is mapped to one of its replicas (spread by token
-position), the hidden state is sent to the owning rank (all-to-all), computed there, sent
-back and combined. Shapes: hidden [T, H] per rank; slot weights [S, I, H] / [S, H, I].
+This is the benchmark/simulator path (hidden states and routing drawn by ``simulator.py``); real
+models are built from transformers' classes in ``hf_model.py``. Shapes: hidden [T, H] per rank.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-import torch.distributed as dist
 
 from moe_worker.config import ModelConfig
 from moe_worker.eplb.policy import Placement
-from moe_worker.eplb.state import EPLBLayerState
 
-from .experts import EXPERT_TENSORS, SharedExperts, WeightSource, load_slots, swiglu
+from .ep_experts import EXPERT_TENSORS, EPGroup, ExpertParallelExperts
+from .experts import SharedExperts, WeightSource, load_slots, swiglu
 from .router import RouterWeights, combine_weights_for, route
-
-
-@dataclass
-class EPGroup:
-    """This rank's place in the expert-parallel group (world size 1: no communication)."""
-
-    rank: int = 0
-    size: int = 1
-    group: dist.ProcessGroup | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,16 +22,8 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _all_to_all(
-    rows: torch.Tensor, send_counts: list[int], recv_counts: list[int], ep: EPGroup
-) -> torch.Tensor:
-    out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
-    dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts, group=ep.group)
-    return out
-
-
 class MoELayer:
-    """One MoE layer on one EP rank: router, this rank's expert slots, shared experts."""
+    """One simulator MoE layer on one EP rank: router, shared experts, expert-parallel experts."""
 
     def __init__(
         self,
@@ -60,26 +38,8 @@ class MoELayer:
         self.index = index
         self.config = config
         self.router = router
-        self.slots = slots  # name -> [S, ...]; updated in place by rebalances
         self.shared = shared
-        self.ep = ep
-        self.slots_per_rank = next(iter(slots.values())).shape[0]
-        # EPLB state: None means EPLB is off for this layer; the load-time map then stays.
-        self.eplb_state: EPLBLayerState | None = None
-        self.computed_pairs = 0  # (token, expert) pairs this rank's slots computed, cumulative
-        self._static_log2phy = static_log2phy.to(ep.device)  # [E, R]
-        self._static_count = (static_log2phy >= 0).sum(dim=1).to(ep.device)  # [E]
-
-    def physical_slots(self, ids: torch.Tensor, token_offset: int) -> torch.Tensor:
-        """Physical slot [T, k] for each (token, logical expert): replicas taken in turn."""
-        if self.eplb_state is None:
-            log2phy, count = self._static_log2phy, self._static_count
-        else:
-            assert self.eplb_state.log2phy is not None and self.eplb_state.replica_count is not None
-            log2phy, count = self.eplb_state.log2phy, self.eplb_state.replica_count
-        positions = torch.arange(ids.shape[0], device=ids.device)[:, None] + token_offset
-        replica = (positions + torch.arange(ids.shape[1], device=ids.device)) % count[ids]
-        return log2phy[ids, replica]
+        self.experts = ExpertParallelExperts(index, slots, ep, static_log2phy)
 
     def __call__(
         self, hidden: torch.Tensor, token_offset: int = 0, forced_ids: torch.Tensor | None = None
@@ -92,65 +52,16 @@ class MoELayer:
                 forced_ids,
                 combine_weights_for(hidden, forced_ids, self.router, self.config),
             )
-        slots = self.physical_slots(ids, token_offset)  # [T, k]
-        if self.eplb_state is not None:
-            self.eplb_state.note_step(slots)
-        out = self._routed(hidden, slots, combine)
+        out = self.experts(hidden, ids, combine, token_offset).float()
         if self.shared is not None:
             out = out + self.shared(hidden).float()
         return out.to(hidden.dtype)
 
-    def _routed(
-        self, hidden: torch.Tensor, slots: torch.Tensor, combine: torch.Tensor
-    ) -> torch.Tensor:
-        tokens, top_k = slots.shape
-        flat_slot = slots.flatten()
-        owner = flat_slot // self.slots_per_rank
-        order = torch.argsort(owner, stable=True)
-        token_of = torch.arange(tokens, device=hidden.device).repeat_interleave(top_k)[order]
-        local_slot = (flat_slot % self.slots_per_rank)[order]
-        rows = hidden[token_of]
-        if self.ep.size > 1:
-            send = torch.bincount(owner, minlength=self.ep.size)
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.ep.group)
-            send_counts, recv_counts = send.tolist(), recv.tolist()
-            rows_in = _all_to_all(rows, send_counts, recv_counts, self.ep)
-            slot_in = _all_to_all(local_slot, send_counts, recv_counts, self.ep)
-        else:
-            rows_in, slot_in = rows, local_slot
-        self.computed_pairs += rows_in.shape[0]
-        computed = self._compute(rows_in, slot_in)
-        if self.ep.size > 1:
-            computed = _all_to_all(computed, recv_counts, send_counts, self.ep)
-        weights = combine.flatten()[order].unsqueeze(1)
-        out = torch.zeros((tokens, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-        out.index_add_(0, token_of, computed.float() * weights)
-        return out
 
-    def _compute(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Run each row through the expert in its local slot: rows [N, H], slot [N]."""
-        order = torch.argsort(slot, stable=True)
-        counts = torch.bincount(slot, minlength=self.slots_per_rank).tolist()
-        grouped = rows[order]
-        out = torch.empty_like(grouped)
-        start = 0
-        for s, count in enumerate(counts):
-            if count:
-                weights = (self.slots[name][s] for name in EXPERT_TENSORS)
-                out[start : start + count] = swiglu(grouped[start : start + count], *weights)
-                start += count
-        result = torch.empty_like(rows)
-        result[order] = out
-        return result
-
-
-def set_placement(layers: list[MoELayer], placement: Placement) -> None:
+def set_placement(layers: list[ExpertParallelExperts], placement: Placement) -> None:
     """Point each layer's load-time map (used while EPLB is off) at ``placement``."""
     for index, layer in enumerate(layers):
-        static = torch.from_numpy(placement.log2phy[index])
-        layer._static_log2phy = static.to(layer.ep.device)
-        layer._static_count = (static >= 0).sum(dim=1).to(layer.ep.device)
+        layer.set_static_map(torch.from_numpy(placement.log2phy[index]))
 
 
 class MoEModel:
@@ -161,8 +72,9 @@ class MoEModel:
         self.layers = layers
 
     @property
-    def moe_layers(self) -> list[MoELayer]:
-        return self.layers
+    def moe_layers(self) -> list[ExpertParallelExperts]:
+        """Each layer's expert-parallel experts (what EPLB registers and moves)."""
+        return [layer.experts for layer in self.layers]
 
     def __call__(
         self,
