@@ -14,6 +14,8 @@ from pydantic.alias_generators import to_camel
 # importing the registry here would pull numba into every config reader).
 PolicyName = Literal["balanced", "deepseek", "incremental"]
 CommunicatorName = Literal["auto", "torch_nccl", "torch_gloo", "pynccl"]
+# The keys of moe_worker.model.families.FAMILIES (a contract test keeps them equal).
+FamilyName = Literal["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 
 
 class WireModel(BaseModel):
@@ -57,6 +59,9 @@ class ModelConfig(WireModel):
     source: Literal["synthetic", "checkpoint"] = Field("synthetic", description="Weight source.")
     path: str | None = Field(None, description="Checkpoint directory (config.json + safetensors).")
     seed: int = Field(0, ge=0, description="Seed of synthetic weights.")
+    family: FamilyName = Field(
+        "qwen3_moe", description="Model family of a synthetic model (transformers' model_type)."
+    )
     num_layers: int = Field(2, gt=0, description="MoE layers (synthetic).")
     hidden_size: int = Field(64, gt=0, description="Hidden size H (synthetic).")
     num_experts: int = Field(16, gt=0, description="Routed (logical) experts per layer E.")
@@ -181,6 +186,49 @@ class ElasticConfig(WireModel):
     )
 
 
+class ServingConfig(WireModel):
+    """Real inference: an OpenAI-compatible API per rank over a transformers model."""
+
+    enabled: bool = Field(
+        False,
+        description="Serve requests with the real model (else the routing simulator drives "
+        "the MoE layers, a benchmark mode).",
+    )
+    port: int = Field(
+        8000, ge=0, lt=65536, description="API port of rank 0 on a host; local rank r: port + r."
+    )
+    model_name: str | None = Field(
+        None, max_length=256, description="Model id in the API (default: the checkpoint's name)."
+    )
+    max_model_len: int | None = Field(
+        None,
+        gt=1,
+        description="Prompt + output tokens per sequence (default: the model's "
+        "max_position_embeddings, at most 8192).",
+    )
+    max_running_requests: int = Field(
+        64, gt=0, description="Sequences in a rank's running batch at most."
+    )
+    max_waiting_requests: int = Field(
+        256, ge=0, description="Queued requests per rank beyond which requests get 503."
+    )
+    max_batch_tokens: int = Field(
+        512, gt=0, description="Tokens per step per rank (decodes first, then prefill chunks)."
+    )
+    idle_wait_s: float = Field(
+        1.0, gt=0, description="Longest wait of idle ranks before they check control flags."
+    )
+
+    @model_validator(mode="after")
+    def _budget_holds_the_batch(self) -> ServingConfig:
+        if self.max_batch_tokens < self.max_running_requests:
+            raise ValueError(
+                f"maxBatchTokens ({self.max_batch_tokens}) must be >= maxRunningRequests "
+                f"({self.max_running_requests}): every running sequence decodes each step"
+            )
+        return self
+
+
 class WorkerConfig(WireModel):
     """Everything one rank needs besides its rank and the rendezvous address."""
 
@@ -193,6 +241,7 @@ class WorkerConfig(WireModel):
     eplb: EPLBConfig = Field(default_factory=lambda: EPLBConfig())
     workload: WorkloadConfig = Field(default_factory=lambda: WorkloadConfig())
     elastic: ElasticConfig = Field(default_factory=lambda: ElasticConfig())
+    serving: ServingConfig = Field(default_factory=lambda: ServingConfig())
     check_outputs: bool = Field(
         False,
         description="Compare every step's output with a dense single-process reference "

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -101,6 +102,15 @@ def make_eplb_channels(
     return create_communicator(name, device=device), control_group
 
 
+def create_engine(config: WorkerConfig, *args: Any, **kwargs: Any) -> RankEngine:
+    """The engine ``config`` asks for: serving real requests, or the routing simulator."""
+    if config.serving.enabled:
+        from moe_worker.serving.engine import ServingEngine
+
+        return ServingEngine(config, *args, **kwargs)
+    return Engine(config, *args, **kwargs)
+
+
 @dataclass
 class StepStats:
     step: int
@@ -108,14 +118,22 @@ class StepStats:
     seconds: float
 
 
-class Engine:
+class RankEngine:
+    """One EP rank's model and its EPLB controller (composition); subclasses define ``step``.
+
+    ``Engine`` runs the routing simulator (benchmarks, the demo's synthetic load);
+    ``moe_worker.serving.engine.ServingEngine`` serves real requests with a transformers model.
+    Both expose the same surface to the service loop, elastic membership and EPLB: ``model``
+    (with ``moe_layers``), ``ep``, ``eplb``, ``step_index``, ``layer_slots``, ``install``...
+    """
+
     def __init__(
         self,
         config: WorkerConfig,
         rank: int = 0,
         world: int = 1,
         device: torch.device | None = None,
-        source: WeightSource | None = None,
+        source: Any = None,
         placement: Placement | None = None,
         joining: bool = False,
         channel_store: dist.Store | None = None,
@@ -129,31 +147,36 @@ class Engine:
         self.device = device or torch.device("cpu")
         check_platform(config, self.device)
         self.ep = EPGroup(rank=rank, size=world, group=None, device=self.device)
-        self.source = source or make_source(config)
-        model_config = self.source.config
-        self.dtype = DTYPES[model_config.dtype]
-        num_physical = model_config.num_experts + config.eplb.num_redundant_experts
-        self.placement = placement or default_placement(
-            model_config.num_layers, model_config.num_experts, num_physical
-        )
-        self.model: MoEModel = build_model(
-            self.source, self.placement, self.ep, load_weights=not joining
-        )
+        self.source = source if source is not None else self._make_source()
+        num_layers, num_experts = self._model_shape()
+        num_physical = num_experts + config.eplb.num_redundant_experts
+        self.placement = placement or default_placement(num_layers, num_experts, num_physical)
+        self.model: Any = self._build_model(load_weights=not joining)
         self.eplb: EPLBController | None = None
         if config.eplb.enabled:
             # Compile the placement kernels in the background while the first steps run.
             threading.Thread(target=warm_up_policies, name="eplb-warm-up", daemon=True).start()
         if not joining:
             self._start_eplb(channel_store)
-        self.simulate_routing = model_config.source == "synthetic"
-        self.simulator = RoutingSimulator(
-            config.workload, model_config, model_config.num_layers, rank, world
-        )
         self.step_index = 0
         self.tokens_processed = 0
-        self.reference = DenseReference(self.source) if config.check_outputs else None
         self.outputs_checked = 0
         self.output_mismatches = 0
+
+    # --- what a kind of engine defines -----------------------------------------------------
+
+    def _make_source(self) -> Any:
+        raise NotImplementedError
+
+    def _model_shape(self) -> tuple[int, int]:
+        """(MoE layers, logical experts per layer) of the source's model."""
+        raise NotImplementedError
+
+    def _build_model(self, load_weights: bool) -> Any:
+        raise NotImplementedError
+
+    def step(self) -> Any:
+        raise NotImplementedError
 
     def _start_eplb(self, channel_store: dist.Store | None) -> None:
         if not self.config.eplb.enabled:
@@ -188,7 +211,6 @@ class Engine:
         Every rank of the new group calls it at the same step."""
         self.config = self.config.resized(world)
         self.ep.size = world
-        self.simulator.world = world
         self.placement = placement
         set_placement(self.model.moe_layers, placement)
         self._start_eplb(channel_store)
@@ -202,6 +224,50 @@ class Engine:
     def reload_expert(self, layer: int) -> Callable[[int], dict[str, torch.Tensor]]:
         """A loader of ``layer``'s experts from the model source (the last resort of recovery)."""
         return lambda expert: self.source.expert(layer, expert)
+
+    def run(self, steps: int) -> list[StepStats]:
+        stats = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            tokens_before = self.tokens_processed
+            self.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            stats.append(
+                StepStats(
+                    self.step_index,
+                    self.tokens_processed - tokens_before,
+                    time.perf_counter() - started,
+                )
+            )
+        return stats
+
+
+class Engine(RankEngine):
+    """The routing simulator's engine: synthetic hidden states and routing, MoE layers only."""
+
+    def __init__(self, config: WorkerConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        model_config = self.source.config
+        self.dtype = DTYPES[model_config.dtype]
+        self.simulate_routing = model_config.source == "synthetic"
+        self.simulator = RoutingSimulator(
+            config.workload, model_config, model_config.num_layers, self.ep.rank, self.ep.size
+        )
+        self.reference = DenseReference(self.source) if config.check_outputs else None
+
+    def _make_source(self) -> WeightSource:
+        return make_source(self.config)
+
+    def _model_shape(self) -> tuple[int, int]:
+        return self.source.config.num_layers, self.source.config.num_experts
+
+    def _build_model(self, load_weights: bool) -> MoEModel:
+        return build_model(self.source, self.placement, self.ep, load_weights=load_weights)
+
+    def install(self, world: int, *args: Any, **kwargs: Any) -> None:
+        super().install(world, *args, **kwargs)
+        self.simulator.world = world
 
     @step_eplb_after
     def step(self) -> torch.Tensor:
@@ -225,20 +291,3 @@ class Engine:
         if not torch.allclose(out.float().cpu(), want, rtol=tolerance, atol=tolerance):
             self.output_mismatches += 1
             log.warning("step %d: output differs from the dense reference", self.step_index)
-
-    def run(self, steps: int) -> list[StepStats]:
-        stats = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            tokens_before = self.tokens_processed
-            self.step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            stats.append(
-                StepStats(
-                    self.step_index,
-                    self.tokens_processed - tokens_before,
-                    time.perf_counter() - started,
-                )
-            )
-        return stats

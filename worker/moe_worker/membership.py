@@ -27,7 +27,7 @@ from moe_worker.elastic import (
     recovery_topology,
     resize_placement,
 )
-from moe_worker.engine import Engine
+from moe_worker.engine import RankEngine, create_engine
 from moe_worker.eplb.communicator import create_communicator
 
 log = logging.getLogger("moe_worker.membership")
@@ -60,7 +60,7 @@ class Membership:
         env: RankEnv,
         on_standby: Callable[[], None] | None = None,
         stopped: Callable[[], bool] = lambda: False,
-    ) -> Engine:
+    ) -> RankEngine:
         """Join generation 0 as one of its WORLD_SIZE ranks, or wait to join a running group.
 
         The leader first waits ``leaderRejoinWindowS`` for survivors of a group it led (it died
@@ -97,7 +97,7 @@ class Membership:
         if forming and topology.includes(self.rank):
             rendezvous.unregister_joiner(self.rank)  # a member, not a replacement-in-waiting
             form_group(rendezvous, 0, self.rank, topology.world, self.device, self.timeout_s)
-            engine = Engine(
+            engine = create_engine(
                 self.config.resized(topology.world),
                 self.rank,
                 topology.world,
@@ -121,10 +121,10 @@ class Membership:
                 break
         return self._join(topology)
 
-    def _join(self, topology: Topology) -> Engine:
+    def _join(self, topology: Topology) -> RankEngine:
         """Enter ``topology`` (a resize or recovery) as a rank with empty slots."""
         num_logical = self.config.model.num_experts
-        engine = Engine(
+        engine = create_engine(
             self.config.resized(topology.world),
             self.rank,
             topology.world,
@@ -136,7 +136,7 @@ class Membership:
         self._switch(engine, topology)
         return engine
 
-    def _adopt(self, survivors: dict[int, dict]) -> Engine:
+    def _adopt(self, survivors: dict[int, dict]) -> RankEngine:
         """The restarted leader: take the survivors of its group back (see ``elastic``)."""
         topology = adoption_topology(survivors, self.config.slots_per_rank)
         log.warning(
@@ -159,7 +159,7 @@ class Membership:
 
     # --- resize ----------------------------------------------------------------------------
 
-    def resize(self, engine: Engine, target: int, reason: str = "") -> None:
+    def resize(self, engine: RankEngine, target: int, reason: str = "") -> None:
         """All ranks of the current group, at the same step: move to ``target`` ranks.
 
         Sets ``retired`` on ranks the new group leaves out (they may exit afterwards).
@@ -192,7 +192,7 @@ class Membership:
 
     # --- recovery --------------------------------------------------------------------------
 
-    def recover(self, engine: Engine, resume_step: int, error: BaseException) -> None:
+    def recover(self, engine: RankEngine, resume_step: int, error: BaseException) -> None:
         """A collective failed: re-form with the survivors and the dead ranks' replacements.
 
         Every survivor reports the step it resumes at and what its slots hold; the leader waits
@@ -234,7 +234,7 @@ class Membership:
         self._switch(engine, topology)
 
     def _recovery_topology(
-        self, engine: Engine, mapped: np.ndarray, world: int, slots: int
+        self, engine: RankEngine, mapped: np.ndarray, world: int, slots: int
     ) -> Topology:
         """The leader: wait until every rank reported or has a replacement, then decide."""
         deadline = time.monotonic() + self.config.elastic.replacement_timeout_s + self.timeout_s
@@ -262,7 +262,7 @@ class Membership:
 
     # --- the switch ------------------------------------------------------------------------
 
-    def _switch(self, engine: Engine, topology: Topology) -> None:
+    def _switch(self, engine: RankEngine, topology: Topology) -> None:
         """Move experts for ``topology`` and install it (every rank of its transfer group)."""
         g = topology.generation
         self.on_phase("moving", topology)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .elastic import Topology, resize_problem
-from .engine import Engine
+from .engine import RankEngine
 from .membership import Membership
 from .metrics import WorkerMetrics
 from .server import WorkerStatus
@@ -27,7 +27,7 @@ log = logging.getLogger("moe_worker.service")
 class WorkerService:
     def __init__(
         self,
-        engine: Engine,
+        engine: RankEngine,
         status: WorkerStatus,
         metrics: WorkerMetrics | None = None,
         update_interval: int = 10,

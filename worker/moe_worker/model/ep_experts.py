@@ -88,7 +88,7 @@ class ExpertParallelExperts(nn.Module):
         self._static_count = (static_log2phy >= 0).sum(dim=1).to(self.ep.device)  # [E]
 
     def physical_slots(self, ids: torch.Tensor, token_offset: int) -> torch.Tensor:
-        """Physical slot [T, k] for each (token, logical expert) ``ids`` [T, k]: replicas in turn."""
+        """Physical slot [T, k] of each (token, logical expert) ``ids`` [T, k]; replicas in turn."""
         if self.eplb_state is None:
             log2phy, count = self._static_log2phy, self._static_count
         else:
@@ -164,9 +164,9 @@ class ExpertParallelExperts(nn.Module):
         start = 0
         for s, count in enumerate(counts):
             if count:
-                weights = (self.slots[name][s] for name in EXPERT_TENSORS)
+                w_gate, w_up, w_down = (self.slots[name][s] for name in EXPERT_TENSORS)
                 out[start : start + count] = gated_ffn(
-                    grouped[start : start + count], *weights, act=self.act
+                    grouped[start : start + count], w_gate, w_up, w_down, self.act
                 )
                 start += count
         result = torch.empty_like(rows)
@@ -174,4 +174,6 @@ class ExpertParallelExperts(nn.Module):
         return result
 
     def extra_repr(self) -> str:
-        return f"layer={self.index}, slots={self.slots_per_rank}, rank={self.ep.rank}/{self.ep.size}"
+        return (
+            f"layer={self.index}, slots={self.slots_per_rank}, rank={self.ep.rank}/{self.ep.size}"
+        )

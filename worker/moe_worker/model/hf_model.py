@@ -1,0 +1,163 @@
+"""A whole causal LM built with transformers' own classes, its routed experts expert-parallel.
+
+The seam: every sparse MoE block of a supported family holds its routed experts in
+``mlp.experts`` and calls ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``
+after its own router. ``build_ep_model`` builds the model on the meta device, swaps each
+``mlp.experts`` for an ``ExpertParallelExperts`` holding only this rank's slots, materialises the
+rest (embeddings, attention, norms, dense MLPs, routers, shared experts, LM head) on the rank's
+device from the source, and rebuilds the non-persistent buffers (rotary frequencies). No rank
+ever holds the full expert set; routing is the family's own by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_worker.eplb.policy import Placement
+
+from .ep_experts import EPGroup, ExpertParallelExperts
+from .hf_source import CheckpointError, ModelSource
+
+
+@dataclass
+class EPCausalLM:
+    """One rank's model: transformers' causal LM (``model``) with expert-parallel experts.
+
+    ``moe_layers``: the ``ExpertParallelExperts`` of every MoE layer, in order (what EPLB
+    registers); ``decoder_layers``: the decoder index of each.
+    """
+
+    model: Any  # transformers PreTrainedModel (…ForCausalLM)
+    moe_layers: list[ExpertParallelExperts]
+    decoder_layers: list[int]
+    hidden_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def idle_pass(self) -> None:
+        """This rank has no tokens this step: take part in every MoE layer's all-to-alls."""
+        for layer in self.moe_layers:
+            layer.idle_pass(self.hidden_size, self.dtype)
+
+
+def moe_blocks(model: Any) -> list[tuple[int, nn.Module]]:
+    """(decoder index, MoE block) of every decoder layer whose ``mlp`` has routed ``experts``."""
+    layers = model.get_decoder().layers
+    return [
+        (index, layer.mlp)
+        for index, layer in enumerate(layers)
+        if isinstance(getattr(getattr(layer, "mlp", None), "experts", None), nn.Module)
+    ]
+
+
+def _rebuild_buffer_modules(model: nn.Module, device: torch.device) -> None:
+    """Recreate modules with non-persistent buffers (not in checkpoints; garbage after
+    ``to_empty``), e.g. rotary embeddings, from their config on ``device``."""
+    for name, module in list(model.named_modules()):
+        if not getattr(module, "_non_persistent_buffers_set", None):
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise CheckpointError(f"cannot rebuild {name} ({type(module).__name__}): no config")
+        with torch.device(device):
+            fresh = type(module)(config)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, fresh)
+
+
+def _tied(config: Any) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+def build_ep_model(
+    source: ModelSource,
+    placement: Placement,
+    ep: EPGroup,
+    load_weights: bool = True,
+    attn_implementation: str = "sdpa",
+) -> EPCausalLM:
+    """This rank's model with its slots (by ``placement``) of every MoE layer.
+
+    ``load_weights=False`` (a rank joining a running group) leaves the slots zeroed; the
+    elastic resize fills them from the ranks that hold the experts.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = source.hf_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=source.dtype, attn_implementation=attn_implementation
+        )
+    blocks = moe_blocks(model)
+    if [index for index, _ in blocks] != source.moe_decoder_layers:
+        raise CheckpointError("the model's MoE layers differ from the source's")
+    if placement.num_layers != len(blocks):
+        raise ValueError(f"placement has {placement.num_layers} layers, the model {len(blocks)}")
+    activations: list[Any] = []
+    for _, block in blocks:  # the family's activation (e.g. silu), kept for our experts
+        activations.append(getattr(block.experts, "act_fn"))  # noqa: B009 - untyped module
+        block.experts = nn.Module()  # drop the meta expert tensors before materialising
+    model.to_empty(device=ep.device)
+    tied = _tied(model.config)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tied and name == "lm_head.weight":
+                continue
+            tensor.copy_(source.tensor(name, tuple(tensor.shape)))
+    _rebuild_buffer_modules(model, ep.device)
+    if tied:
+        model.tie_weights()
+    slots_per_rank = placement.num_physical // ep.size
+    moe_layers = []
+    for moe_index, (_, block) in enumerate(blocks):
+        mine = placement.phy2log[
+            moe_index, ep.rank * slots_per_rank : (ep.rank + 1) * slots_per_rank
+        ].tolist()
+        slots = load_expert_slots(source, moe_index, mine, ep.device, zeroed=not load_weights)
+        experts = ExpertParallelExperts(
+            moe_index,
+            slots,
+            ep,
+            torch.from_numpy(placement.log2phy[moe_index]),
+            activations[moe_index],
+        )
+        block.experts = experts
+        moe_layers.append(experts)
+    model.eval()
+    model.requires_grad_(False)
+    return EPCausalLM(
+        model=model,
+        moe_layers=moe_layers,
+        decoder_layers=[index for index, _ in blocks],
+        hidden_size=int(model.config.get_text_config().hidden_size),
+        dtype=source.dtype,
+        device=ep.device,
+    )
+
+
+def load_expert_slots(
+    source: ModelSource,
+    layer: int,
+    experts: list[int],
+    device: torch.device,
+    zeroed: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Stacked weights of ``experts`` (one per slot) of MoE layer ``layer``: name -> [S, ...]."""
+    first = source.expert(layer, experts[0] if experts else 0)
+    if zeroed:
+        return {
+            name: torch.zeros((len(experts), *w.shape), dtype=w.dtype, device=device)
+            for name, w in first.items()
+        }
+    per_slot = [first] + [source.expert(layer, e) for e in experts[1:]]
+    return {name: torch.stack([w[name] for w in per_slot]).to(device) for name in first}

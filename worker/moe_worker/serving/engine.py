@@ -1,0 +1,274 @@
+"""One EP rank serving real requests: DP attention (own requests, own KV caches) + EP MoE.
+
+The step loop (``WorkerService``) calls ``step`` on every rank at the same moments. A rank with
+scheduled work runs one packed forward of transformers' model (its sequences' prefill chunks and
+decode tokens together, ``kv_cache``), whose MoE layers exchange tokens with every other rank;
+a rank without work runs ``idle_pass`` so every all-to-all completes. EPLB records the router's
+real choices of every token through the experts module and steps after every forward.
+
+Requests come from the API threads through ``submit`` (thread-safe); outputs go back through
+each request's ``sink`` callback, called on the step loop's thread.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moe_worker.engine import RankEngine
+from moe_worker.eplb.controller import step_eplb_after
+from moe_worker.model.hf_model import EPCausalLM, build_ep_model
+from moe_worker.model.hf_source import CheckpointSource, ModelSource, SyntheticSource
+
+from .backend import BackendBusy, SamplingParams, TokenOutput
+from .kv_cache import PackedKVCache, PackedStep, SequenceKV, packed_mask, packed_positions
+from .sampling import request_generator, sample_token
+from .scheduler import QueueFull, Scheduler
+
+log = logging.getLogger("moe_worker.serving")
+MAX_DEFAULT_LEN = 8192
+Sink = Callable[[TokenOutput | BaseException], None]
+
+
+@dataclass
+class Sequence:
+    """One request on this rank: its tokens (prompt then generated) and KV cache."""
+
+    request_id: str
+    tokens: list[int]
+    prompt_len: int
+    params: SamplingParams
+    sink: Sink
+    generator: torch.Generator | None
+    kv: SequenceKV = field(default_factory=SequenceKV)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+def make_model_source(config: Any) -> ModelSource:
+    """The source ``config.model`` names: a checkpoint directory or a synthetic model."""
+    model = config.model
+    if model.source == "checkpoint":
+        return CheckpointSource(model.path, model.dtype)
+    return SyntheticSource(model)
+
+
+def _eos_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+class ServingEngine(RankEngine):
+    """A rank's model, scheduler and sequences; ``step`` runs one lock-step iteration."""
+
+    def _make_source(self) -> ModelSource:
+        return make_model_source(self.config)
+
+    def _model_shape(self) -> tuple[int, int]:
+        return len(self.source.moe_decoder_layers), self.source.num_experts
+
+    def _build_model(self, load_weights: bool) -> EPCausalLM:
+        return build_ep_model(self.source, self.placement, self.ep, load_weights=load_weights)
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        serving = config.serving
+        text_config = self.model.config.get_text_config()
+        self.tokenizer = self.source.tokenizer()
+        self.vocab_size = int(text_config.vocab_size)
+        limit = int(getattr(text_config, "max_position_embeddings", MAX_DEFAULT_LEN))
+        self.max_model_len = serving.max_model_len or min(limit, MAX_DEFAULT_LEN)
+        window = getattr(text_config, "sliding_window", None)
+        # Qwen2-MoE stores 0 when sliding windows are off; a window applies only when positive.
+        self.sliding_window = window if isinstance(window, int) and window > 0 else None
+        # Families that mix full and sliding-window layers take one mask per layer type.
+        self.layer_types = set(getattr(text_config, "layer_types", None) or ())
+        self.eos_token_ids = _eos_ids(text_config, self.tokenizer)
+        self.scheduler = Scheduler(
+            token_budget=serving.max_batch_tokens,
+            max_running=serving.max_running_requests,
+            max_waiting=serving.max_waiting_requests,
+        )
+        self.sequences: dict[str, Sequence] = {}
+        self.lock = threading.Lock()  # guards scheduler, sequences and the abort list
+        self._aborted: list[str] = []
+        self.accepting = True
+        self.on_work: Callable[[], None] | None = None  # wakes the idle step loop
+        self.steps_with_work = 0
+        self.prompt_tokens_processed = 0
+        self.generated_tokens = 0
+        # transformers renamed the cache argument (past_key_values -> cache) during 5.x
+        parameters = inspect.signature(self.model.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+
+    # --- the API side (any thread) ---------------------------------------------------------
+
+    def submit(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink
+    ) -> None:
+        """Queue a request; raises ``BackendBusy`` when it cannot be taken now."""
+        if not prompt_ids:
+            raise ValueError("prompt: must hold at least one token")
+        with self.lock:
+            if not self.accepting:
+                raise BackendBusy("this rank is leaving the group; retry", 1.0)
+            try:
+                self.scheduler.add(request_id, len(prompt_ids), params.max_new_tokens)
+            except QueueFull as exc:
+                raise BackendBusy(str(exc), 1.0) from None
+            self.sequences[request_id] = Sequence(
+                request_id,
+                list(prompt_ids),
+                len(prompt_ids),
+                params,
+                sink,
+                request_generator(params),
+            )
+        if self.on_work is not None:
+            self.on_work()
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (its client went away); takes effect before the next step."""
+        with self.lock:
+            self._aborted.append(request_id)
+
+    def has_work(self) -> bool:
+        with self.lock:
+            return self.scheduler.has_work or bool(self._aborted)
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests on this rank."""
+        with self.lock:
+            return self.scheduler.num_running, self.scheduler.num_waiting
+
+    # --- the step loop ---------------------------------------------------------------------
+
+    @step_eplb_after
+    def step(self) -> int:
+        """One lock-step iteration: a packed forward of the scheduled chunks, or an idle pass.
+        Returns the tokens this rank ran."""
+        with self.lock:
+            for request_id in self._aborted:
+                if self.scheduler.abort(request_id):
+                    self.sequences.pop(request_id, None)
+            self._aborted.clear()
+            chunks = self.scheduler.schedule()
+        if not chunks:
+            with torch.inference_mode():
+                self.model.idle_pass()
+            with self.lock:
+                self.scheduler.step_done(())
+            self.step_index += 1
+            return 0
+        sequences = [self.sequences[chunk.request_id] for chunk in chunks]
+        tokens: list[int] = []
+        sample_rows: list[int] = []
+        for chunk, sequence in zip(chunks, sequences, strict=True):
+            if sequence.kv.length != chunk.start:
+                raise RuntimeError(
+                    f"request {chunk.request_id}: cache holds {sequence.kv.length} tokens, "
+                    f"chunk starts at {chunk.start}"
+                )
+            tokens.extend(sequence.tokens[chunk.start : chunk.end])
+            if chunk.samples:
+                sample_rows.append(len(tokens) - 1)
+        layout = PackedStep([s.kv for s in sequences], [c.length for c in chunks])
+        logits = self._forward(tokens, layout, sample_rows)
+        finished = self._sample_and_emit(chunks, sequences, logits)
+        with self.lock:
+            self.scheduler.step_done(finished)
+            for request_id in finished:
+                self.sequences.pop(request_id, None)
+        self.step_index += 1
+        self.steps_with_work += 1
+        self.tokens_processed += len(tokens)
+        return len(tokens)
+
+    def _forward(
+        self, tokens: list[int], layout: PackedStep, sample_rows: list[int]
+    ) -> torch.Tensor:
+        """Logits [len(sample_rows), V] (float32) of the packed step."""
+        device = self.device
+        cache = PackedKVCache(layout)
+        with torch.inference_mode():
+            output = self.model.model(
+                input_ids=torch.tensor([tokens], dtype=torch.long, device=device),
+                position_ids=packed_positions(layout, device),
+                attention_mask=self._mask(layout),
+                use_cache=True,
+                logits_to_keep=torch.tensor(sample_rows, dtype=torch.long, device=device),
+                **{self._cache_arg: cache},
+            )
+        cache.commit()
+        return output.logits[0].float()
+
+    def _mask(self, layout: PackedStep) -> torch.Tensor | dict[str, torch.Tensor]:
+        dtype, device = self.model.dtype, self.device
+        if "sliding_attention" in self.layer_types:
+            return {
+                "full_attention": packed_mask(layout, dtype, device),
+                "sliding_attention": packed_mask(layout, dtype, device, self.sliding_window),
+            }
+        return packed_mask(layout, dtype, device, self.sliding_window)
+
+    def _sample_and_emit(
+        self, chunks: list[Any], sequences: list[Sequence], logits: torch.Tensor
+    ) -> set[str]:
+        finished: set[str] = set()
+        row = 0
+        for chunk, sequence in zip(chunks, sequences, strict=True):
+            if not chunk.samples:
+                self.prompt_tokens_processed += chunk.length
+                continue
+            if chunk.start < sequence.prompt_len:
+                self.prompt_tokens_processed += chunk.length
+            token = sample_token(logits[row], sequence.params, sequence.generator)
+            row += 1
+            sequence.tokens.append(token)
+            self.generated_tokens += 1
+            reason = self._finish_reason(sequence, token)
+            if reason is not None:
+                finished.add(sequence.request_id)
+            try:
+                sequence.sink(TokenOutput(token, reason))
+            except Exception:  # noqa: BLE001 - a broken client must not stop the step loop
+                log.exception("request %s: output sink failed; aborting it", chunk.request_id)
+                finished.add(sequence.request_id)
+        return finished
+
+    def _finish_reason(self, sequence: Sequence, token: int) -> Any:
+        params = sequence.params
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        ):
+            return "stop"
+        if (
+            sequence.generated >= params.max_new_tokens
+            or len(sequence.tokens) >= self.max_model_len
+        ):
+            return "length"
+        return None
+
+    def fail_all(self, error: BaseException) -> None:
+        """Every queued and running request ends with ``error`` (the rank is stopping)."""
+        with self.lock:
+            self.accepting = False
+            sequences = list(self.sequences.values())
+            for sequence in sequences:
+                self.scheduler.abort(sequence.request_id)
+            self.sequences.clear()
+        for sequence in sequences:
+            sequence.sink(error)
