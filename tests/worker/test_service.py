@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from distributed import free_port
 from moe_worker.metrics import SPECS, WorkerMetrics, reference_markdown
-from moe_worker.server import WorkerStatus, serve_control
+from moe_worker.server import WorkerStatus, serve_control, serve_metrics
 from rank_processes import http
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +85,7 @@ def test_exposition_passes_promtool_and_names_follow_conventions() -> None:
 def test_control_api_auth_and_errors() -> None:
     status = WorkerStatus(ready=True, state={"epSize": 2, "mappingGeneration": 4})
     server = serve_control(0, status, TOKEN, host="127.0.0.1")
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    base = f"http://127.0.0.1:{server.port}"
     try:
         assert http("GET", f"{base}/v1/state")[0] == 401
         assert http("GET", f"{base}/v1/state", token="wrong")[0] == 401
@@ -94,9 +96,17 @@ def test_control_api_auth_and_errors() -> None:
         assert http("POST", f"{base}/v1/eplb/rebalance", token="wrong")[0] == 401
         assert status.rebalance_requested is False, "a rejected request changes nothing"
         code, body = http("POST", f"{base}/v1/eplb/rebalance", token=TOKEN, body=b"{not json")
-        assert code == 422 and "not JSON" in body["error"]
-        code, body = http("POST", f"{base}/v1/eplb/rebalance", token=TOKEN, body=b'{"layers": [1]}')
-        assert code == 422 and "layers" in body["error"]
+        assert code == 422 and body == {
+            "error": "body is not JSON: Expecting property name enclosed in double quotes"
+        }
+        code, body = http(
+            "POST", f"{base}/v1/eplb/rebalance", token=TOKEN, body=b'{"layers": [1], "reason": 5}'
+        )
+        assert code == 422 and body["error"] == (
+            "reason: Input should be a valid string; layers: Extra inputs are not permitted"
+        ), "our own 422 text, not FastAPI's"
+        code, body = http("POST", f"{base}/v1/eplb/rebalance", token=TOKEN, body=b"[1]")
+        assert code == 422 and body["error"].startswith("body: ")
         assert status.rebalance_requested is False
         assert (
             http("POST", f"{base}/v1/eplb/rebalance", token=TOKEN, body=b'{"reason": "test"}')[0]
@@ -104,18 +114,138 @@ def test_control_api_auth_and_errors() -> None:
         )
         assert status.rebalance_requested is True
         assert http("POST", f"{base}/v1/eplb/rebalance", token=TOKEN)[0] == 409
-        assert http("GET", f"{base}/v1/nothing", token=TOKEN)[0] == 404
+        assert http("GET", f"{base}/v1/nothing?x=1", token=TOKEN) == (
+            404,
+            {"error": "no route GET /v1/nothing?x=1"},
+        )
+        assert http("GET", f"{base}/v1/eplb/rebalance", token=TOKEN) == (
+            404,
+            {"error": "no route GET /v1/eplb/rebalance"},
+        ), "a known path with another method is no route either (not 405)"
+        assert (
+            http("GET", f"{base}/docs")[0] == 404 and http("GET", f"{base}/openapi.json")[0] == 404
+        )
     finally:
         server.shutdown()
+
+
+def test_control_api_resize() -> None:
+    status = WorkerStatus(ready=True, state={"epSize": 2})
+    problems: dict[int, tuple[int, str]] = {3: (422, "8 experts do not fit on 3 ranks")}
+    status.resize_check = problems.get
+    server = serve_control(0, status, TOKEN, host="127.0.0.1")
+    url = f"http://127.0.0.1:{server.port}/v1/ep/resize"
+    try:
+        assert http("POST", url, body={"epSize": 4})[0] == 401
+        assert http("POST", url, token=TOKEN, body={}) == (422, {"error": "epSize: Field required"})
+        code, body = http("POST", url, token=TOKEN, body={"epSize": 0, "extra": 1})
+        assert code == 422 and body["error"] == (
+            "epSize: Input should be greater than 0; extra: Extra inputs are not permitted"
+        )
+        assert http("POST", url, token=TOKEN, body={"epSize": 3}) == (
+            422,
+            {"error": "8 experts do not fit on 3 ranks"},
+        )
+        assert status.resize_target == 0
+        assert http("POST", url, token=TOKEN, body={"epSize": 4, "reason": "scale"}) == (
+            202,
+            {"accepted": True, "epSize": 4},
+        )
+        assert (status.resize_target, status.resize_reason) == (4, "scale")
+        assert http("POST", url, token=TOKEN, body={"epSize": 6}) == (
+            409,
+            {"error": "a resize is already pending or running"},
+        )
+        code, state = http("GET", url.replace("/v1/ep/resize", "/v1/state"), token=TOKEN)
+        assert code == 200 and state["resize"] == {
+            "target": 4,
+            "phase": "requested",
+            "reason": "scale",
+        }
+    finally:
+        server.shutdown()
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    """Status, Content-Type and raw body of a GET."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read()
+
+
+def test_metrics_health_and_readiness() -> None:
+    status = WorkerStatus()
+    exposition = b"# HELP x A gauge.\n# TYPE x gauge\nx 1.0\n"
+    server = serve_metrics(0, lambda: exposition, status, host="127.0.0.1")
+    disabled = serve_metrics(0, None, WorkerStatus(), host="127.0.0.1")
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        assert get(f"{base}/metrics") == (200, CONTENT_TYPE_LATEST, exposition)
+        assert get(f"http://127.0.0.1:{disabled.port}/metrics") == (
+            404,
+            "application/json",
+            b'{"error": "metrics are disabled"}\n',
+        )
+        assert get(f"{base}/healthz") == (200, "application/json", b'{"status": "alive"}\n')
+        assert http("GET", f"{base}/readyz") == (
+            503,
+            {"status": "not ready", "reason": "starting (group or weights not ready)"},
+        )
+        status.ready = True
+        assert http("GET", f"{base}/readyz") == (200, {"status": "ready"})
+        status.resizing = True
+        assert http("GET", f"{base}/readyz") == (503, {"status": "not ready", "reason": "resizing"})
+        status.resizing, status.ready, status.standby = False, False, True
+        assert http("GET", f"{base}/readyz") == (200, {"status": "standby"})
+        assert http("POST", f"{base}/readyz") == (404, {"error": "no route POST /readyz"})
+        assert http("GET", f"{base}/metrics/") == (404, {"error": "no route GET /metrics/"})
+    finally:
+        server.shutdown()
+        disabled.shutdown()
+
+
+def test_slow_scrapes_and_a_held_status_lock_block_nothing_else() -> None:
+    """A slow exposition runs off the event loop: health, readiness and the control API answer
+    meanwhile; while the step loop holds the status lock, /healthz still answers."""
+    status = WorkerStatus(ready=True)
+    release = threading.Event()
+
+    def slow_exposition() -> bytes:
+        release.wait(30)
+        return b""
+
+    metrics = serve_metrics(0, slow_exposition, status, host="127.0.0.1")
+    control = serve_control(0, status, TOKEN, host="127.0.0.1")
+    scrapes = [
+        threading.Thread(target=get, args=(f"http://127.0.0.1:{metrics.port}/metrics",))
+        for _ in range(4)
+    ]
+    try:
+        for scrape_ in scrapes:
+            scrape_.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert http("GET", f"http://127.0.0.1:{metrics.port}/healthz")[0] == 200
+        assert http("GET", f"http://127.0.0.1:{metrics.port}/readyz")[0] == 200
+        assert http("GET", f"http://127.0.0.1:{control.port}/v1/state", token=TOKEN)[0] == 200
+        assert time.monotonic() - started < 2
+        with status.lock:
+            assert http("GET", f"http://127.0.0.1:{metrics.port}/healthz")[0] == 200
+    finally:
+        release.set()
+        for scrape_ in scrapes:
+            scrape_.join(10)
+        metrics.shutdown()
+        control.shutdown()
 
 
 def test_control_api_without_configured_token_refuses() -> None:
     status = WorkerStatus()
     server = serve_control(0, status, None, host="127.0.0.1")
     try:
-        code, body = http(
-            "POST", f"http://127.0.0.1:{server.server_address[1]}/v1/eplb/rebalance", token="x"
-        )
+        code, body = http("POST", f"http://127.0.0.1:{server.port}/v1/eplb/rebalance", token="x")
         assert code == 401 and "no control token" in body["error"]
         assert status.rebalance_requested is False
     finally:

@@ -6,6 +6,11 @@ resize is pending or running, or while the joining ranks have not registered; 42
 that cannot hold every expert). Requests only set fields in ``WorkerStatus``; the step loop
 relays them to every rank so all act at the same step. A rank waiting to join a running group
 answers /readyz with 200 ``standby``: it is ready to be taken in by a resize.
+
+Both are FastAPI apps (``metrics_app``, ``control_app``) served by uvicorn on a thread of the
+rank (``serve_metrics``, ``serve_control``). Every answer is JSON ``{"error": ...}`` on failure,
+whatever FastAPI would say by itself: 422 bodies name each bad field (``"field: msg; ..."``),
+and a path or method that no route serves is 404 ``no route METHOD PATH``.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+from fastapi import Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .asgi import RunningServer, start_server
 
 log = logging.getLogger("moe_worker.server")
 TOKEN_ENV = "MOE_CONTROL_TOKEN"
@@ -104,146 +112,158 @@ def read_token(token_file: str | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "moe-worker"
-    routes: dict[tuple[str, str], Callable[[_Handler], None]] = {}
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("%s " + format, self.address_string(), *args)
-
-    def send_body(self, code: int, body: bytes, content_type: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def send_json(self, code: int, payload: Any) -> None:
-        self.send_body(code, (json.dumps(payload) + "\n").encode())
-
-    def _dispatch(self, method: str) -> None:
-        route = self.routes.get((method, self.path.split("?")[0]))
-        if route is None:
-            self.send_json(404, {"error": f"no route {method} {self.path}"})
-            return
-        route(self)
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
-        self._dispatch("POST")
+def _json(code: int, payload: Any) -> Response:
+    """``payload`` as JSON (``json.dumps`` layout, a trailing newline), as every route answers."""
+    return Response((json.dumps(payload) + "\n").encode(), code, media_type="application/json")
 
 
-def _start(port: int, handler: type[_Handler], host: str) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name=f"http-{port}", daemon=True).start()
-    return server
+class _Refused(Exception):
+    """Raised by a dependency to answer ``code`` with ``{"error": error}`` instead of the route."""
+
+    def __init__(self, code: int, error: str) -> None:
+        super().__init__(error)
+        self.code = code
+        self.error = error
+
+
+def _target(request: Request) -> str:
+    """The request target as the client sent it: the raw path and the query, if any."""
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else request.scope["path"]
+    query = request.scope.get("query_string", b"")
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _Refused)
+    return _json(exc.code, {"error": exc.error})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """A path or a method no route serves (404, 405 alike) is 404 ``no route METHOD PATH``."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code in (404, 405):
+        return _json(404, {"error": f"no route {request.method} {_target(request)}"})
+    return _json(exc.status_code, {"error": exc.detail})
+
+
+def _app(title: str) -> FastAPI:
+    """An app with only the routes added to it: no docs, no OpenAPI, no slash redirects."""
+    app = FastAPI(
+        title=title, docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+    )
+    app.add_exception_handler(_Refused, _refused)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    return app
+
+
+def metrics_app(exposition: Callable[[], bytes] | None, status: WorkerStatus) -> FastAPI:
+    """/metrics (when ``exposition`` is given; 404 otherwise), /healthz and /readyz."""
+    app = _app("moe-worker metrics")
+
+    # Plain ``def`` routes run in the threadpool: a long exposition or a wait for the status
+    # lock (held by the step loop) never stalls the event loop. /healthz touches nothing.
+    @app.get("/metrics")
+    def metrics() -> Response:
+        if exposition is None:
+            return _json(404, {"error": "metrics are disabled"})
+        return Response(exposition(), 200, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json(200, {"status": "alive"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        with status.lock:
+            ready, resizing, standby = status.ready, status.resizing, status.standby
+        if standby:
+            return _json(200, {"status": "standby"})
+        if ready and not resizing:
+            return _json(200, {"status": "ready"})
+        reason = "resizing" if resizing else "starting (group or weights not ready)"
+        return _json(503, {"status": "not ready", "reason": reason})
+
+    return app
+
+
+def _parse_body(raw: bytes, model: type[BodyT]) -> BodyT:
+    """``raw`` as ``model`` (empty: ``{}``); raises ``_Refused`` (422) naming what is wrong."""
+    try:
+        return model.model_validate(json.loads(raw) if raw.strip() else {})
+    except json.JSONDecodeError as exc:
+        raise _Refused(422, f"body is not JSON: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise _Refused(422, f"body is not JSON: {exc.reason}") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise _Refused(422, problems) from None
+
+
+def _body(model: type[BodyT]) -> Callable[[Request], Awaitable[BodyT]]:
+    """A dependency: the request body validated as ``model`` by us, not by FastAPI, so a bad
+    body answers 422 ``{"error": "field: msg; ..."}`` like every other error here."""
+
+    async def body(request: Request) -> BodyT:
+        return _parse_body(await request.body(), model)
+
+    return body
+
+
+def control_app(status: WorkerStatus, token: str | None) -> FastAPI:
+    """The leader's control API; requests need ``Authorization: Bearer <token>`` (401 without,
+    and always 401 when ``token`` is None)."""
+    app = _app("moe-worker control API")
+
+    async def authorized(request: Request) -> None:
+        if token is None:
+            raise _Refused(401, "no control token is configured on this worker")
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(
+            given[7:].encode(), token.encode()
+        ):
+            raise _Refused(401, "missing or wrong bearer token")
+
+    # Route dependencies run first: a request is authorized before its body is read. The
+    # routes are plain ``def`` (threadpool): they wait for the status lock, and a resize's
+    # check asks the rendezvous store which ranks registered.
+    auth = [Depends(authorized)]
+
+    @app.get("/v1/state", dependencies=auth)
+    def state() -> Response:
+        return _json(200, status.snapshot())
+
+    @app.post("/v1/eplb/rebalance", dependencies=auth)
+    def rebalance(
+        request: Annotated[RebalanceRequest, Depends(_body(RebalanceRequest))],
+    ) -> Response:
+        if not status.request_rebalance():
+            return _json(409, {"error": "a rebalance is already pending or running"})
+        log.info("rebalance requested through the control API (%s)", request.reason or "no reason")
+        return _json(202, {"accepted": True})
+
+    @app.post("/v1/ep/resize", dependencies=auth)
+    def resize(request: Annotated[ResizeRequest, Depends(_body(ResizeRequest))]) -> Response:
+        code, problem = status.request_resize(request.ep_size, request.reason or "")
+        if problem is not None:
+            return _json(code, {"error": problem})
+        log.info("resize to %d ranks requested (%s)", request.ep_size, request.reason or "")
+        return _json(202, {"accepted": True, "epSize": request.ep_size})
+
+    return app
 
 
 def serve_metrics(
     port: int, exposition: Callable[[], bytes] | None, status: WorkerStatus, host: str = "0.0.0.0"
-) -> ThreadingHTTPServer:
-    """/metrics (when ``exposition`` is given), /healthz and /readyz on ``port``."""
-
-    def metrics(handler: _Handler) -> None:
-        if exposition is None:
-            handler.send_json(404, {"error": "metrics are disabled"})
-        else:
-            handler.send_body(200, exposition(), CONTENT_TYPE_LATEST)
-
-    def healthz(handler: _Handler) -> None:
-        handler.send_json(200, {"status": "alive"})
-
-    def readyz(handler: _Handler) -> None:
-        with status.lock:
-            ready, resizing, standby = status.ready, status.resizing, status.standby
-        if standby:
-            handler.send_json(200, {"status": "standby"})
-        elif ready and not resizing:
-            handler.send_json(200, {"status": "ready"})
-        else:
-            reason = "resizing" if resizing else "starting (group or weights not ready)"
-            handler.send_json(503, {"status": "not ready", "reason": reason})
-
-    class Handler(_Handler):
-        routes = {
-            ("GET", "/metrics"): metrics,
-            ("GET", "/healthz"): healthz,
-            ("GET", "/readyz"): readyz,
-        }
-
-    return _start(port, Handler, host)
+) -> RunningServer:
+    """Serve ``metrics_app`` on ``host:port`` (0: a free port, see ``.port``)."""
+    return start_server(metrics_app(exposition, status), port, host, "metrics")
 
 
 def serve_control(
     port: int, status: WorkerStatus, token: str | None, host: str = "0.0.0.0"
-) -> ThreadingHTTPServer:
-    """The leader's control API on ``port``; requests need ``Authorization: Bearer <token>``."""
-
-    def authorized(handler: _Handler) -> bool:
-        given = handler.headers.get("Authorization", "")
-        if token is None:
-            handler.send_json(401, {"error": "no control token is configured on this worker"})
-            return False
-        if not given.startswith("Bearer ") or not hmac.compare_digest(
-            given[7:].encode(), token.encode()
-        ):
-            handler.send_json(401, {"error": "missing or wrong bearer token"})
-            return False
-        return True
-
-    def state(handler: _Handler) -> None:
-        if authorized(handler):
-            handler.send_json(200, status.snapshot())
-
-    def read_body(handler: _Handler, model: type[BodyT]) -> BodyT | None:
-        """The request body as ``model``; None after answering 422 when it is not."""
-        length = int(handler.headers.get("Content-Length") or 0)
-        raw = handler.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-            return model.model_validate(body)
-        except json.JSONDecodeError as exc:
-            handler.send_json(422, {"error": f"body is not JSON: {exc.msg}"})
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-            )
-            handler.send_json(422, {"error": problems})
-        return None
-
-    def rebalance(handler: _Handler) -> None:
-        if not authorized(handler):
-            return
-        request = read_body(handler, RebalanceRequest)
-        if request is None:
-            return
-        if not status.request_rebalance():
-            handler.send_json(409, {"error": "a rebalance is already pending or running"})
-            return
-        log.info("rebalance requested through the control API (%s)", request.reason or "no reason")
-        handler.send_json(202, {"accepted": True})
-
-    def resize(handler: _Handler) -> None:
-        if not authorized(handler):
-            return
-        request = read_body(handler, ResizeRequest)
-        if request is None:
-            return
-        code, problem = status.request_resize(request.ep_size, request.reason or "")
-        if problem is not None:
-            handler.send_json(code, {"error": problem})
-            return
-        log.info("resize to %d ranks requested (%s)", request.ep_size, request.reason or "")
-        handler.send_json(202, {"accepted": True, "epSize": request.ep_size})
-
-    class Handler(_Handler):
-        routes = {
-            ("GET", "/v1/state"): state,
-            ("POST", "/v1/eplb/rebalance"): rebalance,
-            ("POST", "/v1/ep/resize"): resize,
-        }
-
-    return _start(port, Handler, host)
+) -> RunningServer:
+    """Serve ``control_app`` on ``host:port`` (0: a free port, see ``.port``)."""
+    return start_server(control_app(status, token), port, host, "control")

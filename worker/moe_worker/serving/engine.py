@@ -169,8 +169,6 @@ class ServingEngine(RankEngine):
         if not chunks:
             with torch.inference_mode():
                 self.model.idle_pass()
-            with self.lock:
-                self.scheduler.step_done(())
             self.step_index += 1
             return 0
         sequences = [self.sequences[chunk.request_id] for chunk in chunks]
