@@ -222,6 +222,11 @@ class Rendezvous:
             host, port, None, is_leader, timeout=self.timeout, wait_for_workers=False
         )
 
+    def client(self) -> dist.Store:
+        """A new connection to the store (a blocking ``wait`` holds its connection: a thread
+        that waits needs its own)."""
+        return dist.TCPStore(self.host, self.port, None, False, timeout=self.timeout)
+
     def reconnect(self, timeout_s: float) -> None:
         """A survivor of the leader: connect to the store its restart hosts (same address)."""
         deadline = time.monotonic() + timeout_s

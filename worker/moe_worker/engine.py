@@ -163,6 +163,13 @@ class RankEngine:
         self.outputs_checked = 0
         self.output_mismatches = 0
 
+    # Set by the serving loop: called (any thread) when work arrives while ranks may be idle.
+    on_work: Callable[[], None] | None = None
+
+    def has_work(self) -> bool:
+        """Whether this rank has something to run now (the simulator always has)."""
+        return True
+
     # --- what a kind of engine defines -----------------------------------------------------
 
     def _make_source(self) -> Any:

@@ -46,6 +46,9 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
     signal.signal(signal.SIGTERM, lambda *_: setattr(status, "stop_requested", True))
     metrics = None
     servers = []
+    # In a pod (POD_NAME set) ports count from the pod's first rank; elsewhere from rank 0.
+    in_pod = "POD_NAME" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0 if in_pod else env.rank))
     if config.metrics.enabled:
         metrics = WorkerMetrics(
             config.deployment,
@@ -55,9 +58,6 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             config.eplb.use_async,
             config.metrics.per_expert,
         )
-        # In a pod (POD_NAME set) ports count from the pod's first rank; elsewhere from rank 0.
-        in_pod = "POD_NAME" in os.environ
-        local_rank = int(os.environ.get("LOCAL_RANK", 0 if in_pod else env.rank))
         port = config.metrics.port + local_rank if config.metrics.port else 0
         servers.append(serve_metrics(port, metrics.exposition, status, bind_host))
     if config.control.enabled and env.rank == 0:
@@ -76,6 +76,7 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
         with status.lock:
             status.standby = True
 
+    serving_engine: Any = None
     try:
         try:
             engine = membership.start(env, standby, lambda: status.stop_requested)
@@ -83,6 +84,9 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             return {"rank": env.rank, "steps": 0, "standby": True, "stopped_by_signal": True}
         with status.lock:
             status.standby = False
+        if config.serving.enabled:
+            serving_engine = engine
+            servers.append(serve_api(config, engine, status, metrics, local_rank, bind_host))
         service = WorkerService(engine, status, metrics, config.metrics.update_interval, membership)
         service.run(config.steps if steps is None else steps)
         summary: dict[str, Any] = {
@@ -98,15 +102,57 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             "outputsChecked": engine.outputs_checked,
             "outputMismatches": engine.output_mismatches,
         }
+        if config.serving.enabled:
+            summary["requestsFinished"] = serving_engine.requests_finished
+            summary["generatedTokens"] = serving_engine.generated_tokens
         if engine.eplb is not None and not membership.retired:
             summary["rebalances"] = [r.result for r in engine.eplb.history]
             summary["balancedness"] = engine.eplb.current_balancedness()
         return summary
     finally:
+        if serving_engine is not None:  # requests still queued or running end with an error
+            serving_engine.fail_all(RuntimeError("the server is shutting down"))
         for server in servers:
             server.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def served_model_name(config: WorkerConfig) -> str:
+    """The model id of the API: the configured name, the checkpoint directory's, or synthetic."""
+    if config.serving.model_name:
+        return config.serving.model_name
+    if config.model.source == "checkpoint" and config.model.path:
+        return Path(config.model.path).resolve().name
+    return f"synthetic-{config.model.family}"
+
+
+def serve_api(
+    config: WorkerConfig,
+    engine: Any,
+    status: Any,
+    metrics: Any,
+    local_rank: int,
+    host: str,
+) -> Any:
+    """This rank's OpenAI-compatible API on ``serving.port`` + local rank, with /metrics,
+    /healthz and /readyz of the same rank beside it."""
+    from starlette.routing import Mount
+
+    from moe_worker.asgi import start_server
+    from moe_worker.serving.api import build_app
+    from moe_worker.serving.rank_backend import EngineBackend
+    from moe_worker.server import metrics_app
+
+    def ready() -> bool:
+        with status.lock:
+            return bool(status.ready and not status.resizing)
+
+    backend = EngineBackend(engine, served_model_name(config), ready)
+    exposition = None if metrics is None else metrics.exposition
+    app = build_app(backend, extra_routes=[Mount("/", app=metrics_app(exposition, status))])
+    port = config.serving.port + local_rank if config.serving.port else 0
+    return start_server(app, port, host, "api")
 
 
 def launch_local_ranks(argv: list[str]) -> int:

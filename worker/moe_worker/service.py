@@ -9,7 +9,10 @@ collective fails because a peer died, recovers and repeats the step that failed.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -22,6 +25,103 @@ from .metrics import WorkerMetrics
 from .server import WorkerStatus
 
 log = logging.getLogger("moe_worker.service")
+
+
+class IdleWaker:
+    """Lets idle ranks wait without spinning until work arrives on any rank.
+
+    When the ranks agree that nobody has work, each starts idle period ``p`` (the same count on
+    every rank) and waits on its event. ``notify`` (a request arrived on this rank; any thread)
+    sets the event and, on a multi-rank group, the store key ``serving/wake/<p>``; a watcher
+    thread on every rank blocks in the store on that key and sets its rank's event when it
+    appears. A rank with work when its period starts notifies at once, so an arrival during the
+    agreement is never missed. A rank leaving a period (woken or timed out to re-check control
+    flags) sets the key too, releasing every watcher, so the ranks go back to the agreement
+    within moments of each other.
+    """
+
+    def __init__(self, connect: Callable[[], dist.Store] | None, world: int, rank: int = 0) -> None:
+        """``connect`` opens a new client of the group's store (None: a one-rank group)."""
+        self.connect = connect
+        self._store: dist.Store | None = None  # sets and deletes (any thread)
+        self.world = world
+        self.rank = rank
+        self.event = threading.Event()
+        self.lock = threading.Condition()
+        self.period = 0
+        self._watching = 0  # the period the watcher thread waits for
+        self._watcher: threading.Thread | None = None
+
+    def _key(self, period: int) -> str:
+        return f"serving/wake/{period}"
+
+    def notify(self) -> None:
+        self.event.set()
+        if self.connect is not None and self.world > 1:
+            with self.lock:
+                period = self.period
+            self._release(period)
+
+    def _setter(self) -> dist.Store:
+        with self.lock:
+            if self._store is None:
+                assert self.connect is not None
+                self._store = self.connect()
+            return self._store
+
+    def _release(self, period: int) -> None:
+        try:
+            self._setter().set(self._key(period), "1")
+        except RuntimeError:  # the store is gone (leader died): reconnect next time
+            self._store = None
+
+    def _watch(self) -> None:
+        assert self.connect is not None
+        store = self.connect()  # its own connection: its waits block only itself
+        handled = 0
+        while True:
+            with self.lock:
+                self.lock.wait_for(lambda: self._watching > handled)
+                period = self._watching
+            try:
+                store.wait([self._key(period)], timedelta(hours=1))
+            except RuntimeError:  # a timeout, or the store is gone: reconnect, wait again
+                if self.event.wait(1.0):
+                    handled = period
+                try:
+                    store = self.connect()
+                except RuntimeError:
+                    pass
+                continue
+            handled = period
+            with self.lock:
+                if self.period == period:
+                    self.event.set()
+
+    def wait(self, timeout_s: float, has_work: Callable[[], bool]) -> None:
+        """Wait up to ``timeout_s`` for work on any rank (returns at once with local work)."""
+        with self.lock:
+            self.period += 1
+            period = self.period
+        self.event.clear()
+        if self.connect is None or self.world == 1:
+            if not has_work():
+                self.event.wait(timeout_s)
+            return
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="idle-waker", daemon=True)
+            self._watcher.start()
+        if self.rank == 0 and period > 2:  # every rank has left period - 2 behind
+            try:
+                self._setter().delete_key(self._key(period - 2))
+            except RuntimeError:
+                pass
+        with self.lock:
+            self._watching = period
+            self.lock.notify_all()
+        if not has_work():
+            self.event.wait(timeout_s)
+        self._release(period)
 
 
 class WorkerService:
@@ -52,23 +152,50 @@ class WorkerService:
         self._publish()
 
     def step(self) -> None:
-        started = time.perf_counter()
-        routed_before = sum(layer.computed_pairs for layer in self.engine.model.moe_layers)
-        tokens_before = self.engine.tokens_processed
-        self.engine.step()
-        seconds = time.perf_counter() - started
-        routed = sum(layer.computed_pairs for layer in self.engine.model.moe_layers) - routed_before
-        if self.metrics is not None:
-            self.metrics.observe_step(seconds, self.engine.tokens_processed - tokens_before, routed)
-        self._after_rebalances()
-        target = self._relay_control()
+        """One simulator step: forward, then the control flags agreed over all ranks."""
+        self._timed_step()
+        target, _ = self._relay_control()
         if target and self.membership is not None and not self.stopping:
             self._resize(target)
             self._publish()
             return  # the next step is the new group's first, for joiners and survivors alike
+        self._after_step()
+
+    def _timed_step(self) -> None:
+        started = time.perf_counter()
+        layers = self.engine.model.moe_layers
+        routed_before = sum(layer.computed_pairs for layer in layers)
+        tokens_before = self.engine.tokens_processed
+        self.engine.step()
+        seconds = time.perf_counter() - started
+        routed = sum(layer.computed_pairs for layer in layers) - routed_before
+        if self.metrics is not None:
+            self.metrics.observe_step(seconds, self.engine.tokens_processed - tokens_before, routed)
+        self._after_rebalances()
+
+    def _after_step(self) -> None:
         if self.engine.step_index % self.update_interval == 0:
             self._update_balancedness()
         self._publish()
+
+    def serve_iteration(self, waker: IdleWaker) -> None:
+        """One lock-step iteration of a serving rank: agree on control flags and on whether any
+        rank has work; then every rank steps (idle ranks run an empty forward), or, when none
+        has work, all wait (without spinning) until work arrives somewhere."""
+        engine = self.engine
+        rebalancing = engine.eplb is not None and engine.eplb.rebalancing
+        target, any_work = self._relay_control(engine.has_work() or rebalancing)
+        if self.stopping:
+            return
+        if target and self.membership is not None:
+            self._resize(target)
+            self._publish()
+            return
+        if any_work:
+            self._timed_step()
+            self._after_step()
+        else:
+            waker.wait(engine.config.serving.idle_wait_s, engine.has_work)
 
     def _resize_check(self, target: int) -> tuple[int, str] | None:
         """Whether a resize to ``target`` can be accepted now (called by the control API)."""
@@ -136,14 +263,16 @@ class WorkerService:
         if self.metrics is not None:
             self.metrics.set_rebalancing(controller.rebalancing)
 
-    def _relay_control(self) -> int:
-        """Combine the control flags over all ranks; returns the agreed resize target (0: none)."""
+    def _relay_control(self, has_work: bool = False) -> tuple[int, bool]:
+        """Combine the control flags (and whether this rank has work) over all ranks; returns
+        the agreed resize target (0: none) and whether any rank has work."""
         with self.status.lock:
             flags = torch.tensor(
                 [
                     int(self.status.stop_requested),
                     int(self.status.rebalance_requested),
                     self.status.resize_target,
+                    int(has_work),
                 ]
             )
         if self.world > 1:
@@ -151,6 +280,7 @@ class WorkerService:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags = flags.cpu()
         stop, rebalance, target = bool(flags[0]), bool(flags[1]), int(flags[2])
+        any_work = bool(flags[3])
         if rebalance and self.engine.eplb is not None:
             self.engine.eplb.request_rebalance("manual")
             with self.status.lock:
@@ -163,7 +293,7 @@ class WorkerService:
             if self.engine.eplb is not None:
                 self.engine.eplb.shutdown()  # abandon an in-flight rebalance, same step everywhere
                 self._after_rebalances()
-        return 0 if stop else target
+        return (0 if stop else target), any_work or rebalance
 
     def _update_balancedness(self) -> None:
         controller = self.engine.eplb
@@ -217,7 +347,15 @@ class WorkerService:
         """Step until ``steps`` are done (0: no limit) or a stop is requested on any rank."""
         with self.status.lock:
             self.status.ready = True
-        rate = self.engine.config.workload.steps_per_second
+        serving = self.engine.config.serving.enabled
+        waker = IdleWaker(
+            None if self.membership is None else self.membership.rendezvous.client,
+            self.world,
+            self.engine.ep.rank,
+        )
+        if serving:
+            self.engine.on_work = waker.notify
+        rate = None if serving else self.engine.config.workload.steps_per_second
         next_step_at = time.monotonic()
         while not self.stopping and (steps == 0 or self.engine.step_index < steps):
             if rate is not None:  # paced: a steady offered load, as from a request stream
@@ -225,7 +363,11 @@ class WorkerService:
                 time.sleep(max(0.0, next_step_at - time.monotonic()))
             started_at = self.engine.step_index
             try:
-                self.step()
+                if serving:
+                    waker.world = self.world
+                    self.serve_iteration(waker)
+                else:
+                    self.step()
             except RuntimeError as exc:  # gloo/NCCL: a peer died or hung past the deadline
                 if self.membership is None or self.world == 1:
                     raise

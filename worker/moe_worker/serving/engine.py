@@ -110,6 +110,7 @@ class ServingEngine(RankEngine):
         self.steps_with_work = 0
         self.prompt_tokens_processed = 0
         self.generated_tokens = 0
+        self.requests_finished = 0
         # transformers renamed the cache argument (past_key_values -> cache) during 5.x
         parameters = inspect.signature(self.model.model.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
@@ -190,6 +191,7 @@ class ServingEngine(RankEngine):
             self.scheduler.step_done(finished)
             for request_id in finished:
                 self.sequences.pop(request_id, None)
+            self.requests_finished += len(finished)
         self.step_index += 1
         self.steps_with_work += 1
         self.tokens_processed += len(tokens)
