@@ -331,6 +331,72 @@ def run_local(
 
 
 @app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="A transformers checkpoint directory."),
+    ep_size: int = typer.Option(1, "--ep-size", help="EP ranks (local processes)."),
+    port: int = typer.Option(8000, "--port", help="Port of the API (0: a free one)."),
+    device: str = typer.Option(
+        "auto", "--device", help="cpu, cuda (one local GPU per rank), or auto: cuda if enough."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="Worker config in the ConfigMap's schema (eplb.windowSize...)."
+    ),
+) -> None:
+    """Serve MODEL_DIR at http://127.0.0.1:PORT/v1 (OpenAI-compatible), EPLB on."""
+    import signal
+    import threading
+
+    import yaml
+    from pydantic import ValidationError
+
+    from moe_operator.runtime.local import visible_gpus
+    from moe_operator.runtime.serve import ServeError
+    from moe_operator.runtime.serve import serve as serve_model
+
+    if ep_size < 1:
+        fail("--ep-size: must be >= 1")
+    if not 0 <= port < 65536:
+        fail("--port: must be 0..65535")
+    if device not in ("cpu", "cuda", "auto"):
+        fail(f"--device: must be cpu, cuda or auto, not {device!r}")
+    base = None
+    if config is not None:
+        try:
+            base = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            fail(f"--config {config}: {exc}")
+        if not isinstance(base, dict):
+            fail(f"--config {config}: must be a mapping (the worker config's schema)")
+    gpus = visible_gpus()
+    if device == "auto":
+        device = "cuda" if len(gpus) >= ep_size else "cpu"
+    if device == "cuda" and len(gpus) < ep_size:
+        fail(f"--device cuda: {ep_size} ranks need {ep_size} GPUs, {len(gpus)} visible")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        codes = serve_model(
+            model_dir,
+            ep_size,
+            port,
+            device,
+            base,
+            gpus[:ep_size] if device == "cuda" else None,
+            console.print,
+            stop,
+        )
+    except ServeError as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"--config: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+    except OSError as exc:
+        fail(str(exc))
+    console.print(f"stopped; rank exit codes {codes}")
+
+
+@app.command()
 def crd() -> None:
     """Print the MoEDeployment CustomResourceDefinition (what `helm install` applies)."""
     from moe_operator.crdgen import render

@@ -43,7 +43,8 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
     # Where the HTTP servers listen: every address unless MOE_BIND_HOST names one (tests run
     # several "pods" on one host, each on its own loopback address).
     bind_host = os.environ.get("MOE_BIND_HOST", "0.0.0.0")
-    signal.signal(signal.SIGTERM, lambda *_: setattr(status, "stop_requested", True))
+    for signum in (signal.SIGTERM, signal.SIGINT):  # both stop every rank at the same step
+        signal.signal(signum, lambda *_: setattr(status, "stop_requested", True))
     metrics = None
     servers = []
     # In a pod (POD_NAME set) ports count from the pod's first rank; elsewhere from rank 0.

@@ -1,0 +1,175 @@
+"""One OpenAI-compatible endpoint over several ranks' APIs (what a Service does in a cluster).
+
+Each inference request goes to the rank with the fewest requests in flight through this router
+(ties in turn); a rank answering 503 (its queue is full, or it is leaving) is skipped for the
+next one. Streams are passed through as they arrive. The leader's control API is reachable here
+as well (``POST /v1/eplb/rebalance``, ``GET /v1/state``): the router forwards the caller's
+``Authorization`` header, so the leader's bearer token guards it as it guards the control port.
+Torch-free: the CLI runs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+MAX_BODY_BYTES = 1 << 20  # a rank rejects more; the router does not read past it
+
+
+@dataclass
+class RankPool:
+    """The ranks' API base URLs and how many requests each has in flight through the router."""
+
+    urls: list[str]
+    in_flight: dict[str, int] = field(default_factory=dict)
+    _turn: itertools.count[int] = field(default_factory=itertools.count)
+
+    def order(self) -> list[str]:
+        """The ranks to try, least busy first (ties broken in turn)."""
+        turn = next(self._turn)
+        count = len(self.urls)
+        rotated = [self.urls[(turn + i) % count] for i in range(count)]
+        return sorted(rotated, key=lambda url: self.in_flight.get(url, 0))
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def _passed(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` without the hop-by-hop ones (the router frames its own messages)."""
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_HEADERS}
+
+
+def _headers(request: Request) -> dict[str, str]:
+    return _passed(request.headers)
+
+
+def router_app(rank_urls: list[str], control_url: str | None = None) -> Starlette:
+    """The router over ``rank_urls`` (e.g. ``http://127.0.0.1:8001``) and the leader's control
+    API at ``control_url``."""
+    pool = RankPool(list(rank_urls))
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), trust_env=False)
+
+    async def _read(request: Request) -> bytes | None:
+        body = b""
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY_BYTES:
+                return None
+        return body
+
+    async def inference(request: Request) -> Response:
+        body = await _read(request)
+        if body is None:
+            return _error(400, "body: the request body exceeds 1 MiB", "invalid_request_error")
+        last: Response | None = None
+        for url in pool.order():
+            pool.in_flight[url] = pool.in_flight.get(url, 0) + 1
+
+            def release(url: str = url) -> None:
+                pool.in_flight[url] -= 1
+
+            try:
+                upstream = await client.send(
+                    client.build_request(
+                        request.method,
+                        url + request.url.path,
+                        content=body,
+                        headers=_headers(request),
+                    ),
+                    stream=True,
+                )
+            except httpx.HTTPError as exc:
+                release()
+                last = _error(503, f"rank at {url} unreachable: {exc}", "service_unavailable_error")
+                continue
+            if upstream.status_code == 503:
+                last = Response(
+                    await upstream.aread(), status_code=503, headers=_passed(upstream.headers)
+                )
+                await upstream.aclose()
+                release()
+                continue
+
+            async def relay(upstream: httpx.Response = upstream) -> AsyncIterator[bytes]:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+
+            async def close(
+                upstream: httpx.Response = upstream, release: Callable[[], None] = release
+            ) -> None:
+                await upstream.aclose()
+                release()
+
+            return StreamingResponse(
+                relay(),
+                status_code=upstream.status_code,
+                headers=_passed(upstream.headers),
+                background=BackgroundTask(close),
+            )
+        return last or _error(503, "no rank is serving", "service_unavailable_error")
+
+    async def models(request: Request) -> Response:
+        for url in pool.order():
+            try:
+                upstream = await client.get(url + "/v1/models")
+            except httpx.HTTPError:
+                continue
+            return Response(upstream.content, upstream.status_code, media_type="application/json")
+        return _error(503, "no rank is serving", "service_unavailable_error")
+
+    async def health(request: Request) -> Response:
+        states = {}
+        for url in pool.urls:
+            try:
+                states[url] = (await client.get(url + "/health", timeout=5.0)).status_code
+            except httpx.HTTPError:
+                states[url] = 0
+        healthy = all(code == 200 for code in states.values())
+        return JSONResponse(
+            {"status": "ready" if healthy else "not ready", "ranks": states},
+            status_code=200 if healthy else 503,
+        )
+
+    async def control(request: Request) -> Response:
+        if control_url is None:
+            return _error(404, "no control API behind this router", "not_found_error")
+        body = await _read(request)
+        if body is None:
+            return _error(400, "body: the request body exceeds 1 MiB", "invalid_request_error")
+        try:
+            upstream = await client.request(
+                request.method,
+                control_url + request.url.path,
+                content=body,
+                headers=_headers(request),
+            )
+        except httpx.HTTPError as exc:
+            return _error(503, f"leader unreachable: {exc}", "service_unavailable_error")
+        return Response(
+            upstream.content,
+            upstream.status_code,
+            media_type=upstream.headers.get("content-type", "application/json"),
+        )
+
+    return Starlette(
+        routes=[
+            Route("/v1/completions", inference, methods=["POST"]),
+            Route("/v1/chat/completions", inference, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/eplb/rebalance", control, methods=["POST"]),
+            Route("/v1/state", control, methods=["GET"]),
+        ]
+    )
