@@ -51,6 +51,11 @@ class EPLBConfig(WireModel):
     rebalance_timeout_s: float = Field(
         120.0, gt=0, description="Deadline of a rebalance; past it every rank abandons it."
     )
+    initial_placement_file: str | None = Field(
+        None,
+        description="Placement to start from (the JSON of `moe-eplb plan --out`, phy2log "
+        "[MoE layers, slots]); unset: slot p holds expert p mod numExperts.",
+    )
 
 
 class ModelConfig(WireModel):

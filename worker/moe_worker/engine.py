@@ -6,6 +6,7 @@ after every forward.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,6 +104,26 @@ def make_eplb_channels(
     return create_communicator(name, device=device), control_group
 
 
+def initial_placement(
+    config: WorkerConfig, num_layers: int, num_experts: int, num_physical: int
+) -> Placement:
+    """The placement a fresh group starts with: ``eplb.initialPlacementFile`` or the default."""
+    path = config.eplb.initial_placement_file
+    if path is None:
+        return default_placement(num_layers, num_experts, num_physical)
+    try:
+        placement = Placement.from_json(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"eplb.initialPlacementFile {path}: {exc}") from None
+    want = (num_layers, num_physical)
+    if placement.phy2log.shape != want or placement.num_logical != num_experts:
+        raise ValueError(
+            f"eplb.initialPlacementFile {path}: phy2log is {list(placement.phy2log.shape)} over "
+            f"{placement.num_logical} experts; the model needs {list(want)} over {num_experts}"
+        )
+    return placement
+
+
 def create_engine(config: WorkerConfig, *args: Any, **kwargs: Any) -> RankEngine:
     """The engine ``config`` asks for: serving real requests, or the routing simulator."""
     if config.serving.enabled:
@@ -150,7 +172,9 @@ class RankEngine:
         self.source = source if source is not None else self._make_source()
         num_layers, num_experts = self._model_shape()
         num_physical = num_experts + config.eplb.num_redundant_experts
-        self.placement = placement or default_placement(num_layers, num_experts, num_physical)
+        self.placement = placement or initial_placement(
+            config, num_layers, num_experts, num_physical
+        )
         self.model: Any = self._build_model(load_weights=not joining)
         self.eplb: EPLBController | None = None
         if config.eplb.enabled:
