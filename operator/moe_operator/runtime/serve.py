@@ -207,7 +207,9 @@ def serve(
     facts = read_checkpoint_facts(model_dir)
     first = free_ports(2 * ep_size + 3)
     ports = {"api": first, "metrics": first + ep_size, "control": first + 2 * ep_size}
-    config = serve_worker_config(model_dir, ep_size, facts["num_experts"], device, base_config, ports)
+    config = serve_worker_config(
+        model_dir, ep_size, facts["num_experts"], device, base_config, ports
+    )
     token = os.environ.get("MOE_CONTROL_TOKEN") or secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="moe-serve-") as workdir:
         ranks = ServeRanks(config, gpus, token, Path(workdir))
