@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import torch
-from hf_checkpoints import E, FAMILIES, MOE_LAYERS, save_checkpoint
+
+from hf_checkpoints import FAMILIES, MOE_LAYERS, E, save_checkpoint
 from serving_harness import (
     ServeProcess,
     complete_ids,

@@ -141,9 +141,9 @@ def serve_api(
     from starlette.routing import Mount
 
     from moe_worker.asgi import start_server
+    from moe_worker.server import metrics_app
     from moe_worker.serving.api import build_app
     from moe_worker.serving.rank_backend import EngineBackend
-    from moe_worker.server import metrics_app
 
     def ready() -> bool:
         with status.lock:

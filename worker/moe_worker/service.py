@@ -81,7 +81,7 @@ class IdleWaker:
         handled = 0
         while True:
             with self.lock:
-                self.lock.wait_for(lambda: self._watching > handled)
+                self.lock.wait_for(lambda seen=handled: self._watching > seen)
                 period = self._watching
             try:
                 store.wait([self._key(period)], timedelta(hours=1))
