@@ -81,7 +81,8 @@ class IdleWaker:
         handled = 0
         while True:
             with self.lock:
-                self.lock.wait_for(lambda seen=handled: self._watching > seen)
+                while self._watching <= handled:
+                    self.lock.wait()
                 period = self._watching
             try:
                 store.wait([self._key(period)], timedelta(hours=1))
