@@ -206,7 +206,7 @@ def worker(
 @app.command()
 def verify(
     checkpoint: Path = typer.Option(
-        ..., "--checkpoint", help="HF-format MoE checkpoint directory."
+        ..., "--checkpoint", help="transformers MoE checkpoint directory."
     ),
     ep_size: int = typer.Option(..., "--ep-size", help="Number of local EP ranks."),
     placement: str = typer.Option("balanced", "--placement", help="random or balanced."),
@@ -215,7 +215,7 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="Seed of the random placement."),
 ) -> None:
     """Apply every MoE layer of a checkpoint under EP to the input; write the outputs."""
-    from moe_worker.model.checkpoint import CheckpointError
+    from moe_worker.model.hf_source import CheckpointError
     from moe_worker.verify import verify as run_verify
 
     try:

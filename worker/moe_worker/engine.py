@@ -41,11 +41,12 @@ def resolve_device(requested: str, rank: int) -> torch.device:
 
 
 def make_source(config: WorkerConfig) -> WeightSource:
+    """The routing simulator's weights: synthetic MoE layers (real models are served)."""
     if config.model.source == "checkpoint":
-        from moe_worker.model.checkpoint import CheckpointSource
-
-        assert config.model.path is not None
-        return CheckpointSource(config.model.path, dtype=config.model.dtype)
+        raise ValueError(
+            "model.source: checkpoint models run with serving.enabled: true "
+            "(the routing simulator runs synthetic MoE layers only)"
+        )
     return SyntheticSource(config.model)
 
 

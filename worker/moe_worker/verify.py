@@ -1,9 +1,11 @@
 """``moe-eplb verify``: run a checkpoint's MoE blocks under expert parallelism, write outputs.
 
-N local ranks (gloo on 127.0.0.1) each load only their slots' experts, take a share of the input
-tokens [T, H], and apply every MoE layer independently (the MoE block alone: no residual or
-norm, as HF's sparse MoE block computes it) under a placement with one redundant slot per rank.
-Rank 0 writes the outputs [L, T, H] (float32). Compare them with any other implementation.
+N local ranks (gloo on 127.0.0.1) each build the model with transformers' classes, holding only
+their slots' experts, take a share of the input tokens [T, H], and apply every MoE block (the
+family's own router and shared experts, our expert-parallel experts) on its own: no residual or
+norm, as transformers' sparse MoE block computes it. The placement has one redundant slot per
+rank: ``random``, or ``balanced`` for the input's routing (measured in a first pass). Rank 0
+writes the outputs [L, T, H] (float32): compare them with transformers' own blocks.
 """
 
 from __future__ import annotations
@@ -11,45 +13,64 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_worker.eplb.policy import Placement, compute_placement
-from moe_worker.model.checkpoint import CheckpointSource
-from moe_worker.model.moe import EPGroup, build_model
-from moe_worker.model.router import route
+from moe_worker.eplb.policy import Placement, compute_placement, default_placement
+from moe_worker.model.ep_experts import EPGroup
+from moe_worker.model.hf_model import EPCausalLM, build_ep_model
+from moe_worker.model.hf_source import CheckpointSource
 
 PLACEMENTS = ("random", "balanced")
 
 
-def make_placement(
-    source: CheckpointSource, hidden: torch.Tensor, ep_size: int, kind: str, seed: int
-) -> Placement:
-    """A placement with ceil(E / N) + 1 slots per rank: ``random`` or ``balanced`` for the input."""
-    config = source.config
-    experts = config.num_experts
-    num_physical = ep_size * (-(-experts // ep_size) + 1)
-    if kind == "random":
-        rng = np.random.default_rng(seed)
-        maps = [
-            rng.permutation(
-                np.concatenate(
-                    [np.arange(experts), rng.integers(0, experts, num_physical - experts)]
-                )
-            )
-            for _ in range(config.num_layers)
-        ]
-        return Placement.from_phy2log(np.stack(maps), experts)
-    if kind == "balanced":
-        load = np.zeros((config.num_layers, experts))
-        for layer in range(config.num_layers):
-            ids, _ = route(hidden.to(source.dtype), source.router(layer), config)
-            load[layer] = np.bincount(ids.flatten().numpy(), minlength=experts)
-        return compute_placement("balanced", load, num_physical=num_physical, num_gpus=ep_size)
-    raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {kind!r}")
+def random_placement(layers: int, experts: int, num_physical: int, seed: int) -> Placement:
+    """Every expert once plus random replicas, shuffled over the slots of each layer."""
+    rng = np.random.default_rng(seed)
+    extra = num_physical - experts
+    maps = [
+        rng.permutation(np.concatenate([np.arange(experts), rng.integers(0, experts, extra)]))
+        for _ in range(layers)
+    ]
+    return Placement.from_phy2log(np.stack(maps), experts)
+
+
+def apply_blocks(model: EPCausalLM, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """Every MoE block applied to ``hidden`` [T, H]: a list of [T, H] (all ranks call it)."""
+    layers = model.model.get_decoder().layers
+    outputs = []
+    with torch.inference_mode():
+        for index in model.decoder_layers:
+            out = layers[index].mlp(hidden[None])
+            out = out[0] if isinstance(out, tuple) else out
+            outputs.append(out.reshape(hidden.shape).float())
+    return outputs
+
+
+def routed_load(model: EPCausalLM, hidden: torch.Tensor, world: int) -> np.ndarray:
+    """Tokens per logical expert [L, E] that the routers send ``hidden`` (all ranks' shares)."""
+    experts = model.moe_layers[0].num_logical
+    load = torch.zeros((len(model.moe_layers), experts), dtype=torch.float64)
+
+    def recorder(index: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...]) -> None:
+            load[index] += torch.bincount(args[1].flatten().cpu(), minlength=experts).double()
+
+        return hook
+
+    handles = [
+        layer.register_forward_pre_hook(recorder(i)) for i, layer in enumerate(model.moe_layers)
+    ]
+    apply_blocks(model, hidden)
+    for handle in handles:
+        handle.remove()
+    if world > 1:
+        dist.all_reduce(load)
+    return load.numpy()
 
 
 def _rank_main(
@@ -68,28 +89,33 @@ def _rank_main(
         )
     try:
         source = CheckpointSource(checkpoint)
-        hidden = torch.from_numpy(np.load(input_path)).float()
-        placement = make_placement(source, hidden, world, kind, seed)
-        model = build_model(source, placement, EPGroup(rank=rank, size=world))
-        shares = np.array_split(np.arange(hidden.shape[0]), world)
-        mine = torch.from_numpy(shares[rank])
-        x = hidden[mine].to(source.dtype)
-        outputs = [
-            layer(x, int(mine[0]) if len(mine) else 0).float().numpy() for layer in model.layers
-        ]
-        gathered: list = [None] * world
+        layers, experts = len(source.moe_decoder_layers), source.num_experts
+        num_physical = world * (-(-experts // world) + 1)
+        hidden = torch.from_numpy(np.load(input_path)).to(source.dtype)
+        mine = hidden[np.array_split(np.arange(hidden.shape[0]), world)[rank]]
+        ep = EPGroup(rank=rank, size=world)
+        if kind == "balanced":
+            first = build_ep_model(source, default_placement(layers, experts, num_physical), ep)
+            load = routed_load(first, mine, world)
+            del first
+            placement = compute_placement(
+                "balanced", load, num_physical=num_physical, num_gpus=world
+            )
+        else:
+            placement = random_placement(layers, experts, num_physical, seed)
+        outputs = [o.numpy() for o in apply_blocks(build_ep_model(source, placement, ep), mine)]
+        gathered: list[Any] = [None] * world
         if world > 1:
             dist.all_gather_object(gathered, outputs)
         else:
             gathered = [outputs]
         if rank == 0:
             result = np.stack(
-                [
-                    np.concatenate([gathered[r][layer] for r in range(world)])
-                    for layer in range(len(outputs))
-                ]
+                [np.concatenate([part[layer] for part in gathered]) for layer in range(layers)]
             )
             np.save(output_path, result.astype(np.float32))
+        if world > 1:
+            dist.barrier()  # nobody tears its connections down while a peer still uses them
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -109,11 +135,10 @@ def verify(
     if placement not in PLACEMENTS:
         raise ValueError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     source = CheckpointSource(checkpoint)  # fail early on a bad checkpoint
+    hidden_size = int(source.hf_config.get_text_config().hidden_size)
     hidden = np.load(input_path)
-    if hidden.ndim != 2 or hidden.shape[1] != source.config.hidden_size:
-        raise ValueError(
-            f"--input must be [tokens, {source.config.hidden_size}], got shape {hidden.shape}"
-        )
+    if hidden.ndim != 2 or hidden.shape[1] != hidden_size:
+        raise ValueError(f"--input must be [tokens, {hidden_size}], got shape {hidden.shape}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -83,6 +83,11 @@ class ExpertParallelExperts(nn.Module):
         self._replica_offset = 0  # rotates replica choice across steps (decode steps are small)
         self.set_static_map(static_log2phy)
 
+    @property
+    def num_logical(self) -> int:
+        """Logical experts E of this layer."""
+        return int(self._static_log2phy.shape[0])
+
     def set_static_map(self, static_log2phy: torch.Tensor) -> None:
         self._static_log2phy = static_log2phy.to(self.ep.device)  # [E, R]
         self._static_count = (static_log2phy >= 0).sum(dim=1).to(self.ep.device)  # [E]

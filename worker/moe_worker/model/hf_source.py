@@ -235,7 +235,7 @@ def synthetic_hf_config(model: ModelConfig, vocab_size: int) -> Any:
         if family == "deepseek_v2":
             grouped = model.num_expert_groups > 1
             specific["topk_method"] = "group_limited_greedy" if grouped else "greedy"
-    return AutoConfig.for_model(family, **common, **specific)
+    return AutoConfig.for_model(family, **{**common, **specific})
 
 
 class SyntheticSource:
