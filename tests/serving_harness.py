@@ -40,10 +40,11 @@ class ServeProcess:
         config: dict[str, Any] | None,
         workdir: Path,
         timeout_s: float = 300.0,
+        device: str = "cpu",
     ) -> None:
         self.lines: list[str] = []
         args = [sys.executable, "-m", "moe_operator.cli", "serve", str(model_dir)]
-        args += ["--ep-size", str(ep_size), "--port", "0", "--device", "cpu"]
+        args += ["--ep-size", str(ep_size), "--port", "0", "--device", device]
         if config is not None:
             config_file = workdir / "serve-config.yaml"
             config_file.write_text(yaml.safe_dump(config))
@@ -51,7 +52,9 @@ class ServeProcess:
         env = {
             **os.environ,
             "MOE_CONTROL_TOKEN": TOKEN,
-            "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'worker'}",
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT / "operator"), str(ROOT / "worker"), os.environ.get("PYTHONPATH", "")]
+            ),
             "OMP_NUM_THREADS": "1",
         }
         self.process = subprocess.Popen(
@@ -155,15 +158,18 @@ def reference_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list
     config.do_sample = False
     config.max_new_tokens = max_new_tokens
     with torch.no_grad():
+        ids = torch.tensor([prompt], device=model.device)
         out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+            ids,
+            attention_mask=torch.ones_like(ids),
             generation_config=config,
         )
     return [int(t) for t in out[0, len(prompt) :]]
 
 
-def same_greedy(model: Any, prompt: list[int], want: list[int], got: list[int]) -> str | None:
+def same_greedy(
+    model: Any, prompt: list[int], want: list[int], got: list[int], near_tie: float = NEAR_TIE
+) -> str | None:
     """None when ``got`` equals ``want`` (or first differs at a near tie of the reference),
     else a description of the difference."""
     if len(got) != len(want):
@@ -172,10 +178,11 @@ def same_greedy(model: Any, prompt: list[int], want: list[int], got: list[int]) 
         if a == b:
             continue
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + want[:step]])).logits[0, -1].float()
+            ids = torch.tensor([prompt + want[:step]], device=model.device)
+            logits = model(ids).logits[0, -1].float()
         top2 = torch.topk(logits, 2).values
         gap = float(top2[0] - top2[1])
-        if gap < NEAR_TIE:
+        if gap < near_tie:
             return None
         return f"step {step}: got {b}, reference {a} (top-2 gap {gap:.2e})"
     return None

@@ -129,3 +129,107 @@ def test_greedy_generations_equal_transformers(
         assert committed_while_running == [True], f"committed after the requests finished: {last}"
         check_all(reference, second, answers, SECOND_TOKENS)
     assert server.process.returncode == 0, "\n".join(server.lines[-20:])
+
+
+def test_openai_client_streamed_and_not_agree(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """The official client against the served model (EP 2): completions and chat, streamed or
+    not, give the same tokens; bad requests get 400 naming the field; control needs the token."""
+    import httpx
+    import openai
+
+    with ServeProcess(checkpoints["qwen3_moe"], 2, None, tmp_path) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        (model,) = [m.id for m in client.models.list().data]
+        assert model == "qwen3_moe"
+        prompt = "MoE experts on two ranks"
+        plain = client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        streamed = client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        chunks = list(streamed)
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        ids = [
+            i
+            for c in chunks
+            if c.choices
+            for i in (c.choices[0].model_extra or {}).get("token_ids") or []
+        ]
+        assert plain.choices[0].model_extra["token_ids"] == ids
+        assert plain.choices[0].text == text
+        assert plain.usage.completion_tokens == 12 == chunks[-1].usage.completion_tokens
+        assert plain.usage.prompt_tokens == len(prompt.encode())  # byte-level tokenizer
+
+        messages = [{"role": "user", "content": "Which expert is hot?"}]
+        chat = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_completion_tokens=10,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        chat_stream = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_completion_tokens=10,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chat_text = "".join(c.choices[0].delta.content or "" for c in chat_stream if c.choices)
+        assert chat.choices[0].message.content == chat_text
+        assert chat.choices[0].finish_reason == "length"
+
+        for body, field in (
+            ({"prompt": [5, 1 << 20], "max_tokens": 2}, "prompt"),
+            ({"prompt": "x", "max_tokens": 10**6}, "max_tokens"),
+            ({"prompt": "x", "model": "no-such-model"}, "model"),
+            ({"prompt": "", "max_tokens": 2}, "prompt"),
+            ({"prompt": "x", "temperature": -1}, "temperature"),
+        ):
+            response = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+            assert response.status_code == 400, (body, response.text)
+            assert response.json()["error"]["param"] == field, response.text
+        assert httpx.post(server.url + "/v1/eplb/rebalance", timeout=30).status_code == 401
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+
+
+def test_serve_rejects_bad_model_dirs_in_one_line(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from moe_operator.cli import app
+
+    def error(model_dir: Path) -> str:
+        result = CliRunner().invoke(app, ["serve", str(model_dir), "--port", "0"])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        return lines[0]
+
+    assert "no such directory" in error(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in error(tmp_path / "empty")
+    llama = shutil.copytree(checkpoints["mixtral"], tmp_path / "llama")
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    assert "'llama' is not supported; supported: mixtral, qwen2_moe" in error(llama)
+    bare = shutil.copytree(checkpoints["mixtral"], tmp_path / "bare")
+    for file in bare.glob("tokenizer*"):
+        file.unlink()
+    assert "no tokenizer" in error(bare)

@@ -11,7 +11,6 @@ writes the outputs [L, T, H] (float32): compare them with transformers' own bloc
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +82,9 @@ def _rank_main(
     input_path: str,
     output_path: str,
 ) -> None:
-    if world > 1:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
+    if world > 1:  # the parent hosts the store, so no rank's exit takes it from the others
+        store = dist.TCPStore("127.0.0.1", port, None, False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         source = CheckpointSource(checkpoint)
         layers, experts = len(source.moe_decoder_layers), source.num_experts
@@ -139,10 +137,17 @@ def verify(
     hidden = np.load(input_path)
     if hidden.ndim != 2 or hidden.shape[1] != hidden_size:
         raise ValueError(f"--input must be [tokens, {hidden_size}], got shape {hidden.shape}")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    args = (ep_size, port, str(checkpoint), placement, seed, str(input_path), str(output_path))
+    args = (
+        ep_size,
+        store.port,
+        str(checkpoint),
+        placement,
+        seed,
+        str(input_path),
+        str(output_path),
+    )
     mp.spawn(_rank_main, args=args, nprocs=ep_size, join=True)
+    del store
     return tuple(np.load(output_path, mmap_mode="r").shape)
