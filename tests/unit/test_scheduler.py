@@ -523,3 +523,21 @@ def test_random_traffic_invariants(
         m = models[rid]
         assert m.covered == list(range(m.prompt_len)), rid
         assert 1 <= m.generated <= m.max_new_tokens
+
+
+def test_a_failed_step_is_scheduled_again_unchanged() -> None:
+    scheduler = Scheduler(token_budget=8, max_running=4, max_waiting=4)
+    scheduler.add("long", prompt_len=12, max_new_tokens=2)
+    scheduler.add("short", prompt_len=2, max_new_tokens=2)
+    first = scheduler.schedule()
+    scheduler.step_failed()  # the forward raised: nothing ran
+    assert scheduler.sequence("long").computed == 0
+    assert scheduler.schedule() == first  # the same chunks again
+    scheduler.abort("long")
+    scheduler.step_failed()
+    with pytest.raises(KeyError):
+        scheduler.sequence("long")
+    again = scheduler.schedule()
+    assert [c.request_id for c in again] == ["short"] and again[0].start == 0
+    with pytest.raises(RuntimeError, match="step_failed"):
+        Scheduler(token_budget=8, max_running=4, max_waiting=4).step_failed()

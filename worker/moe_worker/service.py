@@ -378,6 +378,7 @@ class WorkerService:
                 self._seen_rebalances = 0
                 with self.status.lock:
                     self.status.resizing = False
+                self._publish()  # an idle serving group steps no more until work arrives
             if self.membership is not None and self.membership.retired:
                 log.info("rank %d retired at step %d", self.engine.ep.rank, self.engine.step_index)
                 return

@@ -185,7 +185,12 @@ class ServingEngine(RankEngine):
             if chunk.samples:
                 sample_rows.append(len(tokens) - 1)
         layout = PackedStep([s.kv for s in sequences], [c.length for c in chunks])
-        logits = self._forward(tokens, layout, sample_rows)
+        try:
+            logits = self._forward(tokens, layout, sample_rows)
+        except BaseException:  # a peer died mid-step: the step is run again after recovery
+            with self.lock:
+                self.scheduler.step_failed()
+            raise
         finished = self._sample_and_emit(chunks, sequences, logits)
         with self.lock:
             self.scheduler.step_done(finished)

@@ -327,6 +327,21 @@ class Scheduler:
                 left.add(chunk.request_id)
         return left
 
+    def step_failed(self) -> None:
+        """The last schedule()'s chunks did not run (a peer died mid-step): nothing advances,
+        so the same tokens are scheduled again; sequences aborted meanwhile leave.
+
+        Raises:
+            RuntimeError: no step is in flight.
+        """
+        if self._in_flight is None:
+            raise RuntimeError("step_failed() called without a scheduled step")
+        chunks, self._in_flight = self._in_flight, None
+        for chunk in chunks:
+            seq = self._running.get(chunk.request_id)
+            if seq is not None and seq.aborted:
+                self._remove_running(seq)
+
     def _remove_running(self, seq: _Sequence) -> None:
         del self._running[seq.request_id]
         self._reserved -= seq.reservation
