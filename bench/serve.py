@@ -149,7 +149,8 @@ async def load(
     async def client_loop(client: httpx.AsyncClient) -> None:
         while queue:
             prompt = queue.pop()
-            total[0] += await one_request(client, url, prompt, output_tokens, ttft, itl)
+            tokens = await one_request(client, url, prompt, output_tokens, ttft, itl)
+            total[0] += tokens  # after the await: a += across it would lose other tasks' counts
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
