@@ -79,3 +79,16 @@ def test_config_policy_names_match_registry() -> None:
     from moe_worker.eplb.policy import POLICIES
 
     assert set(get_args(PolicyName)) == set(POLICIES)
+
+
+def test_family_names_in_config_match_the_registry() -> None:
+    from moe_worker.config import FamilyName
+    from moe_worker.model.families import FAMILIES
+
+    assert set(get_args(FamilyName)) == set(FAMILIES)
+
+
+def test_serve_cli_stays_torch_free() -> None:
+    """`moe-eplb serve` runs the router in the CLI process: no torch there (its ranks have it)."""
+    modules = loaded_modules("moe_operator.runtime.serve", "moe_worker.serving.router")
+    assert "torch" not in modules
