@@ -106,12 +106,16 @@ def test_two_worker_processes_run_and_rebalance(tmp_path: Path) -> None:
         "eplb": {"numRedundantExperts": 2, "windowSize": 8, "stepInterval": 8, "useAsync": False},
         "workload": {"kind": "zipf", "tokensPerStep": 64, "zipfExponent": 1.5},
         "device": "cpu",
-        "metrics": {"port": 0},
-        "control": {"port": 0},
     }
+    # Fixed free ports: a rank's port-0 server could otherwise take the master port from the
+    # OS before rank 0 listens on it (seen once: EADDRINUSE, the other rank's store client
+    # talking to an HTTP server).
+    base = free_port(consecutive=4)
+    config["metrics"] = {"port": base + 1}  # ranks 0 and 1: base + 1, base + 2
+    config["control"] = {"port": base + 3}
     path = tmp_path / "worker.yaml"
     path.write_text(yaml.safe_dump(config))
-    port = str(free_port())
+    port = str(base)
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "moe_worker", "--config", str(path)],
