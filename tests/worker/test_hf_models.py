@@ -74,7 +74,13 @@ def test_a_rank_reads_only_the_experts_its_slots_hold(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("family", "ep_size", "placement"),
-    [("deepseek_v3", 2, "random"), ("qwen3_moe", 4, "balanced"), ("qwen2_moe", 2, "balanced")],
+    [
+        ("mixtral", 2, "random"),
+        ("qwen2_moe", 2, "balanced"),
+        ("qwen3_moe", 4, "balanced"),
+        ("deepseek_v2", 2, "random"),
+        ("deepseek_v3", 2, "random"),
+    ],
 )
 def test_verify_agrees_with_transformers_blocks(
     tmp_path: Path, family: str, ep_size: int, placement: str
