@@ -204,3 +204,28 @@ def test_expert_load_is_the_routers_real_choice(tmp_path: Path) -> None:
         hook.remove()
     assert np.array_equal(got, want), (got, want)
     assert got.sum() == sum(len(p) + 5 for p in prompts) * 3 * 2  # tokens x top-3 x 2 layers
+
+
+def test_a_leaving_rank_takes_no_new_requests(tmp_path: Path) -> None:
+    from moe_worker.engine import create_engine
+    from moe_worker.serving.backend import BackendBusy, SamplingParams
+
+    model_dir = save_checkpoint(tmp_path / "m", "mixtral")
+    config = WorkerConfig.model_validate(
+        {
+            "model": {"source": "checkpoint", "path": str(model_dir), "numExperts": E},
+            "serving": {"enabled": True, "maxRunningRequests": 2, "maxWaitingRequests": 1},
+            "eplb": {"enabled": False},
+        }
+    )
+    engine = create_engine(config)
+    params = SamplingParams(max_new_tokens=2, temperature=0)
+    engine.submit("a", [1, 2], params, lambda out: None)
+    with pytest.raises(BackendBusy, match=r"waiting queue is full \(1 requests\)"):
+        engine.submit("b", [1, 2], params, lambda out: None)
+    engine.stop_accepting()
+    with pytest.raises(BackendBusy, match="leaving"):
+        engine.submit("c", [3], params, lambda out: None)
+    while engine.has_work():  # what it had still finishes
+        engine.step()
+    assert engine.requests_finished == 1

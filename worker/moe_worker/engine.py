@@ -195,6 +195,9 @@ class RankEngine:
         """Whether this rank has something to run now (the simulator always has)."""
         return True
 
+    def stop_accepting(self) -> None:
+        """This rank is leaving the group: take no new requests (the simulator takes none)."""
+
     # --- what a kind of engine defines -----------------------------------------------------
 
     def _make_source(self) -> Any:

@@ -189,6 +189,8 @@ class WorkerService:
         if self.stopping:
             return
         if target and self.membership is not None:
+            if engine.ep.rank >= target:  # retiring: new requests go to the ranks that stay
+                engine.stop_accepting()
             self._resize(target)
             self._publish()
             return

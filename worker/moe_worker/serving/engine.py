@@ -141,6 +141,11 @@ class ServingEngine(RankEngine):
         if self.on_work is not None:
             self.on_work()
 
+    def stop_accepting(self) -> None:
+        """New requests get 503 + Retry-After from now on (the rank is leaving the group)."""
+        with self.lock:
+            self.accepting = False
+
     def abort(self, request_id: str) -> None:
         """Drop a request (its client went away); takes effect before the next step."""
         with self.lock:
