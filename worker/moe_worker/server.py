@@ -54,6 +54,12 @@ class WorkerStatus:
     rebalancing: bool = False
     stop_requested: bool = False
     state: dict[str, Any] = field(default_factory=dict)
+    # Wakes a serving group waiting idle, so a control request acts at once (set by the loop).
+    wake: Callable[[], None] | None = None
+
+    def _wake(self) -> None:
+        if self.wake is not None:
+            self.wake()
 
     def request_rebalance(self) -> bool:
         """Ask for a rebalance; False if one is already pending or running."""
@@ -61,7 +67,8 @@ class WorkerStatus:
             if self.rebalance_requested or self.rebalancing:
                 return False
             self.rebalance_requested = True
-            return True
+        self._wake()
+        return True
 
     def request_resize(self, target: int, reason: str) -> tuple[int, str | None]:
         """Ask for a resize to ``target`` ranks: (202, None) or (status, why not)."""
@@ -75,7 +82,8 @@ class WorkerStatus:
             self.resize_target = target
             self.resize_reason = reason
             self.resize = {"target": target, "phase": "requested", "reason": reason}
-            return 202, None
+        self._wake()
+        return 202, None
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:

@@ -358,6 +358,8 @@ class WorkerService:
         )
         if serving:
             self.engine.on_work = waker.notify
+            with self.status.lock:
+                self.status.wake = waker.notify
         rate = None if serving else self.engine.config.workload.steps_per_second
         next_step_at = time.monotonic()
         while not self.stopping and (steps == 0 or self.engine.step_index < steps):
