@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,19 @@ def stack(tmp_path: Path) -> Any:
         server.wait(timeout=30)
 
 
+def steps_done(metrics_url: str) -> float:
+    """moe_steps_total of the rank serving ``metrics_url``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "moe_steps_total":
+                return float(sample.value)
+    raise AssertionError(f"{metrics_url} exports no moe_steps_total")
+
+
 def test_every_overview_panel_returns_data(stack: Stack) -> None:
     base, workers = stack.base, stack.workers
     missing: list[str] = []
@@ -81,7 +95,7 @@ def test_every_overview_panel_returns_data(stack: Stack) -> None:
             missing = ["(prometheus not up yet)"]
         if not missing:
             break
-        time.sleep(2)
+        time.sleep(0.5)
     assert not missing, f"panels without data: {missing}"
     # The data is the workers': two ranks, and at least one committed rebalance.
     ranks = query(base, 'count(moe_ep_size{deployment="e2e"})')
@@ -99,7 +113,13 @@ async def test_prometheus_and_direct_scrape_give_the_same_snapshot(stack: Stack)
     prometheus = PrometheusSource(stack.base, "e2e", "e2e", window="10s")
     scrape = ScrapeSource([f"http://127.0.0.1:{stack.metrics_port + r}/metrics" for r in range(2)])
     from_prometheus = None
-    await asyncio.sleep(20)  # past start-up and the first placement compile: a steady rate
+    # Past start-up and the first placement compile: Prometheus' 10 s rate window must lie
+    # wholly after the first committed rebalance, so both sources see a steady rate.
+    steady = 'sum(moe_rebalances_total{deployment="e2e",result="ok"} offset 10s) >= 1'
+    deadline = time.monotonic() + 120
+    while not query(stack.base, steady):
+        assert time.monotonic() < deadline, "no rebalance committed 10 s ago within 120 s"
+        await asyncio.sleep(0.5)
     for _ in range(150):
         try:
             from_prometheus = await prometheus.snapshot()
@@ -115,7 +135,14 @@ async def test_prometheus_and_direct_scrape_give_the_same_snapshot(stack: Stack)
         await scrape.snapshot()
     except MetricsUnavailable as exc:
         assert "two scrapes" in str(exc)
-    await asyncio.sleep(10)
+    # The direct rate spans the ranks' work between two scrapes: let rank 0 run what
+    # Prometheus' rate says is about 5 s of steps (tokensPerStep 32) before the second one.
+    rank0 = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+    wanted = steps_done(rank0) + 5 * from_prometheus.rank_tokens_per_s[0] / 32
+    deadline = time.monotonic() + 60
+    while steps_done(rank0) < wanted:
+        assert time.monotonic() < deadline, "rank 0 made too little progress within 60 s"
+        await asyncio.sleep(0.5)
     direct = await scrape.snapshot()
     from_prometheus = await prometheus.snapshot()
     assert direct.ep_size == from_prometheus.ep_size == 2

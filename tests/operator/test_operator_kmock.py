@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 from distributed import free_port
 from kube_emulator import ClusterEmulator, running_cluster
@@ -31,6 +32,11 @@ CHILDREN = [
     ("networking.k8s.io/v1", "networkpolicies", "tiny"),
     ("apps/v1", "statefulsets", "tiny"),
 ]
+
+
+def reconcile_rounds(result: str) -> float:
+    """Reconcile rounds the in-process operator has finished with ``result`` (its own counter)."""
+    return REGISTRY.get_sample_value("moe_operator_reconciles_total", {"result": result}) or 0.0
 
 
 def tiny() -> dict[str, Any]:
@@ -173,7 +179,8 @@ async def test_restart_resumes_without_recreating_anything(world: World) -> None
         await eventually(
             lambda: len(world.cluster.writes(PLURAL)) > 0 and world.cluster.calls[-1], what="rounds"
         )
-        await asyncio.sleep(2.5)
+        done = reconcile_rounds("ok")
+        await eventually(lambda: reconcile_rounds("ok") >= done + 2, what="two more resyncs")
     for _, plural, _ in CHILDREN:
         assert len(world.cluster.writes(plural)) == writes_before[plural], plural
     assert world.cluster.get("v1", "secrets", NS, "tiny-control")["data"]["token"] == token
@@ -298,7 +305,8 @@ async def test_invalid_spec_degrades_without_crashing_and_recovers(world: World)
         # The other deployment is served as usual: the operator did not stop.
         await eventually(world.children_present, what="the valid deployment's children")
         # Repeated rounds on the same bad spec do not repeat the warning.
-        await asyncio.sleep(2.5)
+        done = reconcile_rounds("invalid")
+        await eventually(lambda: reconcile_rounds("invalid") >= done + 2, what="two more rounds")
         warnings = [e for e in world.events() if e["reason"] == "InvalidSpec"]
         assert len(warnings) == 1
         # Fixing the spec recovers.
