@@ -16,7 +16,8 @@ from moe_worker.eplb.async_worker import AsyncRebalance
 from moe_worker.eplb.communicator import create_communicator
 from moe_worker.eplb.policy import compute_placement
 from moe_worker.eplb.rebalance import apply_placement
-from moe_worker.model.experts import EXPERT_TENSORS, FingerprintSource, SyntheticSource
+from moe_worker.model.ep_experts import EXPERT_TENSORS
+from moe_worker.model.experts import FingerprintSource, SyntheticSource
 
 TOKENS = 8
 

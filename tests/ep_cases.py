@@ -10,7 +10,8 @@ from moe_worker.eplb.communicator import create_communicator
 from moe_worker.eplb.policy import Placement, compute_placement, default_placement
 from moe_worker.eplb.rebalance import apply_placement
 from moe_worker.eplb.state import EPLBLayerState, EPLBState
-from moe_worker.model.experts import EXPERT_TENSORS, FingerprintSource, SyntheticSource
+from moe_worker.model.ep_experts import EXPERT_TENSORS
+from moe_worker.model.experts import FingerprintSource, SyntheticSource
 from moe_worker.model.moe import DenseReference, EPGroup, MoEModel, build_model, dense_reference
 
 TOKENS_PER_RANK = 24

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
 import yaml
 
@@ -109,16 +108,27 @@ class ServeProcess:
 
 
 def random_placement_file(path: Path, layers: int, experts: int, slots: int, seed: int) -> Path:
-    """A random placement [layers, slots] holding every expert at least once, as JSON."""
-    rng = np.random.default_rng(seed)
-    rows = [
-        rng.permutation(
-            np.concatenate([np.arange(experts), rng.integers(0, experts, slots - experts)])
-        )
-        for _ in range(layers)
-    ]
-    path.write_text(json.dumps({"phy2log": np.stack(rows).tolist()}))
+    """``verify``'s random placement [layers, slots] as the JSON of ``moe-eplb plan --out``."""
+    from moe_worker.verify import random_placement
+
+    path.write_text(json.dumps(random_placement(layers, experts, slots, seed).to_json()))
     return path
+
+
+def generate_in_process(
+    engine: Any, prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy tokens of ``prompts`` (end of sequence ignored), all submitted to a
+    ``ServingEngine`` at once and stepped until done in this process."""
+    from moe_worker.serving.backend import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for i, prompt in enumerate(prompts):
+        engine.submit(str(i), prompt, params, lambda out, i=i: tokens[i].append(out.token_id))
+    while engine.has_work():
+        engine.step()
+    return tokens
 
 
 def complete_ids(

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from hf_checkpoints import E, save_checkpoint
-from serving_harness import ServeProcess, complete_ids, reference_greedy, same_greedy
+from serving_harness import (
+    ServeProcess,
+    complete_ids,
+    generate_in_process,
+    reference_greedy,
+    same_greedy,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -52,7 +58,6 @@ def test_serve_on_a_gpu_equals_transformers(family: str, tmp_path: Path) -> None
 def test_half_precision_serving_engine(dtype: str, tmp_path: Path) -> None:
     from moe_worker.config import WorkerConfig
     from moe_worker.engine import create_engine
-    from moe_worker.serving.backend import SamplingParams
 
     model_dir = save_checkpoint(tmp_path / "m", "qwen3_moe")
     config = WorkerConfig.model_validate(
@@ -70,17 +75,8 @@ def test_half_precision_serving_engine(dtype: str, tmp_path: Path) -> None:
     )
     engine = create_engine(config, device=torch.device("cuda", 0))
     batch = prompts()
-    got: dict[int, list[int]] = {i: [] for i in range(len(batch))}
-    for i, prompt in enumerate(batch):
-        engine.submit(
-            str(i),
-            prompt,
-            SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True),
-            lambda out, i=i: got[i].append(out.token_id),
-        )
-    while engine.has_work():
-        engine.step()
-    assert all(len(tokens) == 8 for tokens in got.values()), got
+    got = generate_in_process(engine, batch, 8)
+    assert all(len(tokens) == 8 for tokens in got), got
     ref = reference(model_dir, getattr(torch, dtype))
     # The seam itself: our experts and transformers' experts on the same hidden states and the
     # same routing agree to half precision's rounding, layer by layer.

@@ -18,6 +18,7 @@ from moe_worker.model.ep_experts import EPGroup
 from moe_worker.model.hf_model import build_ep_model
 from moe_worker.model.hf_source import CheckpointError, CheckpointSource, SyntheticSource
 from moe_worker.verify import random_placement
+from serving_harness import generate_in_process
 
 
 def reference(model_dir: Path) -> torch.nn.Module:
@@ -161,7 +162,6 @@ def test_expert_load_is_the_routers_real_choice(tmp_path: Path) -> None:
     """EPLB's window after serving holds, per logical expert, exactly the top-k choices that
     transformers' own router makes for every prompt and generated token."""
     from moe_worker.engine import create_engine
-    from moe_worker.serving.backend import SamplingParams
 
     model_dir = save_checkpoint(tmp_path / "m", "deepseek_v3")
     config = WorkerConfig.model_validate(
@@ -173,16 +173,7 @@ def test_expert_load_is_the_routers_real_choice(tmp_path: Path) -> None:
     )
     engine = create_engine(config)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [40, 41], [200, 7, 7, 9, 100]]
-    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-    for i, prompt in enumerate(prompts):
-        engine.submit(
-            str(i),
-            prompt,
-            SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True),
-            lambda out, i=i: tokens[i].append(out.token_id),
-        )
-    while engine.has_work():
-        engine.step()
+    tokens = generate_in_process(engine, prompts, 6)
     assert engine.eplb is not None
     got = engine.eplb.window_logical_load()  # [L, E]
 

@@ -285,7 +285,6 @@ class Engine(RankEngine):
         super().__init__(config, *args, **kwargs)
         model_config = self.source.config
         self.dtype = DTYPES[model_config.dtype]
-        self.simulate_routing = model_config.source == "synthetic"
         self.simulator = RoutingSimulator(
             config.workload, model_config, model_config.num_layers, self.ep.rank, self.ep.size
         )
@@ -308,10 +307,10 @@ class Engine(RankEngine):
     def step(self) -> torch.Tensor:
         """One forward step on this rank's batch; all ranks step together."""
         batch = self.simulator.batch(self.step_index)
-        routed = [r.to(self.device) for r in batch.routed] if self.simulate_routing else None
+        routed = [r.to(self.device) for r in batch.routed]
         out = self.model(batch.hidden.to(self.device, self.dtype), batch.token_offset, routed)
         if self.reference is not None:
-            self._check(batch.hidden, batch.routed if self.simulate_routing else None, out)
+            self._check(batch.hidden, batch.routed, out)
         self.step_index += 1
         self.tokens_processed += batch.hidden.shape[0]
         return out

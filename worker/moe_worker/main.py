@@ -15,12 +15,18 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
 from moe_worker.config import RankEnv, WorkerConfig
+
+if TYPE_CHECKING:
+    from moe_worker.asgi import RunningServer
+    from moe_worker.metrics import WorkerMetrics
+    from moe_worker.server import WorkerStatus
+    from moe_worker.serving.engine import ServingEngine
 
 
 def load_config(path: str | Path) -> WorkerConfig:
@@ -87,7 +93,9 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             status.standby = False
         if config.serving.enabled:
             serving_engine = engine
-            servers.append(serve_api(config, engine, status, metrics, local_rank, bind_host))
+            servers.append(
+                serve_api(config, serving_engine, status, metrics, local_rank, bind_host)
+            )
         service = WorkerService(engine, status, metrics, config.metrics.update_interval, membership)
         service.run(config.steps if steps is None else steps)
         summary: dict[str, Any] = {
@@ -130,12 +138,12 @@ def served_model_name(config: WorkerConfig) -> str:
 
 def serve_api(
     config: WorkerConfig,
-    engine: Any,
-    status: Any,
-    metrics: Any,
+    engine: ServingEngine,
+    status: WorkerStatus,
+    metrics: WorkerMetrics | None,
     local_rank: int,
     host: str,
-) -> Any:
+) -> RunningServer:
     """This rank's OpenAI-compatible API on ``serving.port`` + local rank, with /metrics,
     /healthz and /readyz of the same rank beside it."""
     from starlette.routing import Mount

@@ -27,10 +27,10 @@ import yaml
 
 from moe_operator.runtime.local import free_ports
 from moe_worker.config import FamilyName, WorkerConfig
+from moe_worker.model.families import TOKENIZER_FILES
 
 # Where each family's config.json gives its routed-expert count (either spelling).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class ServeError(ValueError):
@@ -198,7 +198,6 @@ def serve(
     progress: Callable[[str], None],
     stop: threading.Event,
     ready_timeout_s: float = 600.0,
-    on_ready: Callable[[ServeRanks, Any], None] | None = None,
 ) -> list[int | None]:
     """Serve until ``stop`` is set; returns the ranks' exit codes."""
     from moe_worker.asgi import start_server
@@ -222,8 +221,6 @@ def serve(
                 router_app(ranks.api_urls, ranks.control_url), port, "127.0.0.1", "router"
             )
             progress(f"serving {config.serving.model_name} at http://127.0.0.1:{router.port}/v1")
-            if on_ready is not None:
-                on_ready(ranks, router)
             while not stop.is_set():
                 if any(p.poll() is not None for p in ranks.processes):
                     dead = [r for r, p in enumerate(ranks.processes) if p.poll() is not None]

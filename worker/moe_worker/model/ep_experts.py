@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -182,3 +183,19 @@ class ExpertParallelExperts(nn.Module):
         return (
             f"layer={self.index}, slots={self.slots_per_rank}, rank={self.ep.rank}/{self.ep.size}"
         )
+
+
+def load_slots(
+    source: Any, layer: int, experts: list[int], device: torch.device, zeroed: bool = False
+) -> dict[str, torch.Tensor]:
+    """Stacked weights (name -> [S, ...]) of ``experts``, one per slot, of MoE layer ``layer``
+    from any source with ``expert(layer, expert)``; ``zeroed``: the shapes only, all zeros (a
+    rank joining a running group, whose slots a resize fills)."""
+    first = source.expert(layer, experts[0] if experts else 0)
+    if zeroed:
+        return {
+            name: torch.zeros((len(experts), *w.shape), dtype=w.dtype, device=device)
+            for name, w in first.items()
+        }
+    per_slot = [first] + [source.expert(layer, e) for e in experts[1:]]
+    return {name: torch.stack([w[name] for w in per_slot]).to(device) for name in EXPERT_TENSORS}

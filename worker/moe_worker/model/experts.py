@@ -11,20 +11,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from moe_worker.config import ModelConfig
 
+from .ep_experts import gated_ffn
 from .router import RouterWeights
-
-EXPERT_TENSORS = ("w_gate", "w_up", "w_down")
-
-
-def swiglu(
-    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
-) -> torch.Tensor:
-    """SwiGLU FFN: x [N, H] -> [N, H] with w_gate/w_up [I, H], w_down [H, I]."""
-    return (F.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()
 
 
 @dataclass
@@ -37,7 +28,7 @@ class SharedExperts:
     gate: torch.Tensor | None = None  # [1, H]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = swiglu(x, self.w_gate, self.w_up, self.w_down)
+        out = gated_ffn(x, self.w_gate, self.w_up, self.w_down)
         if self.gate is not None:
             out = out * torch.sigmoid(x @ self.gate.t())
         return out
@@ -58,7 +49,8 @@ class WeightSource(Protocol):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _generator(*key: object) -> torch.Generator:
+def seeded_generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``key`` (the same on every rank and run)."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
@@ -71,7 +63,7 @@ class SyntheticSource:
         self.dtype = DTYPES[config.dtype]
 
     def _randn(self, shape: tuple[int, ...], scale: float, *key: object) -> torch.Tensor:
-        values = torch.randn(shape, generator=_generator(self.config.seed, *key)) * scale
+        values = torch.randn(shape, generator=seeded_generator(self.config.seed, *key)) * scale
         return values.to(self.dtype)
 
     def router(self, layer: int) -> RouterWeights:
@@ -124,11 +116,3 @@ class FingerprintSource(SyntheticSource):
         """(layer, expert, tensor index) that a fingerprinted tensor encodes."""
         code = int(round(float(tensor.float().flatten()[0])))
         return code // 100000, (code % 100000) // 10, code % 10
-
-
-def load_slots(
-    source: WeightSource, layer: int, experts: list[int], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Stacked weights of the given experts (one per slot): name -> [S, ...]."""
-    per_slot = [source.expert(layer, e) for e in experts]
-    return {name: torch.stack([w[name] for w in per_slot]).to(device) for name in EXPERT_TENSORS}

@@ -19,7 +19,7 @@ from torch import nn
 
 from moe_worker.eplb.policy import Placement
 
-from .ep_experts import EPGroup, ExpertParallelExperts
+from .ep_experts import EPGroup, ExpertParallelExperts, load_slots
 from .hf_source import CheckpointError, ModelSource
 
 
@@ -123,7 +123,7 @@ def build_ep_model(
         mine = placement.phy2log[
             moe_index, ep.rank * slots_per_rank : (ep.rank + 1) * slots_per_rank
         ].tolist()
-        slots = load_expert_slots(source, moe_index, mine, ep.device, zeroed=not load_weights)
+        slots = load_slots(source, moe_index, mine, ep.device, zeroed=not load_weights)
         experts = ExpertParallelExperts(
             moe_index,
             slots,
@@ -143,21 +143,3 @@ def build_ep_model(
         dtype=source.dtype,
         device=ep.device,
     )
-
-
-def load_expert_slots(
-    source: ModelSource,
-    layer: int,
-    experts: list[int],
-    device: torch.device,
-    zeroed: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Stacked weights of ``experts`` (one per slot) of MoE layer ``layer``: name -> [S, ...]."""
-    first = source.expert(layer, experts[0] if experts else 0)
-    if zeroed:
-        return {
-            name: torch.zeros((len(experts), *w.shape), dtype=w.dtype, device=device)
-            for name, w in first.items()
-        }
-    per_slot = [first] + [source.expert(layer, e) for e in experts[1:]]
-    return {name: torch.stack([w[name] for w in per_slot]).to(device) for name in first}

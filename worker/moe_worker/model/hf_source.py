@@ -14,7 +14,6 @@ reload a single expert.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,10 +23,8 @@ import torch
 from moe_worker.config import ModelConfig
 
 from .ep_experts import EXPERT_TENSORS
-from .families import Family, UnsupportedModel, family_for
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from .experts import DTYPES, seeded_generator
+from .families import TOKENIZER_FILES, Family, UnsupportedModel, family_for
 
 
 class CheckpointError(ValueError):
@@ -124,9 +121,6 @@ class CheckpointSource:
                 return name
         return None
 
-    def has(self, module_name: str) -> bool:
-        return self._find(module_name) is not None
-
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The checkpoint's tensor for module tensor ``name``, checked against ``shape``."""
         found = self._find(name)
@@ -171,11 +165,6 @@ class CheckpointSource:
                 f"{self.path}: no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}) beside the weights"
             )
         return AutoTokenizer.from_pretrained(str(self.path))
-
-
-def _seeded(seed: int, *key: object) -> torch.Generator:
-    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 def synthetic_hf_config(model: ModelConfig, vocab_size: int) -> Any:
@@ -256,7 +245,7 @@ class SyntheticSource:
         self.moe_decoder_layers, self.num_experts = _moe_structure(self.hf_config)
 
     def _randn(self, shape: tuple[int, ...], scale: float, *key: object) -> torch.Tensor:
-        values = torch.randn(shape, generator=_seeded(self.config.seed, *key)) * scale
+        values = torch.randn(shape, generator=seeded_generator(self.config.seed, *key)) * scale
         return values.to(self.dtype)
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:

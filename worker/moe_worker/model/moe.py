@@ -12,8 +12,8 @@ import torch
 from moe_worker.config import ModelConfig
 from moe_worker.eplb.policy import Placement
 
-from .ep_experts import EXPERT_TENSORS, EPGroup, ExpertParallelExperts
-from .experts import SharedExperts, WeightSource, load_slots, swiglu
+from .ep_experts import EPGroup, ExpertParallelExperts, gated_ffn, load_slots
+from .experts import SharedExperts, WeightSource
 from .router import RouterWeights, combine_weights_for, route
 
 
@@ -118,13 +118,7 @@ def build_model(
             router.gate.to(ep.device),
             None if router.score_bias is None else router.score_bias.to(ep.device),
         )
-        if load_weights:
-            slots = load_slots(source, i, mine, ep.device)
-        else:
-            slots = {
-                name: torch.zeros((len(mine), *w.shape), dtype=w.dtype, device=ep.device)
-                for name, w in source.expert(i, 0).items()
-            }
+        slots = load_slots(source, i, mine, ep.device, zeroed=not load_weights)
         static = torch.from_numpy(placement.log2phy[i])
         layers.append(MoELayer(i, source.config, router, slots, shared, ep, static))
     return MoEModel(source.config, layers)
@@ -170,7 +164,7 @@ class DenseReference:
         for e in torch.unique(ids).tolist():
             weights = self._expert(layer, e)
             token, k = torch.nonzero(ids == e, as_tuple=True)
-            y = swiglu(hidden[token], *(weights[name] for name in EXPERT_TENSORS))
+            y = gated_ffn(hidden[token], weights["w_gate"], weights["w_up"], weights["w_down"])
             out.index_add_(0, token, y.float() * combine[token, k].unsqueeze(1))
         shared = self.source.shared(layer)
         if shared is not None:

@@ -26,10 +26,10 @@ from moe_worker.eplb.controller import step_eplb_after
 from moe_worker.model.hf_model import EPCausalLM, build_ep_model
 from moe_worker.model.hf_source import CheckpointSource, ModelSource, SyntheticSource
 
-from .backend import BackendBusy, SamplingParams, TokenOutput
+from .backend import BackendBusy, FinishReason, SamplingParams, TokenOutput
 from .kv_cache import PackedKVCache, PackedStep, SequenceKV, packed_mask, packed_positions
 from .sampling import request_generator, sample_token
-from .scheduler import QueueFull, Scheduler
+from .scheduler import Chunk, QueueFull, Scheduler
 
 log = logging.getLogger("moe_worker.serving")
 MAX_DEFAULT_LEN = 8192
@@ -107,8 +107,6 @@ class ServingEngine(RankEngine):
         self._aborted: list[str] = []
         self.accepting = True
         self.on_work: Callable[[], None] | None = None  # wakes the idle step loop
-        self.steps_with_work = 0
-        self.prompt_tokens_processed = 0
         self.generated_tokens = 0
         self.requests_finished = 0
         # transformers renamed the cache argument (past_key_values -> cache) during 5.x
@@ -155,11 +153,6 @@ class ServingEngine(RankEngine):
         with self.lock:
             return self.scheduler.has_work or bool(self._aborted)
 
-    def load(self) -> tuple[int, int]:
-        """(running, waiting) requests on this rank."""
-        with self.lock:
-            return self.scheduler.num_running, self.scheduler.num_waiting
-
     # --- the step loop ---------------------------------------------------------------------
 
     @step_eplb_after
@@ -203,7 +196,6 @@ class ServingEngine(RankEngine):
                 self.sequences.pop(request_id, None)
             self.requests_finished += len(finished)
         self.step_index += 1
-        self.steps_with_work += 1
         self.tokens_processed += len(tokens)
         return len(tokens)
 
@@ -235,16 +227,13 @@ class ServingEngine(RankEngine):
         return packed_mask(layout, dtype, device, self.sliding_window)
 
     def _sample_and_emit(
-        self, chunks: list[Any], sequences: list[Sequence], logits: torch.Tensor
+        self, chunks: list[Chunk], sequences: list[Sequence], logits: torch.Tensor
     ) -> set[str]:
         finished: set[str] = set()
         row = 0
         for chunk, sequence in zip(chunks, sequences, strict=True):
             if not chunk.samples:
-                self.prompt_tokens_processed += chunk.length
                 continue
-            if chunk.start < sequence.prompt_len:
-                self.prompt_tokens_processed += chunk.length
             token = sample_token(logits[row], sequence.params, sequence.generator)
             row += 1
             sequence.tokens.append(token)
@@ -259,7 +248,7 @@ class ServingEngine(RankEngine):
                 finished.add(sequence.request_id)
         return finished
 
-    def _finish_reason(self, sequence: Sequence, token: int) -> Any:
+    def _finish_reason(self, sequence: Sequence, token: int) -> FinishReason | None:
         params = sequence.params
         if token in params.stop_token_ids or (
             not params.ignore_eos and token in self.eos_token_ids

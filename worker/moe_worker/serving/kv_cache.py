@@ -24,11 +24,6 @@ class SequenceKV:
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     length: int = 0  # tokens cached in every layer after the last completed step
 
-    def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values())
-        )
-
 
 @dataclass(frozen=True)
 class PackedStep:
@@ -85,14 +80,12 @@ class PackedKVCache:
 
     ``update(key, value, layer_idx, ...)`` gets the step's new keys/values [1, heads, T, D],
     appends each sequence's share to its ``SequenceKV`` and returns the packed keys/values
-    [1, heads, K, D] in the mask's layout. ``commit`` marks the step's tokens as cached.
+    [1, heads, K, D] in the mask's layout. ``commit`` marks the step's tokens as cached. Nothing
+    else of transformers' cache interface is needed: positions and the 4D mask are given.
     """
-
-    is_compileable = False
 
     def __init__(self, step: PackedStep) -> None:
         self.step = step
-        self.layers_seen: set[int] = set()
 
     def update(
         self,
@@ -102,7 +95,6 @@ class PackedKVCache:
         *_: Any,
         **__: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.layers_seen.add(layer_idx)
         key_parts, value_parts = [], []
         start = 0
         for cache, count in zip(self.step.caches, self.step.new_tokens, strict=True):
@@ -124,10 +116,3 @@ class PackedKVCache:
         """The step completed: every scheduled sequence now has its new tokens cached."""
         for cache, count in zip(self.step.caches, self.step.new_tokens, strict=True):
             cache.length += count
-
-    # What transformers may ask a cache besides update (positions and masks are given).
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-    def get_mask_sizes(self, *_: Any, **__: Any) -> tuple[int, int]:  # pragma: no cover
-        raise NotImplementedError("the packed step passes a ready 4D mask")
