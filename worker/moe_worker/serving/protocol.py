@@ -387,12 +387,10 @@ def completion_response(
     prompt_token_ids: list[int] | None = None,
     token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    """A ``text_completion`` object (ids only when given: ``return_token_ids``)."""
-    body = _envelope(
-        ident,
-        "text_completion",
-        [_choice({"text": text}, finish_reason, token_ids)],
-        prompt_token_ids,
+    """A ``text_completion`` object (ids only when given: ``return_token_ids``): the shape of
+    a streamed chunk, with the usage."""
+    body = completion_chunk(
+        ident, text, finish_reason, token_ids=token_ids, prompt_token_ids=prompt_token_ids
     )
     body["usage"] = usage_
     return body
