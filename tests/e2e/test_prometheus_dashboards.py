@@ -117,7 +117,12 @@ async def test_prometheus_and_direct_scrape_give_the_same_snapshot(stack: Stack)
     # wholly after the first committed rebalance, so both sources see a steady rate.
     steady = 'sum(moe_rebalances_total{deployment="e2e",result="ok"} offset 10s) >= 1'
     deadline = time.monotonic() + 120
-    while not query(stack.base, steady):
+    while True:
+        try:
+            if query(stack.base, steady):
+                break
+        except OSError:  # Prometheus not up yet
+            pass
         assert time.monotonic() < deadline, "no rebalance committed 10 s ago within 120 s"
         await asyncio.sleep(0.5)
     for _ in range(150):
