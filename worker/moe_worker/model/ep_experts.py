@@ -8,8 +8,14 @@ decoder layer's ``mlp.experts`` submodule and keeps its call signature
 ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``.
 
 Each EP rank holds S = P / N physical slots; slot p lives on rank p // S. A rank's slot weights
-(``slots``) stack one expert per slot: ``w_gate`` [S, I, H], ``w_up`` [S, I, H], ``w_down``
-[S, H, I]; EPLB rebalances, resizes and recovery rewrite them in place.
+(``SlotWeights``) stack one expert per slot in the layout the grouped GEMM reads: ``gate_up``
+[S, 2I, H] (gate rows, then up rows) and ``down`` [S, H, I]. ``slots`` names views of them,
+``w_gate`` [S, I, H], ``w_up`` [S, I, H] and ``w_down`` [S, H, I] (each slot's piece contiguous):
+EPLB rebalances, resizes and recovery move experts through these views, in place.
+
+The local computation sorts the (token, slot) pairs by slot once and runs two grouped GEMMs
+(gate/up fused, then down) over all slots: no per-expert Python loop and, at EP 1, no host
+synchronisation; at EP > 1 the all-to-all's split sizes are the only values read on the host.
 """
 
 from __future__ import annotations
@@ -25,8 +31,31 @@ from torch import nn
 
 from moe_worker.eplb.state import EPLBLayerState
 
+from .grouped_gemm import group_ends, grouped_linear
+
 EXPERT_TENSORS = ("w_gate", "w_up", "w_down")
 Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SlotWeights:
+    """One layer's experts on one rank, one per slot: ``gate_up`` [S, 2I, H], ``down`` [S, H, I]."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.gate_up.shape[0])
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """Name -> [S, ...] views sharing this storage (``EXPERT_TENSORS`` order)."""
+        inter = self.gate_up.shape[1] // 2
+        return {
+            "w_gate": self.gate_up[:, :inter],
+            "w_up": self.gate_up[:, inter:],
+            "w_down": self.down,
+        }
 
 
 @dataclass
@@ -64,19 +93,21 @@ class ExpertParallelExperts(nn.Module):
     def __init__(
         self,
         index: int,
-        slots: dict[str, torch.Tensor],
+        weights: SlotWeights,
         ep: EPGroup,
         static_log2phy: torch.Tensor,
         act: Activation = F.silu,
     ) -> None:
-        """``slots``: name -> [S, ...] (see the module docstring); ``static_log2phy`` [E, R]:
+        """``weights``: this rank's slots (see the module docstring); ``static_log2phy`` [E, R]:
         the load-time replicas of each logical expert (-1 padded), used while EPLB is off."""
         super().__init__()
         self.index = index
-        self.slots = slots
+        self.weights = weights
+        self.slots = weights.views()  # what rebalances, resizes and recovery write into
         self.ep = ep
         self.act = act
-        self.slots_per_rank = int(next(iter(slots.values())).shape[0])
+        self.slots_per_rank = weights.num_slots
+        self._slot_ids = torch.arange(self.slots_per_rank, device=ep.device)
         # EPLB state: None means EPLB is off for this layer; the load-time map then stays.
         self.eplb_state: EPLBLayerState | None = None
         self.computed_pairs = 0  # (token, expert) pairs this rank's slots computed, cumulative
@@ -137,47 +168,43 @@ class ExpertParallelExperts(nn.Module):
     ) -> torch.Tensor:
         """hidden [T, H], slots [T, k] physical, combine [T, k] -> float32 [T, H]."""
         tokens, top_k = slots.shape
-        flat_slot = slots.flatten()
-        owner = flat_slot // self.slots_per_rank
-        order = torch.argsort(owner, stable=True)
-        token_of = torch.arange(tokens, device=hidden.device).repeat_interleave(top_k)[order]
-        local_slot = (flat_slot % self.slots_per_rank)[order]
-        rows = hidden[token_of]
+        flat_slot = slots.flatten()  # [T*k]; pair i is token i // k
+        # Sorting by global slot orders the pairs by owning rank and, within it, by local slot.
+        sorted_slot, order = torch.sort(flat_slot, stable=True)
+        token_of = order // top_k
+        rows = hidden[token_of]  # [T*k, H]
         if self.ep.size > 1:
+            owner = sorted_slot // self.slots_per_rank
             send = torch.bincount(owner, minlength=self.ep.size)
             recv = torch.empty_like(send)
             dist.all_to_all_single(recv, send, group=self.ep.group)
             send_counts, recv_counts = send.tolist(), recv.tolist()
             rows_in = _all_to_all(rows, send_counts, recv_counts, self.ep)
-            slot_in = _all_to_all(local_slot, send_counts, recv_counts, self.ep)
-        else:
-            rows_in, slot_in = rows, local_slot
-        self.computed_pairs += rows_in.shape[0]
-        computed = self._compute(rows_in, slot_in)
-        if self.ep.size > 1:
+            local_in = _all_to_all(
+                sorted_slot % self.slots_per_rank, send_counts, recv_counts, self.ep
+            )
+            # each sender's rows are sorted by slot; merge them into one slot order
+            local_sorted, order_in = torch.sort(local_in, stable=True)
+            computed_sorted = self._compute(rows_in[order_in], local_sorted)
+            computed = torch.empty_like(computed_sorted)
+            computed[order_in] = computed_sorted
+            self.computed_pairs += rows_in.shape[0]
             computed = _all_to_all(computed, recv_counts, send_counts, self.ep)
+        else:
+            computed = self._compute(rows, sorted_slot)
+            self.computed_pairs += rows.shape[0]
         weights = combine.flatten()[order].unsqueeze(1).float()
         out = torch.zeros((tokens, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
         out.index_add_(0, token_of, computed.float() * weights)
         return out
 
-    def _compute(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Run each row through the expert in its local slot: rows [N, H], slot [N]."""
-        order = torch.argsort(slot, stable=True)
-        counts = torch.bincount(slot, minlength=self.slots_per_rank).tolist()
-        grouped = rows[order]
-        out = torch.empty_like(grouped)
-        start = 0
-        for s, count in enumerate(counts):
-            if count:
-                w_gate, w_up, w_down = (self.slots[name][s] for name in EXPERT_TENSORS)
-                out[start : start + count] = gated_ffn(
-                    grouped[start : start + count], w_gate, w_up, w_down, self.act
-                )
-                start += count
-        result = torch.empty_like(rows)
-        result[order] = out
-        return result
+    def _compute(self, rows: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
+        """Each row through the expert in its local slot: ``rows`` [N, H] sorted by
+        ``local_slot`` [N] (ascending) -> [N, H]. Two grouped GEMMs over all slots."""
+        ends = group_ends(local_slot, self._slot_ids)
+        gate_up = grouped_linear(rows, self.weights.gate_up, ends)  # [N, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return grouped_linear(self.act(gate) * up, self.weights.down, ends)
 
     def extra_repr(self) -> str:
         return (
@@ -187,15 +214,22 @@ class ExpertParallelExperts(nn.Module):
 
 def load_slots(
     source: Any, layer: int, experts: list[int], device: torch.device, zeroed: bool = False
-) -> dict[str, torch.Tensor]:
-    """Stacked weights (name -> [S, ...]) of ``experts``, one per slot, of MoE layer ``layer``
-    from any source with ``expert(layer, expert)``; ``zeroed``: the shapes only, all zeros (a
-    rank joining a running group, whose slots a resize fills)."""
+) -> SlotWeights:
+    """Stacked weights of ``experts``, one per slot, of MoE layer ``layer`` from any source
+    with ``expert(layer, expert)`` (name -> tensor, ``EXPERT_TENSORS``); ``zeroed``: the shapes
+    only, all zeros (a rank joining a running group, whose slots a resize fills)."""
     first = source.expert(layer, experts[0] if experts else 0)
-    if zeroed:
-        return {
-            name: torch.zeros((len(experts), *w.shape), dtype=w.dtype, device=device)
-            for name, w in first.items()
-        }
-    per_slot = [first] + [source.expert(layer, e) for e in experts[1:]]
-    return {name: torch.stack([w[name] for w in per_slot]).to(device) for name in EXPERT_TENSORS}
+    inter, hidden = first["w_gate"].shape
+    dtype = first["w_gate"].dtype
+    alloc = torch.zeros if zeroed else torch.empty
+    weights = SlotWeights(
+        gate_up=alloc((len(experts), 2 * inter, hidden), dtype=dtype, device=device),
+        down=alloc((len(experts), hidden, inter), dtype=dtype, device=device),
+    )
+    if not zeroed:
+        views = weights.views()
+        for slot, expert in enumerate(experts):
+            tensors = first if slot == 0 else source.expert(layer, expert)
+            for name in EXPERT_TENSORS:
+                views[name][slot].copy_(tensors[name])
+    return weights

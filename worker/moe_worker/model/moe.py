@@ -12,7 +12,7 @@ import torch
 from moe_worker.config import ModelConfig
 from moe_worker.eplb.policy import Placement
 
-from .ep_experts import EPGroup, ExpertParallelExperts, gated_ffn, load_slots
+from .ep_experts import EPGroup, ExpertParallelExperts, SlotWeights, gated_ffn, load_slots
 from .experts import SharedExperts, WeightSource
 from .router import RouterWeights, combine_weights_for, route
 
@@ -30,7 +30,7 @@ class MoELayer:
         index: int,
         config: ModelConfig,
         router: RouterWeights,
-        slots: dict[str, torch.Tensor],
+        slots: SlotWeights,
         shared: SharedExperts | None,
         ep: EPGroup,
         static_log2phy: torch.Tensor,

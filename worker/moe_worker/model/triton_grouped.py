@@ -1,0 +1,138 @@
+"""A Triton grouped GEMM for few rows per group (decode and small prefill steps on a GPU).
+
+With a handful of rows per expert the layer is a weight read: every touched expert's matrices
+stream from HBM once. torch's grouped GEMM tiles rows by 64-128 and reaches about a third of
+HBM bandwidth there; this kernel tiles rows by 16-64 and spreads each expert's output columns
+over many programs, so all SMs stream weights. Rows arrive sorted by group with the int32 end
+offsets of ``grouped_gemm.group_ends``; each program finds its group from those offsets on the
+device (no host synchronisation) and programs past the last row block exit at once.
+
+Only imported where Triton and a CUDA device exist (``available``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the grouped GEMM of torch serves
+    triton = None
+
+
+def available(rows: torch.Tensor) -> bool:
+    """Whether this kernel can run on ``rows``' device and dtype."""
+    return triton is not None and rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_rows_kernel(  # type: ignore[no-untyped-def]
+        rows_ptr,
+        weight_ptr,
+        ends_ptr,
+        out_ptr,
+        num_groups,
+        out_features,
+        in_features,
+        stride_row,
+        stride_wg,
+        stride_wo,
+        stride_out,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+    ):
+        # out[r, n] = sum_k rows[r, k] * weight[group(r), n, k]
+        block = tl.program_id(0)
+        column_block = tl.program_id(1)
+        group_index = tl.arange(0, BLOCK_G)
+        in_range = group_index < num_groups
+        ends = tl.load(ends_ptr + group_index, mask=in_range, other=0)
+        starts = tl.load(ends_ptr + group_index - 1, mask=in_range & (group_index > 0), other=0)
+        blocks = tl.where(in_range, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+        blocks_end = tl.cumsum(blocks, axis=0)
+        group = tl.sum((blocks_end <= block).to(tl.int32), axis=0)
+        if group >= num_groups:
+            return
+        pick = group_index == group
+        group_start = tl.sum(tl.where(pick, starts, 0), axis=0)
+        group_end = tl.sum(tl.where(pick, ends, 0), axis=0)
+        first_block = tl.sum(tl.where(pick, blocks_end - blocks, 0), axis=0)
+        row = group_start + (block - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = row < group_end
+        column = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        column_ok = column < out_features
+        k = tl.arange(0, BLOCK_K)
+        a_ptrs = rows_ptr + row[:, None].to(tl.int64) * stride_row + k[None, :]
+        b_ptrs = (
+            weight_ptr
+            + group.to(tl.int64) * stride_wg
+            + column[None, :].to(tl.int64) * stride_wo
+            + k[:, None]
+        )
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, in_features, BLOCK_K):
+            k_ok = (k0 + k) < in_features
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & column_ok[None, :], other=0.0)
+            acc += tl.dot(a, b)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        out_ptrs = out_ptr + row[:, None].to(tl.int64) * stride_out + column[None, :]
+        tl.store(
+            out_ptrs,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & column_ok[None, :],
+        )
+
+
+def tile_config(rows: int, groups: int) -> dict[str, Any]:
+    """Tile sizes for ``rows`` rows over ``groups`` groups (from sweeps on one H200)."""
+    per_group = rows / max(groups, 1)
+    block_m = 16 if per_group <= 16 else 32 if per_group <= 32 else 64
+    return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+
+
+def grouped_rows_linear(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    ends: torch.Tensor,
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """``rows`` [N, K] sorted by group, ``weight`` [G, O, K] (K contiguous), ``ends`` int32 [G]
+    -> [N, O], as ``grouped_gemm.grouped_linear``."""
+    assert triton is not None
+    groups, out_features, in_features = weight.shape
+    rows = rows.contiguous()
+    out = rows.new_empty((rows.shape[0], out_features))
+    if rows.shape[0] == 0:
+        return out
+    config = config or tile_config(rows.shape[0], groups)
+    options = dict(config)
+    block_m, block_n = options.pop("BLOCK_M"), options.pop("BLOCK_N")
+    max_blocks = triton.cdiv(rows.shape[0], block_m) + groups
+    grid = (max_blocks, triton.cdiv(out_features, block_n))
+    _grouped_rows_kernel[grid](
+        rows,
+        weight,
+        ends,
+        out,
+        groups,
+        out_features,
+        in_features,
+        rows.stride(0),
+        weight.stride(0),
+        weight.stride(1),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_G=triton.next_power_of_2(groups),
+        **options,
+    )
+    return out
