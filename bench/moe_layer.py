@@ -6,7 +6,8 @@ transformers' ``Qwen3MoeExperts`` with each ``experts_implementation`` (``groupe
 ``batched_mm``, ``eager``); the weight-read bound is the bytes of the experts the tokens touch
 over the HBM rate measured here (a device-to-device copy of 4 GiB: bytes read + written / time).
 Every implementation's output is compared with a float32 dense computation of the same layer.
-Prints one JSON line per token count.
+Times: ``*_ms`` per call in a back-to-back stream (as a model's layers run), ``*_ms_synced`` one
+call alone. Prints one JSON line per token count.
 
     python bench/moe_layer.py --shape qwen3 --device cuda --tokens 16 64 512 4096   # one H200
     python bench/moe_layer.py --shape tiny                                         # CPU
@@ -21,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,9 +98,25 @@ def dense(
 
 
 def timed_ms(call: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median wall time of one call, ms (the device synchronised around each call)."""
+    """Time of one call in a back-to-back stream of ``repeats`` calls, ms (median of 5 streams;
+    the device synchronised around each stream): how the layers of a model run."""
     for _ in range(3):
         call()
+    samples = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append((time.perf_counter() - started) / repeats)
+    return statistics.median(samples) * 1e3
+
+
+def synced_ms(call: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median time of one call alone (synchronised before and after), ms: its latency."""
     samples = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -111,6 +129,21 @@ def timed_ms(call: Callable[[], Any], device: torch.device, repeats: int) -> flo
     return statistics.median(samples) * 1e3
 
 
+def profile(call: Callable[[], Any], device: torch.device) -> str:
+    """torch.profiler's table of the ops of 20 calls (by device time, else CPU time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as run_profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with run_profiler(activities=activities) as prof:
+        for _ in range(20):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return str(prof.key_averages().table(sort_by=sort, row_limit=25))
+
+
 def hbm_copy_rate(device: torch.device) -> float:
     """Bytes per second moved by a device-to-device copy of 4 GiB (read + write)."""
     source = torch.empty(4 << 30, dtype=torch.uint8, device=device)
@@ -119,7 +152,9 @@ def hbm_copy_rate(device: torch.device) -> float:
     return 2 * (4 << 30) / seconds
 
 
-def run(spec: dict[str, Any], tokens: int, device: torch.device, repeats: int) -> dict[str, Any]:
+def run(
+    spec: dict[str, Any], tokens: int, device: torch.device, repeats: int, show_profile: bool
+) -> dict[str, Any]:
     generator = torch.Generator(device="cpu").manual_seed(tokens)
     dtype = getattr(torch, spec["dtype"])
     experts, hidden_size, inter, top_k = (
@@ -160,8 +195,12 @@ def run(spec: dict[str, Any], tokens: int, device: torch.device, repeats: int) -
                 result[f"{name}_error"] = str(oom).split(".")[0]
                 torch.cuda.empty_cache()
                 continue
+            result[f"{name}_ms_synced"] = synced_ms(call, device, repeats)
             error = (call().float() - reference).norm().item() / scale
             result[f"{name}_rel_error"] = error
+        if show_profile:
+            print(f"--- this project's layer, {tokens} tokens", file=sys.stderr)
+            print(profile(layers["project"], device), file=sys.stderr)
     touched = int(torch.unique(ids).numel())
     expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
     result["experts_touched"] = touched
@@ -181,6 +220,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 256, 512])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--label", default="this checkout")
+    parser.add_argument("--profile", action="store_true", help="op profile of our layer (stderr)")
     args = parser.parse_args()
     device = torch.device(args.device)
     spec = SHAPES[args.shape]
@@ -191,7 +231,7 @@ def main() -> None:
         else platform.processor() or "cpu"
     )
     for tokens in args.tokens:
-        result = run(spec, tokens, device, args.repeats)
+        result = run(spec, tokens, device, args.repeats, args.profile)
         line: dict[str, Any] = {
             "bench": "moe_layer",
             "shape": args.shape,

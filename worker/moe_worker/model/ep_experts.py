@@ -31,7 +31,7 @@ from torch import nn
 
 from moe_worker.eplb.state import EPLBLayerState
 
-from .grouped_gemm import group_ends, grouped_linear
+from .grouped_gemm import group_ends, grouped_gated, grouped_linear
 
 EXPERT_TENSORS = ("w_gate", "w_up", "w_down")
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -106,6 +106,8 @@ class ExpertParallelExperts(nn.Module):
         self.slots = weights.views()  # what rebalances, resizes and recovery write into
         self.ep = ep
         self.act = act
+        probe = torch.linspace(-8.0, 8.0, 64)
+        self.act_is_silu = bool(torch.equal(act(probe), F.silu(probe)))  # a fused kernel exists
         self.slots_per_rank = weights.num_slots
         self._slot_ids = torch.arange(self.slots_per_rank, device=ep.device)
         # EPLB state: None means EPLB is off for this layer; the load-time map then stays.
@@ -166,7 +168,7 @@ class ExpertParallelExperts(nn.Module):
     def _dispatch_compute_combine(
         self, hidden: torch.Tensor, slots: torch.Tensor, combine: torch.Tensor
     ) -> torch.Tensor:
-        """hidden [T, H], slots [T, k] physical, combine [T, k] -> float32 [T, H]."""
+        """hidden [T, H], slots [T, k] physical, combine [T, k] -> [T, H] (weights' dtype)."""
         tokens, top_k = slots.shape
         flat_slot = slots.flatten()  # [T*k]; pair i is token i // k
         # Sorting by global slot orders the pairs by owning rank and, within it, by local slot.
@@ -193,18 +195,18 @@ class ExpertParallelExperts(nn.Module):
         else:
             computed = self._compute(rows, sorted_slot)
             self.computed_pairs += rows.shape[0]
-        weights = combine.flatten()[order].unsqueeze(1).float()
-        out = torch.zeros((tokens, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-        out.index_add_(0, token_of, computed.float() * weights)
-        return out
+        # back to (token, k) order, then each token's k results weighted and summed
+        by_token = torch.empty_like(computed)
+        by_token[order] = computed
+        by_token = by_token.view(tokens, top_k, computed.shape[1])
+        return torch.bmm(combine.unsqueeze(1).to(computed.dtype), by_token).squeeze(1)
 
     def _compute(self, rows: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
         """Each row through the expert in its local slot: ``rows`` [N, H] sorted by
         ``local_slot`` [N] (ascending) -> [N, H]. Two grouped GEMMs over all slots."""
         ends = group_ends(local_slot, self._slot_ids)
-        gate_up = grouped_linear(rows, self.weights.gate_up, ends)  # [N, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        return grouped_linear(self.act(gate) * up, self.weights.down, ends)
+        gated = grouped_gated(rows, self.weights.gate_up, ends, self.act, self.act_is_silu)
+        return grouped_linear(gated, self.weights.down, ends)  # [N, I] -> [N, H]
 
     def extra_repr(self) -> str:
         return (

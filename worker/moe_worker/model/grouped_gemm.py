@@ -18,10 +18,6 @@ import torch.nn.functional as F
 
 from . import triton_grouped
 
-# Up to this many rows per group on average the Triton kernel runs (where available); above it,
-# torch's grouped GEMM, whose larger tiles win once every expert has many rows.
-TRITON_MAX_ROWS_PER_GROUP = 64
-
 _GroupedMM = Callable[..., torch.Tensor]
 
 
@@ -46,10 +42,7 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor)
     ``ends`` int32 [G] from ``group_ends`` -> [N, O]: row n times the weight of its group."""
     if rows.shape[0] == 0:
         return rows.new_empty((0, weight.shape[1]))
-    if (
-        triton_grouped.available(rows)
-        and rows.shape[0] <= TRITON_MAX_ROWS_PER_GROUP * weight.shape[0]
-    ):
+    if _few_rows_on_gpu(rows, weight):
         return triton_grouped.grouped_rows_linear(rows, weight, ends)
     key = (rows.device.type, rows.device.index, rows.dtype, tuple(weight.shape[1:]))
     if _GROUPED_MM is not None and key not in _UNSUPPORTED:
@@ -60,6 +53,28 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor)
         except (RuntimeError, NotImplementedError, TypeError):
             _UNSUPPORTED.add(key)
     return looped_linear(rows, weight, ends)
+
+
+def grouped_gated(
+    rows: torch.Tensor,
+    gate_up: torch.Tensor,
+    ends: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    act_is_silu: bool,
+) -> torch.Tensor:
+    """``rows`` [N, H] sorted by group, ``gate_up`` [G, 2I, H] -> act(gate) * up [N, I]; one
+    fused kernel for silu on a GPU with few rows per group."""
+    if act_is_silu and rows.shape[0] and _few_rows_on_gpu(rows, gate_up):
+        return triton_grouped.grouped_rows_linear(rows, gate_up, ends, gated=True)
+    gate, up = grouped_linear(rows, gate_up, ends).chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def _few_rows_on_gpu(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        triton_grouped.available(rows)
+        and rows.shape[0] <= triton_grouped.MAX_ROWS_PER_GROUP * weight.shape[0]
+    )
 
 
 def looped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

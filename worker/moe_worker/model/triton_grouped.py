@@ -47,8 +47,10 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_G: tl.constexpr,
+        GATED: tl.constexpr,
     ):
-        # out[r, n] = sum_k rows[r, k] * weight[group(r), n, k]
+        # out[r, n] = sum_k rows[r, k] * weight[group(r), n, k]; GATED: weight holds gate rows
+        # then up rows (out_features each) and out[r, n] = silu(gate[r, n]) * up[r, n]
         block = tl.program_id(0)
         column_block = tl.program_id(1)
         group_index = tl.arange(0, BLOCK_G)
@@ -76,14 +78,20 @@ if triton is not None:
             + column[None, :].to(tl.int64) * stride_wo
             + k[:, None]
         )
+        up_offset = out_features.to(tl.int64) * stride_wo
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, in_features, BLOCK_K):
             k_ok = (k0 + k) < in_features
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & column_ok[None, :], other=0.0)
-            acc += tl.dot(a, b)
+            b_mask = k_ok[:, None] & column_ok[None, :]
+            acc += tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0))
+            if GATED:
+                acc_up += tl.dot(a, tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0))
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
+        if GATED:
+            acc = acc * tl.sigmoid(acc) * acc_up
         out_ptrs = out_ptr + row[:, None].to(tl.int64) * stride_out + column[None, :]
         tl.store(
             out_ptrs,
@@ -92,11 +100,17 @@ if triton is not None:
         )
 
 
+# Up to this many rows per group on average the kernel beats torch's grouped GEMM on one H200
+# (bench/grouped_gemm_sweep.py: 4 rows 0.20 vs 0.44 ms, 32 rows 0.38 vs 0.42 ms, 256 rows
+# 1.0 vs 0.72 ms for both projections of a Qwen3-30B-A3B layer).
+MAX_ROWS_PER_GROUP = 32
+
+
 def tile_config(rows: int, groups: int) -> dict[str, Any]:
-    """Tile sizes for ``rows`` rows over ``groups`` groups (from sweeps on one H200)."""
-    per_group = rows / max(groups, 1)
-    block_m = 16 if per_group <= 16 else 32 if per_group <= 32 else 64
-    return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    """Tile sizes for ``rows`` rows over ``groups`` groups (the sweep's best on one H200)."""
+    if rows <= 16 * groups:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
 def grouped_rows_linear(
@@ -104,11 +118,16 @@ def grouped_rows_linear(
     weight: torch.Tensor,
     ends: torch.Tensor,
     config: dict[str, Any] | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """``rows`` [N, K] sorted by group, ``weight`` [G, O, K] (K contiguous), ``ends`` int32 [G]
-    -> [N, O], as ``grouped_gemm.grouped_linear``."""
+    -> [N, O], as ``grouped_gemm.grouped_linear``; ``gated``: ``weight`` is [G, 2I, K] (gate
+    rows, then up rows) and the result [N, I] is silu(rows @ gate.T) * (rows @ up.T)."""
     assert triton is not None
     groups, out_features, in_features = weight.shape
+    if gated:
+        out_features //= 2
+    assert weight.stride(2) == 1
     rows = rows.contiguous()
     out = rows.new_empty((rows.shape[0], out_features))
     if rows.shape[0] == 0:
@@ -133,6 +152,7 @@ def grouped_rows_linear(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_G=triton.next_power_of_2(groups),
+        GATED=gated,
         **options,
     )
     return out
