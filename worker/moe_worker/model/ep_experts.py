@@ -109,7 +109,10 @@ class ExpertParallelExperts(nn.Module):
         probe = torch.linspace(-8.0, 8.0, 64)
         self.act_is_silu = bool(torch.equal(act(probe), F.silu(probe)))  # a fused kernel exists
         self.slots_per_rank = weights.num_slots
-        self._slot_ids = torch.arange(self.slots_per_rank, device=ep.device)
+        # sort keys: global physical slots, in the narrowest integer type that holds them
+        num_physical = self.slots_per_rank * ep.size
+        self._key_dtype = torch.int16 if num_physical < 2**15 else torch.int32
+        self._slot_ids = torch.arange(self.slots_per_rank, device=ep.device, dtype=self._key_dtype)
         # EPLB state: None means EPLB is off for this layer; the load-time map then stays.
         self.eplb_state: EPLBLayerState | None = None
         self.computed_pairs = 0  # (token, expert) pairs this rank's slots computed, cumulative
@@ -170,43 +173,50 @@ class ExpertParallelExperts(nn.Module):
     ) -> torch.Tensor:
         """hidden [T, H], slots [T, k] physical, combine [T, k] -> [T, H] (weights' dtype)."""
         tokens, top_k = slots.shape
-        flat_slot = slots.flatten()  # [T*k]; pair i is token i // k
-        # Sorting by global slot orders the pairs by owning rank and, within it, by local slot.
-        sorted_slot, order = torch.sort(flat_slot, stable=True)
-        token_of = order // top_k
-        rows = hidden[token_of]  # [T*k, H]
-        if self.ep.size > 1:
-            owner = sorted_slot // self.slots_per_rank
+        # Sorting by global slot orders the (token, k) pairs by owning rank and, within it, by
+        # local slot; narrow keys sort in fewer radix passes.
+        sorted_slot, order = torch.sort(slots.flatten().to(self._key_dtype), stable=True)
+        token_of = order // top_k  # pair i of the flattened [T, k] belongs to token i // k
+        pair_weight = combine.flatten()[order]
+        if self.ep.size == 1:
+            ends = group_ends(sorted_slot, self._slot_ids)
+            by_pair = self._compute(hidden, ends, token_of, target_row=order, scale=pair_weight)
+        else:
+            owner = sorted_slot.long() // self.slots_per_rank
             send = torch.bincount(owner, minlength=self.ep.size)
             recv = torch.empty_like(send)
             dist.all_to_all_single(recv, send, group=self.ep.group)
             send_counts, recv_counts = send.tolist(), recv.tolist()
-            rows_in = _all_to_all(rows, send_counts, recv_counts, self.ep)
-            local_in = _all_to_all(
-                sorted_slot % self.slots_per_rank, send_counts, recv_counts, self.ep
-            )
+            rows_in = _all_to_all(hidden[token_of], send_counts, recv_counts, self.ep)
+            local_slot = (sorted_slot % self.slots_per_rank).to(torch.int32)  # gloo has no int16
+            local_in = _all_to_all(local_slot, send_counts, recv_counts, self.ep)
             # each sender's rows are sorted by slot; merge them into one slot order
-            local_sorted, order_in = torch.sort(local_in, stable=True)
-            computed_sorted = self._compute(rows_in[order_in], local_sorted)
-            computed = torch.empty_like(computed_sorted)
-            computed[order_in] = computed_sorted
-            self.computed_pairs += rows_in.shape[0]
+            local_sorted, order_in = torch.sort(local_in.to(self._key_dtype), stable=True)
+            ends = group_ends(local_sorted, self._slot_ids)
+            ones = torch.ones(order_in.shape, dtype=hidden.dtype, device=hidden.device)
+            computed = self._compute(rows_in, ends, order_in, target_row=order_in, scale=ones)
             computed = _all_to_all(computed, recv_counts, send_counts, self.ep)
-        else:
-            computed = self._compute(rows, sorted_slot)
-            self.computed_pairs += rows.shape[0]
-        # back to (token, k) order, then each token's k results weighted and summed
-        by_token = torch.empty_like(computed)
-        by_token[order] = computed
-        by_token = by_token.view(tokens, top_k, computed.shape[1])
-        return torch.bmm(combine.unsqueeze(1).to(computed.dtype), by_token).squeeze(1)
+            by_pair = torch.empty_like(computed)
+            by_pair[order] = computed * pair_weight.to(computed.dtype).unsqueeze(1)
+        return by_pair.view(tokens, top_k, by_pair.shape[1]).sum(dim=1)
 
-    def _compute(self, rows: torch.Tensor, local_slot: torch.Tensor) -> torch.Tensor:
-        """Each row through the expert in its local slot: ``rows`` [N, H] sorted by
-        ``local_slot`` [N] (ascending) -> [N, H]. Two grouped GEMMs over all slots."""
-        ends = group_ends(local_slot, self._slot_ids)
-        gated = grouped_gated(rows, self.weights.gate_up, ends, self.act, self.act_is_silu)
-        return grouped_linear(gated, self.weights.down, ends)  # [N, I] -> [N, H]
+    def _compute(
+        self,
+        rows: torch.Tensor,
+        ends: torch.Tensor,
+        source_row: torch.Tensor,
+        target_row: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
+        """The experts of this rank's slots on N (row, slot) pairs sorted by local slot: pair n
+        takes ``rows[source_row[n]]`` (``rows`` [R, H]) through its slot (``ends`` int32 [S]:
+        end offset of each slot's pairs) and, times ``scale[n]``, becomes output row
+        ``target_row[n]`` -> [N, H]. Two grouped GEMMs over all slots."""
+        self.computed_pairs += int(source_row.shape[0])
+        gated = grouped_gated(
+            rows, self.weights.gate_up, ends, self.act, self.act_is_silu, source_row
+        )  # [N, I]
+        return grouped_linear(gated, self.weights.down, ends, target_row, scale)
 
     def extra_repr(self) -> str:
         return (

@@ -37,13 +37,55 @@ def group_ends(sorted_group: torch.Tensor, group_ids: torch.Tensor) -> torch.Ten
     return torch.searchsorted(sorted_group, group_ids, right=True, out_int32=True)
 
 
-def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def grouped_linear(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    ends: torch.Tensor,
+    target_row: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``rows`` [N, K] sorted by group, ``weight`` [G, O, K] (one nn.Linear weight per group),
-    ``ends`` int32 [G] from ``group_ends`` -> [N, O]: row n times the weight of its group."""
+    ``ends`` int32 [G] from ``group_ends`` -> [N, O]: row n times the weight of its group.
+    With ``target_row`` [N] (a permutation of 0..N-1) and ``scale`` [N]: result n, times
+    ``scale[n]``, is output row ``target_row[n]`` (undoing the sort, weighting the pair)."""
+    if rows.shape[0] and _few_rows_on_gpu(rows.shape[0], rows, weight):
+        return triton_grouped.grouped_rows_linear(
+            rows, weight, ends, target_row=target_row, scale=scale
+        )
+    out = _grouped_product(rows, weight, ends)
+    if target_row is None:
+        return out
+    assert scale is not None
+    inverse = torch.empty_like(target_row)
+    inverse[target_row] = torch.arange(target_row.shape[0], device=target_row.device)
+    return (out * scale.to(out.dtype).unsqueeze(1)).index_select(0, inverse)
+
+
+def grouped_gated(
+    rows: torch.Tensor,
+    gate_up: torch.Tensor,
+    ends: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    act_is_silu: bool,
+    source_row: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """act(gate) * up [N, I] of ``gate_up`` [G, 2I, H] (gate rows, then up rows) for ``rows``
+    [N, H] sorted by group, or, with ``source_row`` [N], for ``rows[source_row]`` (``rows`` any
+    length). One fused kernel for silu on a GPU with few rows per group."""
+    count = rows.shape[0] if source_row is None else source_row.shape[0]
+    if act_is_silu and count and _few_rows_on_gpu(count, rows, gate_up):
+        return triton_grouped.grouped_rows_linear(
+            rows, gate_up, ends, gated=True, source_row=source_row
+        )
+    picked = rows if source_row is None else rows.index_select(0, source_row)
+    gate, up = _grouped_product(picked, gate_up, ends).chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def _grouped_product(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM, or the loop where it refuses the inputs."""
     if rows.shape[0] == 0:
         return rows.new_empty((0, weight.shape[1]))
-    if _few_rows_on_gpu(rows, weight):
-        return triton_grouped.grouped_rows_linear(rows, weight, ends)
     key = (rows.device.type, rows.device.index, rows.dtype, tuple(weight.shape[1:]))
     if _GROUPED_MM is not None and key not in _UNSUPPORTED:
         try:
@@ -55,25 +97,11 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor)
     return looped_linear(rows, weight, ends)
 
 
-def grouped_gated(
-    rows: torch.Tensor,
-    gate_up: torch.Tensor,
-    ends: torch.Tensor,
-    act: Callable[[torch.Tensor], torch.Tensor],
-    act_is_silu: bool,
-) -> torch.Tensor:
-    """``rows`` [N, H] sorted by group, ``gate_up`` [G, 2I, H] -> act(gate) * up [N, I]; one
-    fused kernel for silu on a GPU with few rows per group."""
-    if act_is_silu and rows.shape[0] and _few_rows_on_gpu(rows, gate_up):
-        return triton_grouped.grouped_rows_linear(rows, gate_up, ends, gated=True)
-    gate, up = grouped_linear(rows, gate_up, ends).chunk(2, dim=-1)
-    return act(gate) * up
-
-
-def _few_rows_on_gpu(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+def _few_rows_on_gpu(count: int, rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes ``count`` pairs over ``weight``'s groups."""
     return (
         triton_grouped.available(rows)
-        and rows.shape[0] <= triton_grouped.MAX_ROWS_PER_GROUP * weight.shape[0]
+        and count <= triton_grouped.MAX_ROWS_PER_GROUP * weight.shape[0]
     )
 
 
@@ -87,16 +115,3 @@ def looped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) 
             out[start:end] = rows[start:end] @ weight[group].t()
             start = end
     return out
-
-
-def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch's grouped GEMM runs for ``dtype`` on ``device`` (a tiny trial call)."""
-    if _GROUPED_MM is None:
-        return False
-    rows = torch.ones((3, 16), dtype=dtype, device=device)
-    weight = torch.ones((2, 16, 16), dtype=dtype, device=device)
-    try:
-        _GROUPED_MM(rows, weight.transpose(1, 2), offs=torch.tensor([1, 3], device=device).int())
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    return True

@@ -36,6 +36,9 @@ if triton is not None:
         weight_ptr,
         ends_ptr,
         out_ptr,
+        source_row_ptr,
+        target_row_ptr,
+        scale_ptr,
         num_groups,
         out_features,
         in_features,
@@ -48,9 +51,13 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         BLOCK_G: tl.constexpr,
         GATED: tl.constexpr,
+        GATHER: tl.constexpr,
+        SCATTER: tl.constexpr,
     ):
         # out[r, n] = sum_k rows[r, k] * weight[group(r), n, k]; GATED: weight holds gate rows
-        # then up rows (out_features each) and out[r, n] = silu(gate[r, n]) * up[r, n]
+        # then up rows (out_features each) and out[r, n] = silu(gate[r, n]) * up[r, n].
+        # GATHER: row r reads rows[source_row[r]]; SCATTER: it writes out[target_row[r]],
+        # multiplied by scale[r].
         block = tl.program_id(0)
         column_block = tl.program_id(1)
         group_index = tl.arange(0, BLOCK_G)
@@ -71,7 +78,11 @@ if triton is not None:
         column = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
         column_ok = column < out_features
         k = tl.arange(0, BLOCK_K)
-        a_ptrs = rows_ptr + row[:, None].to(tl.int64) * stride_row + k[None, :]
+        if GATHER:
+            a_row = tl.load(source_row_ptr + row, mask=row_ok, other=0).to(tl.int64)
+        else:
+            a_row = row.to(tl.int64)
+        a_ptrs = rows_ptr + a_row[:, None] * stride_row + k[None, :]
         b_ptrs = (
             weight_ptr
             + group.to(tl.int64) * stride_wg
@@ -92,7 +103,12 @@ if triton is not None:
             b_ptrs += BLOCK_K
         if GATED:
             acc = acc * tl.sigmoid(acc) * acc_up
-        out_ptrs = out_ptr + row[:, None].to(tl.int64) * stride_out + column[None, :]
+        if SCATTER:
+            out_row = tl.load(target_row_ptr + row, mask=row_ok, other=0).to(tl.int64)
+            acc = acc * tl.load(scale_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        else:
+            out_row = row.to(tl.int64)
+        out_ptrs = out_ptr + out_row[:, None] * stride_out + column[None, :]
         tl.store(
             out_ptrs,
             acc.to(out_ptr.dtype.element_ty),
@@ -119,29 +135,39 @@ def grouped_rows_linear(
     ends: torch.Tensor,
     config: dict[str, Any] | None = None,
     gated: bool = False,
+    source_row: torch.Tensor | None = None,
+    target_row: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``rows`` [N, K] sorted by group, ``weight`` [G, O, K] (K contiguous), ``ends`` int32 [G]
     -> [N, O], as ``grouped_gemm.grouped_linear``; ``gated``: ``weight`` is [G, 2I, K] (gate
-    rows, then up rows) and the result [N, I] is silu(rows @ gate.T) * (rows @ up.T)."""
+    rows, then up rows) and the result [N, I] is silu(rows @ gate.T) * (rows @ up.T).
+    ``source_row`` [N]: the n-th row is ``rows[source_row[n]]`` (``rows`` any length);
+    ``target_row`` [N] (a permutation) with ``scale`` [N]: result n, times ``scale[n]``, goes to
+    output row ``target_row[n]``."""
     assert triton is not None
     groups, out_features, in_features = weight.shape
     if gated:
         out_features //= 2
     assert weight.stride(2) == 1
     rows = rows.contiguous()
-    out = rows.new_empty((rows.shape[0], out_features))
-    if rows.shape[0] == 0:
+    count = rows.shape[0] if source_row is None else source_row.shape[0]
+    out = rows.new_empty((count, out_features))
+    if count == 0:
         return out
-    config = config or tile_config(rows.shape[0], groups)
+    config = config or tile_config(count, groups)
     options = dict(config)
     block_m, block_n = options.pop("BLOCK_M"), options.pop("BLOCK_N")
-    max_blocks = triton.cdiv(rows.shape[0], block_m) + groups
+    max_blocks = triton.cdiv(count, block_m) + groups
     grid = (max_blocks, triton.cdiv(out_features, block_n))
     _grouped_rows_kernel[grid](
         rows,
         weight,
         ends,
         out,
+        ends if source_row is None else source_row,
+        ends if target_row is None else target_row,
+        ends if scale is None else scale,
         groups,
         out_features,
         in_features,
@@ -153,6 +179,8 @@ def grouped_rows_linear(
         BLOCK_N=block_n,
         BLOCK_G=triton.next_power_of_2(groups),
         GATED=gated,
+        GATHER=source_row is not None,
+        SCATTER=target_row is not None,
         **options,
     )
     return out
