@@ -3,7 +3,8 @@
 For each token count, the two projections of one Qwen3-30B-A3B MoE layer (gate/up: [E, 2I, H],
 down: [E, H, I]; 128 experts, top-8, bf16) run over rows sorted by expert, once per tile
 configuration; prints one JSON line per (tokens, projection): the best configuration, its time,
-torch's time and the weight-read bound of that projection. GPU only.
+torch's grouped GEMM time (gate/up: without the activation) and the weight-read bound of that
+projection. The gate/up projection runs the fused silu(gate) * up kernel. GPU only.
 
     python bench/grouped_gemm_sweep.py --tokens 16 64 512 4096
 """
@@ -40,7 +41,7 @@ def copy_rate() -> float:
 
 def configs(tokens: int) -> list[dict[str, Any]]:
     per_group = tokens * TOP_K / EXPERTS
-    block_ms = [16] if per_group <= 8 else [16, 32] if per_group <= 32 else [32, 64, 128]
+    block_ms = [16] if per_group <= 8 else [16, 32, 64] if per_group <= 32 else [32, 64, 128]
     return [
         {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s}
         for m, n, k, w, s in itertools.product(
@@ -63,19 +64,29 @@ def main() -> None:
         for name, weight in projections.items():
             rows, ends, touched = sorted_rows(tokens, weight.shape[2], generator)
             want = torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
+            gated = name == "gate_up"  # the fused silu(gate) * up kernel, as the layer runs it
+            if gated:
+                gate, up = want.float().chunk(2, dim=-1)
+                want = torch.nn.functional.silu(gate) * up
             torch_ms = triton.testing.do_bench(
                 lambda: torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)  # noqa: B023
             )
             timings = []
             for config in configs(tokens):
                 try:
-                    got = triton_grouped.grouped_rows_linear(rows, weight, ends, config)
+                    got = triton_grouped.grouped_rows_linear(rows, weight, ends, config, gated)
                 except Exception as error:  # a tile too large for shared memory
                     timings.append((float("inf"), config, repr(error)[:80]))
                     continue
                 error = ((got.float() - want.float()).norm() / want.float().norm()).item()
                 ms = triton.testing.do_bench(
-                    lambda c=config: triton_grouped.grouped_rows_linear(rows, weight, ends, c)  # type: ignore[misc]  # noqa: B023
+                    lambda c=config: triton_grouped.grouped_rows_linear(  # type: ignore[misc]
+                        rows,  # noqa: B023
+                        weight,  # noqa: B023
+                        ends,  # noqa: B023
+                        c,
+                        gated,  # noqa: B023
+                    )
                 )
                 timings.append((ms, config, error))
             timings.sort(key=lambda t: t[0])

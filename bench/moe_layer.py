@@ -230,6 +230,7 @@ def main() -> None:
         if device.type == "cuda"
         else platform.processor() or "cpu"
     )
+    run(spec, args.tokens[0], device, 5, False)  # warm-up: kernels compiled, clocks up
     for tokens in args.tokens:
         result = run(spec, tokens, device, args.repeats, args.profile)
         line: dict[str, Any] = {

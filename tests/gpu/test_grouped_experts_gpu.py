@@ -98,3 +98,34 @@ def test_triton_kernel_equals_torch_grouped_gemm(rows_per_group: int, dtype: tor
         torch.testing.assert_close(
             gated.float(), torch.nn.functional.silu(gate) * up, rtol=3e-2, atol=3e-2
         )
+
+
+def test_triton_kernel_gathers_scatters_and_scales_rows() -> None:
+    """source_row reads rows out of order; target_row + scale write each result, weighted, to
+    its output row: as index_select before and a weighted permutation after the product."""
+    triton_grouped = pytest.importorskip("moe_worker.model.triton_grouped")
+    generator = torch.Generator().manual_seed(3)
+    groups, in_features, out_features, count = 16, 256, 192, 300
+    group_of = torch.randint(0, groups, (count,), generator=generator).sort().values.cuda()
+    ends = grouped_gemm.group_ends(group_of, torch.arange(groups, device="cuda"))
+    rows = torch.randn((count // 2, in_features), generator=generator).to("cuda", torch.bfloat16)
+    source_row = torch.randint(0, count // 2, (count,), generator=generator).cuda()
+    target_row = torch.randperm(count, generator=generator).cuda()
+    scale = torch.rand(count, generator=generator).cuda()
+    weight = (torch.randn((groups, 2 * out_features, in_features), generator=generator) / 16).to(
+        "cuda", torch.bfloat16
+    )
+    picked = rows[source_row]
+    gated = triton_grouped.grouped_rows_linear(
+        rows, weight, ends, gated=True, source_row=source_row
+    )
+    want_gated = triton_grouped.grouped_rows_linear(picked, weight, ends, gated=True)
+    torch.testing.assert_close(gated, want_gated)
+    plain = triton_grouped.grouped_rows_linear(picked, weight, ends)
+    moved = triton_grouped.grouped_rows_linear(
+        picked, weight, ends, target_row=target_row, scale=scale
+    )
+    want = torch.empty_like(plain.float())
+    want[target_row] = plain.float()
+    want *= scale[:, None]
+    torch.testing.assert_close(moved.float(), want, rtol=1e-2, atol=1e-2)

@@ -118,6 +118,7 @@ class ExpertParallelExperts(nn.Module):
         self.computed_pairs = 0  # (token, expert) pairs this rank's slots computed, cumulative
         self.routed_pairs = 0  # (token, expert) pairs this rank's tokens were routed to
         self._replica_offset = 0  # rotates replica choice across steps (decode steps are small)
+        self._lanes = torch.arange(64, device=ep.device)  # top-k positions 0..k-1
         self.set_static_map(static_log2phy)
 
     @property
@@ -136,8 +137,11 @@ class ExpertParallelExperts(nn.Module):
         else:
             assert self.eplb_state.log2phy is not None and self.eplb_state.replica_count is not None
             log2phy, count = self.eplb_state.log2phy, self.eplb_state.replica_count
-        positions = torch.arange(ids.shape[0], device=ids.device)[:, None] + token_offset
-        replica = (positions + torch.arange(ids.shape[1], device=ids.device)) % count[ids]
+        tokens, top_k = ids.shape
+        if top_k > self._lanes.shape[0]:
+            self._lanes = torch.arange(top_k, device=self.ep.device)
+        positions = torch.arange(token_offset, token_offset + tokens, device=ids.device)
+        replica = (positions[:, None] + self._lanes[:top_k]) % count[ids]  # (t + j) mod count
         return log2phy[ids, replica]
 
     def forward(
@@ -177,10 +181,9 @@ class ExpertParallelExperts(nn.Module):
         # local slot; narrow keys sort in fewer radix passes.
         sorted_slot, order = torch.sort(slots.flatten().to(self._key_dtype), stable=True)
         token_of = order // top_k  # pair i of the flattened [T, k] belongs to token i // k
-        pair_weight = combine.flatten()[order]
         if self.ep.size == 1:
             ends = group_ends(sorted_slot, self._slot_ids)
-            by_pair = self._compute(hidden, ends, token_of, target_row=order, scale=pair_weight)
+            by_pair = self._compute(hidden, ends, token_of, order, combine.flatten())
         else:
             owner = sorted_slot.long() // self.slots_per_rank
             send = torch.bincount(owner, minlength=self.ep.size)
@@ -193,11 +196,11 @@ class ExpertParallelExperts(nn.Module):
             # each sender's rows are sorted by slot; merge them into one slot order
             local_sorted, order_in = torch.sort(local_in.to(self._key_dtype), stable=True)
             ends = group_ends(local_sorted, self._slot_ids)
-            ones = torch.ones(order_in.shape, dtype=hidden.dtype, device=hidden.device)
-            computed = self._compute(rows_in, ends, order_in, target_row=order_in, scale=ones)
+            computed = self._compute(rows_in, ends, order_in, order_in, None)
             computed = _all_to_all(computed, recv_counts, send_counts, self.ep)
             by_pair = torch.empty_like(computed)
-            by_pair[order] = computed * pair_weight.to(computed.dtype).unsqueeze(1)
+            by_pair[order] = computed
+            by_pair *= combine.flatten().to(computed.dtype).unsqueeze(1)
         return by_pair.view(tokens, top_k, by_pair.shape[1]).sum(dim=1)
 
     def _compute(
@@ -206,12 +209,12 @@ class ExpertParallelExperts(nn.Module):
         ends: torch.Tensor,
         source_row: torch.Tensor,
         target_row: torch.Tensor,
-        scale: torch.Tensor,
+        scale: torch.Tensor | None,
     ) -> torch.Tensor:
         """The experts of this rank's slots on N (row, slot) pairs sorted by local slot: pair n
         takes ``rows[source_row[n]]`` (``rows`` [R, H]) through its slot (``ends`` int32 [S]:
-        end offset of each slot's pairs) and, times ``scale[n]``, becomes output row
-        ``target_row[n]`` -> [N, H]. Two grouped GEMMs over all slots."""
+        end offset of each slot's pairs) and becomes output row ``target_row[n]``, times
+        ``scale`` [N] of that output row if given -> [N, H]. Two grouped GEMMs over all slots."""
         self.computed_pairs += int(source_row.shape[0])
         gated = grouped_gated(
             rows, self.weights.gate_up, ends, self.act, self.act_is_silu, source_row

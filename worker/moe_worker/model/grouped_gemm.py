@@ -46,8 +46,9 @@ def grouped_linear(
 ) -> torch.Tensor:
     """``rows`` [N, K] sorted by group, ``weight`` [G, O, K] (one nn.Linear weight per group),
     ``ends`` int32 [G] from ``group_ends`` -> [N, O]: row n times the weight of its group.
-    With ``target_row`` [N] (a permutation of 0..N-1) and ``scale`` [N]: result n, times
-    ``scale[n]``, is output row ``target_row[n]`` (undoing the sort, weighting the pair)."""
+    With ``target_row`` [N] (a permutation of 0..N-1): result n is output row
+    ``target_row[n]`` (undoing the sort), multiplied by ``scale`` [N] of that output row if
+    given (the pair's routing weight)."""
     if rows.shape[0] and _few_rows_on_gpu(rows.shape[0], rows, weight):
         return triton_grouped.grouped_rows_linear(
             rows, weight, ends, target_row=target_row, scale=scale
@@ -55,10 +56,10 @@ def grouped_linear(
     out = _grouped_product(rows, weight, ends)
     if target_row is None:
         return out
-    assert scale is not None
     inverse = torch.empty_like(target_row)
     inverse[target_row] = torch.arange(target_row.shape[0], device=target_row.device)
-    return (out * scale.to(out.dtype).unsqueeze(1)).index_select(0, inverse)
+    out = out.index_select(0, inverse)
+    return out if scale is None else out * scale.to(out.dtype).unsqueeze(1)
 
 
 def grouped_gated(

@@ -53,11 +53,12 @@ if triton is not None:
         GATED: tl.constexpr,
         GATHER: tl.constexpr,
         SCATTER: tl.constexpr,
+        SCALE: tl.constexpr,
     ):
         # out[r, n] = sum_k rows[r, k] * weight[group(r), n, k]; GATED: weight holds gate rows
         # then up rows (out_features each) and out[r, n] = silu(gate[r, n]) * up[r, n].
         # GATHER: row r reads rows[source_row[r]]; SCATTER: it writes out[target_row[r]],
-        # multiplied by scale[r].
+        # SCALE: multiplied by scale[target_row[r]].
         block = tl.program_id(0)
         column_block = tl.program_id(1)
         group_index = tl.arange(0, BLOCK_G)
@@ -105,7 +106,9 @@ if triton is not None:
             acc = acc * tl.sigmoid(acc) * acc_up
         if SCATTER:
             out_row = tl.load(target_row_ptr + row, mask=row_ok, other=0).to(tl.int64)
-            acc = acc * tl.load(scale_ptr + row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            if SCALE:
+                pair_weight = tl.load(scale_ptr + out_row, mask=row_ok, other=0.0)
+                acc = acc * pair_weight.to(tl.float32)[:, None]
         else:
             out_row = row.to(tl.int64)
         out_ptrs = out_ptr + out_row[:, None] * stride_out + column[None, :]
@@ -143,13 +146,14 @@ def grouped_rows_linear(
     -> [N, O], as ``grouped_gemm.grouped_linear``; ``gated``: ``weight`` is [G, 2I, K] (gate
     rows, then up rows) and the result [N, I] is silu(rows @ gate.T) * (rows @ up.T).
     ``source_row`` [N]: the n-th row is ``rows[source_row[n]]`` (``rows`` any length);
-    ``target_row`` [N] (a permutation) with ``scale`` [N]: result n, times ``scale[n]``, goes to
-    output row ``target_row[n]``."""
+    ``target_row`` [N] (a permutation): result n goes to output row ``target_row[n]``, times
+    ``scale[target_row[n]]`` if ``scale`` [N] is given."""
     assert triton is not None
     groups, out_features, in_features = weight.shape
     if gated:
         out_features //= 2
     assert weight.stride(2) == 1
+    assert scale is None or target_row is not None
     rows = rows.contiguous()
     count = rows.shape[0] if source_row is None else source_row.shape[0]
     out = rows.new_empty((count, out_features))
@@ -181,6 +185,7 @@ def grouped_rows_linear(
         GATED=gated,
         GATHER=source_row is not None,
         SCATTER=target_row is not None,
+        SCALE=scale is not None,
         **options,
     )
     return out
