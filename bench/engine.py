@@ -105,6 +105,12 @@ def run(shape: str, device: str, rounds: int, steps: int) -> dict[str, Any]:
             samples[name].extend(timed(step, engine, steps))
     set_eplb(True)
     p50 = {name: statistics.median(values) for name, values in samples.items()}
+    # the part of a step spent drawing the simulated batch (hidden states, routing) on the host
+    batch_seconds = []
+    for index in range(steps):
+        started = time.perf_counter()
+        engine.simulator.batch(index)
+        batch_seconds.append(time.perf_counter() - started)
     tokens = spec["tokens"]
     return {
         "bench": "engine",
@@ -118,6 +124,7 @@ def run(shape: str, device: str, rounds: int, steps: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "steps_each": len(samples["eplb_on"]),
         **{f"step_ms_{name}_p50": value * 1e3 for name, value in p50.items()},
+        "batch_draw_ms_p50": statistics.median(batch_seconds) * 1e3,
         "tokens_per_s_eplb_on": tokens / p50["eplb_on"],
         "tokens_per_s_eplb_off": tokens / p50["eplb_off"],
         "recording_overhead_ratio": p50["eplb_on"] / p50["eplb_off"] - 1.0,

@@ -91,7 +91,7 @@ def main() -> None:
                 timings.append((ms, config, error))
             timings.sort(key=lambda t: t[0])
             bound = touched * weight[0].numel() * 2 / rate * 1e3
-            default = triton_grouped.tile_config(rows.shape[0], EXPERTS)
+            default = triton_grouped.tile_config(rows.shape[0], EXPERTS, gated)
             default_ms = next((t[0] for t in timings if t[1] == default), None)
             print(
                 json.dumps(

@@ -120,16 +120,17 @@ if triton is not None:
 
 
 # Up to this many rows per group on average the kernel beats torch's grouped GEMM on one H200
-# (bench/grouped_gemm_sweep.py: 4 rows 0.20 vs 0.44 ms, 32 rows 0.38 vs 0.42 ms, 256 rows
-# 1.0 vs 0.72 ms for both projections of a Qwen3-30B-A3B layer).
+# (bench/grouped_gemm_sweep.py, both projections of a Qwen3-30B-A3B layer: 4 rows per group
+# 0.20 vs 0.44 ms, 32 rows 0.35 vs 0.43 ms, 256 rows 1.0 vs 0.72 ms).
 MAX_ROWS_PER_GROUP = 32
 
 
-def tile_config(rows: int, groups: int) -> dict[str, Any]:
+def tile_config(rows: int, groups: int, gated: bool = False) -> dict[str, Any]:
     """Tile sizes for ``rows`` rows over ``groups`` groups (the sweep's best on one H200)."""
     if rows <= 16 * groups:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    block_n = 64 if gated else 128
+    return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
 def grouped_rows_linear(
@@ -159,7 +160,7 @@ def grouped_rows_linear(
     out = rows.new_empty((count, out_features))
     if count == 0:
         return out
-    config = config or tile_config(count, groups)
+    config = config or tile_config(count, groups, gated)
     options = dict(config)
     block_m, block_n = options.pop("BLOCK_M"), options.pop("BLOCK_N")
     max_blocks = triton.cdiv(count, block_m) + groups
