@@ -101,6 +101,7 @@ def main() -> None:
                         "torch": torch.__version__,
                         "tokens": tokens,
                         "projection": name,
+                        "kernel": "gated silu(gate)*up" if gated else "plain",
                         "bound_ms": bound,
                         "torch_grouped_mm_ms": torch_ms,
                         "default_config": default,
