@@ -396,6 +396,137 @@ def serve(
     console.print(f"stopped; rank exit codes {codes}")
 
 
+# bench-serve's options, by the TrafficConfig field they set (for one-line errors)
+TRAFFIC_OPTIONS = {
+    "durationS": "--duration",
+    "maxRequests": "--requests",
+    "concurrency": "--concurrency",
+    "rateProfile": "--rate-profile",
+    "promptWords": "--prompt-words/--prompt-dist",
+    "outputTokens": "--output-tokens/--output-dist",
+    "topics": "--topics",
+    "topicSkew": "--skew",
+    "driftPeriodS": "--drift-period",
+    "seed": "--seed",
+}
+
+
+def parse_rate_profile(text: str) -> list[dict[str, float]]:
+    """``"0:2,30:8,60:2"`` -> [{atS: 0, requestsPerS: 2}, ...]; exits 2 naming the bad part."""
+    points = []
+    for part in text.split(","):
+        at, sep, rate = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            points.append({"atS": float(at), "requestsPerS": float(rate)})
+        except ValueError:
+            fail(f"--rate-profile: {part!r} is not SECONDS:REQUESTS_PER_S (e.g. 0:2,30:8)")
+    return points
+
+
+@app.command("bench-serve")
+def bench_serve(
+    url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server (.../v1 ok)."),
+    model: str | None = typer.Option(None, "--model", help="Model id (default: the first listed)."),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", help="Requests in flight at most (closed loop without a rate)."
+    ),
+    rate: float | None = typer.Option(None, "--rate", help="Poisson arrivals, requests/s."),
+    rate_profile: str | None = typer.Option(
+        None, "--rate-profile", help="Rate over time, SECONDS:RATE,... (e.g. 0:2,30:8,60:2)."
+    ),
+    duration: float = typer.Option(30.0, "--duration", help="Seconds to send requests for."),
+    requests: int | None = typer.Option(None, "--requests", help="Stop after this many."),
+    prompt_words: int = typer.Option(32, "--prompt-words", help="Mean prompt length, words."),
+    prompt_dist: str = typer.Option("fixed", "--prompt-dist", help="fixed, uniform, lognormal."),
+    output_tokens: int = typer.Option(32, "--output-tokens", help="Mean max_tokens."),
+    output_dist: str = typer.Option("fixed", "--output-dist", help="fixed, uniform, lognormal."),
+    topics: int = typer.Option(8, "--topics", help="Topics in the prompt mix."),
+    skew: float = typer.Option(1.2, "--skew", help="Zipf exponent of topic popularity."),
+    drift_period: float | None = typer.Option(
+        None, "--drift-period", help="Seconds per rotation of the hot topic."
+    ),
+    ignore_eos: bool = typer.Option(True, "--ignore-eos/--stop-at-eos", help="Fixed lengths."),
+    seed: int = typer.Option(0, "--seed", help="Seed of arrivals, lengths and prompts."),
+    out: Path | None = typer.Option(None, "--out", help="Write the JSON report here too."),
+) -> None:
+    """Load-test an OpenAI-compatible endpoint (this project's, vLLM, SGLang): streamed
+    completions, a live table, and a JSON report of req/s, tokens/s, TTFT, ITL, failures."""
+    import asyncio
+
+    from pydantic import ValidationError
+    from rich.live import Live
+
+    from moe_operator.loadgen.display import progress_line, progress_table
+    from moe_operator.loadgen.runner import run_traffic
+    from moe_operator.loadgen.stats import summarize
+    from moe_worker.config import TrafficConfig
+
+    if rate is not None and rate_profile is not None:
+        fail("--rate and --rate-profile: give one of them")
+    profile = parse_rate_profile(rate_profile) if rate_profile else []
+    if rate is not None:
+        profile = [{"atS": 0.0, "requestsPerS": rate}]
+    wire: dict[str, Any] = {
+        "durationS": duration,
+        "maxRequests": requests,
+        "concurrency": concurrency,
+        "rateProfile": profile,
+        "promptWords": {"mean": prompt_words, "kind": prompt_dist},
+        "outputTokens": {"mean": output_tokens, "kind": output_dist},
+        "ignoreEos": ignore_eos,
+        "topics": topics,
+        "topicSkew": skew,
+        "driftPeriodS": drift_period,
+        "seed": seed,
+    }
+    try:
+        traffic = TrafficConfig.model_validate(wire)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        field = str(first["loc"][0]) if first["loc"] else message.partition(": ")[0]
+        if not first["loc"] and field in TRAFFIC_OPTIONS:  # a cross-field rule names its field
+            message = message.partition(": ")[2]
+        where = TRAFFIC_OPTIONS.get(field, "traffic")
+        if where == "--concurrency" and not first["loc"]:
+            where = "--concurrency (or --rate)"
+        fail(f"{where}: {message}")
+    last_line = [0.0]
+    live = Live(console=console, refresh_per_second=4) if console.is_terminal else None
+
+    def on_progress(records: list[Any], elapsed: float) -> None:
+        summary = summarize(records, elapsed)
+        if live is not None:
+            live.update(progress_table(summary, f"bench-serve {url}"))
+        elif elapsed - last_line[0] >= 5.0:
+            last_line[0] = elapsed
+            error_console.print(progress_line(summary), markup=False, highlight=False)
+
+    try:
+        if live is not None:
+            live.start()
+        result = asyncio.run(run_traffic(url, traffic, model, on_progress))
+    except (OSError, ValueError) as exc:
+        fail(f"{url}: {exc}")
+    except Exception as exc:  # httpx errors before the first request (no server there)
+        fail(f"{url}: {type(exc).__name__}: {exc}")
+    finally:
+        if live is not None:
+            live.stop()
+    report = {
+        "bench": "serve",
+        "url": url,
+        "traffic": traffic.model_dump(by_alias=True, mode="json"),
+        **result.summary(),
+    }
+    text = json.dumps(report)
+    sys.stdout.write(text + "\n")
+    if out is not None:
+        out.write_text(text + "\n")
+
+
 @app.command()
 def crd() -> None:
     """Print the MoEDeployment CustomResourceDefinition (what `helm install` applies)."""

@@ -148,6 +148,63 @@ class WorkloadConfig(WireModel):
         return max(1, share + (1 if rank < extra else 0))
 
 
+class RatePoint(WireModel):
+    """From ``at_s`` seconds into the run, requests arrive at ``requests_per_s`` (Poisson)."""
+
+    at_s: float = Field(..., ge=0, description="Seconds from the start of the run.")
+    requests_per_s: float = Field(..., ge=0, description="Arrival rate from then on (0: none).")
+
+
+class LengthDistribution(WireModel):
+    """A length drawn per request: ``fixed`` (the mean), ``uniform`` (mean +- spread * mean) or
+    ``lognormal`` (mean, coefficient of variation ``spread``); at least 1."""
+
+    mean: int = Field(..., gt=0, description="Mean length.")
+    kind: Literal["fixed", "uniform", "lognormal"] = Field("fixed", description="Shape.")
+    spread: float = Field(0.5, ge=0, le=1, description="Relative width (uniform) or CV.")
+
+
+class TrafficConfig(WireModel):
+    """Request traffic of the load generator (``moe-eplb bench-serve``): when requests arrive,
+    how long their prompts and outputs are, and which topics they draw from (a skewed mix whose
+    hot topic rotates, so the experts the router picks shift over time)."""
+
+    duration_s: float = Field(60.0, gt=0, description="Seconds to send requests for.")
+    max_requests: int | None = Field(None, gt=0, description="Stop after this many requests.")
+    concurrency: int | None = Field(
+        None,
+        gt=0,
+        description="Requests in flight at most; without a rate profile, this many clients each "
+        "send their next request when the last one ends.",
+    )
+    rate_profile: list[RatePoint] = Field(
+        default_factory=list,
+        description="Arrival rate over time, piecewise constant (empty: closed loop).",
+    )
+    prompt_words: LengthDistribution = Field(
+        default_factory=lambda: LengthDistribution(mean=32), description="Prompt length, words."
+    )
+    output_tokens: LengthDistribution = Field(
+        default_factory=lambda: LengthDistribution(mean=32), description="max_tokens per request."
+    )
+    ignore_eos: bool = Field(True, description="Generate max_tokens whatever the model samples.")
+    topics: int = Field(8, gt=0, le=64, description="Topics in the prompt mix.")
+    topic_skew: float = Field(1.2, ge=0, description="Zipf exponent of topic popularity.")
+    drift_period_s: float | None = Field(
+        None, gt=0, description="Seconds after which the popularity ranking rotates by one."
+    )
+    seed: int = Field(0, ge=0, description="Seed of arrivals, lengths and prompts.")
+
+    @model_validator(mode="after")
+    def _closed_loop_needs_clients(self) -> TrafficConfig:
+        if not self.rate_profile and self.concurrency is None:
+            raise ValueError("concurrency: required when rateProfile is empty (closed loop)")
+        times = [point.at_s for point in self.rate_profile]
+        if times != sorted(times) or (times and times[0] != 0):
+            raise ValueError("rateProfile: atS must start at 0 and increase")
+        return self
+
+
 class MetricsConfig(WireModel):
     """Prometheus metrics served by every rank."""
 
