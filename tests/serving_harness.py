@@ -76,6 +76,12 @@ class ServeProcess:
                 self._ready.set()
         self._ready.set()  # exited
 
+    @property
+    def rank_urls(self) -> list[str]:
+        """Each rank's own API (and /metrics), as `serve` reported them ready."""
+        found = (re.match(r"\s*(http://\S+) ready$", line) for line in self.lines)
+        return sorted({match.group(1) for match in found if match})
+
     def state(self) -> dict[str, Any]:
         response = httpx.get(
             self.url + "/v1/state", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10

@@ -1,14 +1,20 @@
 """`moe-eplb bench-serve` against a real `moe-eplb serve` (a tiny random Qwen3-MoE, EP 2, CPU):
-every request completes with the planned lengths, the JSON report adds up, and requests the
-server refuses are reported as failures with their HTTP status, not lost."""
+every request completes with the planned lengths, the JSON report adds up, requests the server
+refuses are reported as failures with their HTTP status, not lost, and the ranks' serving
+metrics (promtool-clean) count the same requests and tokens the client saw."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hf_checkpoints import save_checkpoint
 from serving_harness import ROOT, ServeProcess
@@ -47,6 +53,27 @@ def test_bench_serve_drives_the_served_model(tmp_path: Path) -> None:
         refused = bench_serve(
             server.url, "--rate", "20", "--requests", "3", "--output-tokens", "1000"
         )
+        expositions = [httpx.get(url + "/metrics", timeout=10).text for url in server.rank_urls]
+    assert len(expositions) == 2
+    samples = serving_samples(expositions)
+    assert samples[("moe_request_success_total", "length")] == 16
+    assert samples[("moe_request_success_total", "stop")] == 0
+    assert samples[("moe_generation_tokens_total", "")] == 16 * 5
+    assert samples[("moe_prompt_tokens_total", "")] == report["prompt_tokens"]
+    assert samples[("moe_time_to_first_token_seconds_count", "")] == 16
+    assert samples[("moe_request_queue_time_seconds_count", "")] == 16
+    assert samples[("moe_inter_token_latency_seconds_count", "")] == 16 * 4
+    assert samples[("moe_e2e_request_latency_seconds_count", "")] == 16
+    assert samples[("moe_num_requests_running", "")] == 0
+    assert samples[("moe_num_requests_waiting", "")] == 0
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is missing: `make setup` installs Debian's prometheus package")
+    for text in expositions:
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
     assert report["requests_completed"] == 16 and report["requests_failed"] == 0
     assert report["output_tokens"] == 16 * 5 and report["finish_reasons"] == {"length": 16}
     assert report["prompt_tokens"] > 16 * 6  # byte-level tokens: several per word
@@ -55,6 +82,18 @@ def test_bench_serve_drives_the_served_model(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert refused["requests_failed"] == 3 and refused["failures"] == {"HTTP 400": 3}
     assert refused["requests_completed"] == 0
+
+
+def serving_samples(expositions: list[str]) -> dict[tuple[str, str], float]:
+    """Serving samples summed over ranks: (sample name, finished_reason or "") -> value."""
+    total: dict[tuple[str, str], float] = {}
+    for text in expositions:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, sample.labels.get("finished_reason", ""))
+                if "le" not in sample.labels:
+                    total[key] = total.get(key, 0.0) + sample.value
+    return total
 
 
 def test_bench_serve_names_the_option_it_refuses() -> None:

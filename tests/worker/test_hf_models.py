@@ -220,3 +220,50 @@ def test_a_leaving_rank_takes_no_new_requests(tmp_path: Path) -> None:
     while engine.has_work():  # what it had still finishes
         engine.step()
     assert engine.requests_finished == 1
+
+
+def test_serving_metrics_see_every_request_once(tmp_path: Path) -> None:
+    """The engine reports each request's first token (with its queue time), every later token,
+    and one end with its reason: length, abort (client gone), error (the rank failing)."""
+    from moe_worker.engine import create_engine
+    from moe_worker.metrics import WorkerMetrics
+    from moe_worker.serving.backend import SamplingParams
+
+    model_dir = save_checkpoint(tmp_path / "m", "qwen3_moe")
+    config = WorkerConfig.model_validate(
+        {
+            "model": {"source": "checkpoint", "path": str(model_dir), "numExperts": E},
+            "serving": {"enabled": True, "maxBatchTokens": 4, "maxRunningRequests": 2},
+            "eplb": {"enabled": False},
+        }
+    )
+    engine = create_engine(config)
+    metrics = WorkerMetrics("t", 0, "torch_gloo", "balanced", False)
+    engine.observer = metrics
+    params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    for name in ("a", "b", "c"):  # c waits: two run at a time
+        engine.submit(name, [5, 6, 7], params, lambda out: None)
+    engine.step()
+    value = metrics.registry.get_sample_value
+    labels = {"deployment": "t", "rank": "0"}
+    assert value("moe_num_requests_running", labels) == 2
+    assert value("moe_num_requests_waiting", labels) == 1
+    assert 0 < value("moe_kv_cache_usage_perc", labels) <= 1
+    engine.abort("b")
+    while engine.has_work():
+        engine.step()
+    engine.submit("d", [9, 9], params, lambda out: None)
+    engine.step()
+    engine.fail_all(RuntimeError("rank stopping"))
+    reasons = {
+        reason: value("moe_request_success_total", {**labels, "finished_reason": reason})
+        for reason in ("stop", "length", "abort", "error")
+    }
+    assert reasons == {"stop": 0, "length": 2, "abort": 1, "error": 1}
+    # b was aborted mid-prefill (the 4-token budget gave it 1 prompt token): no first token
+    assert value("moe_time_to_first_token_seconds_count", labels) == 3  # a, c, d
+    assert value("moe_request_queue_time_seconds_count", labels) == 3
+    assert value("moe_inter_token_latency_seconds_count", labels) == 2 + 2  # a and c
+    assert value("moe_generation_tokens_total", labels) == 3 + 3 + 1
+    assert value("moe_prompt_tokens_total", labels) == 3 + 3 + 2
+    assert value("moe_e2e_request_latency_seconds_count", labels) == 4

@@ -93,6 +93,7 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             status.standby = False
         if config.serving.enabled:
             serving_engine = engine
+            serving_engine.observer = metrics  # request latencies, queue and tokens
             servers.append(
                 serve_api(config, serving_engine, status, metrics, local_rank, bind_host)
             )

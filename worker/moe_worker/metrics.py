@@ -28,6 +28,14 @@ RESULTS = ("ok", "skipped", "aborted", "failed")
 BASE_LABELS = ("deployment", "rank")
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 REBALANCE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# request latencies, as vLLM buckets them (seconds)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+               0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)  # fmt: skip
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                   40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)  # fmt: skip
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class MetricSpec:
     kind: str  # counter | gauge | histogram | info
     labels: tuple[str, ...]  # beyond deployment and rank
     help: str
+    buckets: tuple[float, ...] = STEP_BUCKETS  # histograms only
 
 
 SPECS: tuple[MetricSpec, ...] = (
@@ -83,6 +92,7 @@ SPECS: tuple[MetricSpec, ...] = (
         "histogram",
         (),
         "Wall time of a rebalance: loads, placement, weight transfer and commit.",
+        REBALANCE_BUCKETS,
     ),
     MetricSpec(
         "moe_rebalance_transferred_bytes_total",
@@ -121,6 +131,58 @@ SPECS: tuple[MetricSpec, ...] = (
         ("communicator", "policy", "async", "version"),
         "Static facts about the worker: communicator, placement policy, async mode, "
         "version (value 1).",
+    ),
+    # serving (serving.enabled), with vLLM's meanings
+    MetricSpec(
+        "moe_time_to_first_token_seconds",
+        "histogram",
+        (),
+        "From a request's arrival at this rank to its first generated token.",
+        TTFT_BUCKETS,
+    ),
+    MetricSpec(
+        "moe_inter_token_latency_seconds",
+        "histogram",
+        (),
+        "Between consecutive generated tokens of a request.",
+        ITL_BUCKETS,
+    ),
+    MetricSpec(
+        "moe_e2e_request_latency_seconds",
+        "histogram",
+        (),
+        "From a request's arrival at this rank to its end (any finish reason).",
+        REQUEST_BUCKETS,
+    ),
+    MetricSpec(
+        "moe_request_queue_time_seconds",
+        "histogram",
+        (),
+        "From a request's arrival to its first scheduled step (time waiting in the queue).",
+        REQUEST_BUCKETS,
+    ),
+    MetricSpec("moe_num_requests_running", "gauge", (), "Requests in the running batch."),
+    MetricSpec("moe_num_requests_waiting", "gauge", (), "Requests waiting to be admitted."),
+    MetricSpec(
+        "moe_kv_cache_usage_perc",
+        "gauge",
+        (),
+        "KV-cache tokens the running batch reserves (prompt + max new tokens each) over the "
+        "batch's budget, maxRunningRequests x maxModelLen (0..1).",
+    ),
+    MetricSpec(
+        "moe_prompt_tokens_total",
+        "counter",
+        (),
+        "Prompt tokens of requests whose prefill completed.",
+    ),
+    MetricSpec("moe_generation_tokens_total", "counter", (), "Tokens generated."),
+    MetricSpec(
+        "moe_request_success_total",
+        "counter",
+        ("finished_reason",),
+        "Requests ended, by reason: stop (a stop or end-of-sequence token), length "
+        "(max_tokens or the model length), abort (the client left), error (the rank failed).",
     ),
     MetricSpec(
         "moe_expert_load_tokens",
@@ -168,9 +230,8 @@ class WorkerMetrics:
             elif spec.kind == "gauge":
                 metric = Gauge(spec.name, spec.help, labels, registry=self.registry)
             elif spec.kind == "histogram":
-                buckets = REBALANCE_BUCKETS if "rebalance" in spec.name else STEP_BUCKETS
                 metric = Histogram(
-                    spec.name, spec.help, labels, buckets=buckets, registry=self.registry
+                    spec.name, spec.help, labels, buckets=spec.buckets, registry=self.registry
                 )
             else:
                 metric = Info(
@@ -188,12 +249,16 @@ class WorkerMetrics:
         for trigger in TRIGGERS:
             for result in RESULTS:
                 self._child("moe_rebalances_total", trigger=trigger, result=result)
+        for reason in FINISH_REASONS:
+            self._child("moe_request_success_total", finished_reason=reason)
         for name in (
             "moe_rank_routed_tokens_total",
             "moe_tokens_processed_total",
             "moe_steps_total",
             "moe_rebalance_transferred_bytes_total",
             "moe_rebalance_moved_expert_copies_total",
+            "moe_prompt_tokens_total",
+            "moe_generation_tokens_total",
         ):
             self._child(name)
         self._child("moe_rebalancing").set(0)
@@ -238,6 +303,27 @@ class WorkerMetrics:
                 self._child("moe_expert_load_tokens", layer=str(layer), expert=str(expert)).set(
                     float(load[layer, expert])
                 )
+
+    # --- serving (ServingObserver) ---------------------------------------------------------
+
+    def first_token(self, ttft_s: float, queue_s: float, prompt_tokens: int) -> None:
+        self._child("moe_time_to_first_token_seconds").observe(ttft_s)
+        self._child("moe_request_queue_time_seconds").observe(queue_s)
+        self._child("moe_prompt_tokens_total").inc(prompt_tokens)
+        self._child("moe_generation_tokens_total").inc()
+
+    def next_token(self, gap_s: float) -> None:
+        self._child("moe_inter_token_latency_seconds").observe(gap_s)
+        self._child("moe_generation_tokens_total").inc()
+
+    def request_finished(self, reason: str, e2e_s: float) -> None:
+        self._child("moe_request_success_total", finished_reason=reason).inc()
+        self._child("moe_e2e_request_latency_seconds").observe(e2e_s)
+
+    def serving_load(self, running: int, waiting: int, kv_usage: float) -> None:
+        self._child("moe_num_requests_running").set(running)
+        self._child("moe_num_requests_waiting").set(waiting)
+        self._child("moe_kv_cache_usage_perc").set(kv_usage)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -36,9 +37,22 @@ MAX_DEFAULT_LEN = 8192
 Sink = Callable[[TokenOutput | BaseException], None]
 
 
+class ServingObserver(Protocol):
+    """Receives each request's timings (``WorkerMetrics`` implements it); called on the step
+    loop's thread. Times in seconds (``time.monotonic``)."""
+
+    def first_token(self, ttft_s: float, queue_s: float, prompt_tokens: int) -> None: ...
+
+    def next_token(self, gap_s: float) -> None: ...
+
+    def request_finished(self, reason: str, e2e_s: float) -> None: ...
+
+    def serving_load(self, running: int, waiting: int, kv_usage: float) -> None: ...
+
+
 @dataclass
 class Sequence:
-    """One request on this rank: its tokens (prompt then generated) and KV cache."""
+    """One request on this rank: its tokens (prompt then generated), KV cache and timings."""
 
     request_id: str
     tokens: list[int]
@@ -47,6 +61,9 @@ class Sequence:
     sink: Sink
     generator: torch.Generator | None
     kv: SequenceKV = field(default_factory=SequenceKV)
+    arrived_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None  # its first step
+    last_token_at: float | None = None
 
     @property
     def generated(self) -> int:
@@ -109,6 +126,8 @@ class ServingEngine(RankEngine):
         self.on_work: Callable[[], None] | None = None  # wakes the idle step loop
         self.generated_tokens = 0
         self.requests_finished = 0
+        self.observer: ServingObserver | None = None  # serving metrics
+        self._kv_budget = serving.max_running_requests * self.max_model_len
         # transformers renamed the cache argument (past_key_values -> cache) during 5.x
         parameters = inspect.signature(self.model.model.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
@@ -162,15 +181,22 @@ class ServingEngine(RankEngine):
         with self.lock:
             for request_id in self._aborted:
                 if self.scheduler.abort(request_id):
-                    self.sequences.pop(request_id, None)
+                    aborted = self.sequences.pop(request_id, None)
+                    if aborted is not None:
+                        self._finished(aborted, "abort", time.monotonic())
             self._aborted.clear()
             chunks = self.scheduler.schedule()
         if not chunks:
+            self._report_load()
             with torch.inference_mode():
                 self.model.idle_pass()
             self.step_index += 1
             return 0
         sequences = [self.sequences[chunk.request_id] for chunk in chunks]
+        now = time.monotonic()
+        for sequence in sequences:
+            if sequence.scheduled_at is None:
+                sequence.scheduled_at = now
         tokens: list[int] = []
         sample_rows: list[int] = []
         for chunk, sequence in zip(chunks, sequences, strict=True):
@@ -195,9 +221,21 @@ class ServingEngine(RankEngine):
             for request_id in finished:
                 self.sequences.pop(request_id, None)
             self.requests_finished += len(finished)
+        self._report_load()
         self.step_index += 1
         self.tokens_processed += len(tokens)
         return len(tokens)
+
+    def _report_load(self) -> None:
+        if self.observer is not None:
+            with self.lock:
+                running, waiting = self.scheduler.num_running, self.scheduler.num_waiting
+                reserved = self.scheduler.reserved_kv_tokens
+            self.observer.serving_load(running, waiting, min(1.0, reserved / self._kv_budget))
+
+    def _finished(self, sequence: Sequence, reason: str, now: float) -> None:
+        if self.observer is not None:
+            self.observer.request_finished(reason, now - sequence.arrived_at)
 
     def _forward(
         self, tokens: list[int], layout: PackedStep, sample_rows: list[int]
@@ -231,6 +269,7 @@ class ServingEngine(RankEngine):
     ) -> set[str]:
         finished: set[str] = set()
         row = 0
+        now = time.monotonic()
         for chunk, sequence in zip(chunks, sequences, strict=True):
             if not chunk.samples:
                 continue
@@ -238,15 +277,27 @@ class ServingEngine(RankEngine):
             row += 1
             sequence.tokens.append(token)
             self.generated_tokens += 1
+            self._observe_token(sequence, now)
             reason = self._finish_reason(sequence, token)
-            if reason is not None:
-                finished.add(sequence.request_id)
+            ended: str | None = reason
             try:
                 sequence.sink(TokenOutput(token, reason))
             except Exception:  # noqa: BLE001 - a broken client must not stop the step loop
                 log.exception("request %s: output sink failed; aborting it", chunk.request_id)
+                ended = reason or "abort"
+            if ended is not None:
                 finished.add(sequence.request_id)
+                self._finished(sequence, ended, now)
         return finished
+
+    def _observe_token(self, sequence: Sequence, now: float) -> None:
+        if self.observer is not None:
+            if sequence.last_token_at is None:
+                queued = (sequence.scheduled_at or now) - sequence.arrived_at
+                self.observer.first_token(now - sequence.arrived_at, queued, sequence.prompt_len)
+            else:
+                self.observer.next_token(now - sequence.last_token_at)
+        sequence.last_token_at = now
 
     def _finish_reason(self, sequence: Sequence, token: int) -> FinishReason | None:
         params = sequence.params
@@ -269,5 +320,7 @@ class ServingEngine(RankEngine):
             for sequence in sequences:
                 self.scheduler.abort(sequence.request_id)
             self.sequences.clear()
+        now = time.monotonic()
         for sequence in sequences:
+            self._finished(sequence, "error", now)
             sequence.sink(error)
