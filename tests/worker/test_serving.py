@@ -28,7 +28,7 @@ from serving_harness import (
 )
 
 PROMPT_LENGTHS = (1, 3, 7, 12, 18, 25, 33, 41)
-FIRST_TOKENS, SECOND_TOKENS = 10, 64
+FIRST_TOKENS, SECOND_TOKENS = 10, 96
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,8 @@ def test_greedy_generations_equal_transformers(
                 with lock:
                     open_streams[0] -= 1
 
-        generation_before = server.state()["mappingGeneration"]
+        state_before = server.state()
+        generation_before, step_before = state_before["mappingGeneration"], state_before["step"]
         committed_while_running: list[bool] = []
 
         def committed() -> bool:
@@ -118,7 +119,9 @@ def test_greedy_generations_equal_transformers(
         with ThreadPoolExecutor(len(second)) as pool:
             futures = [pool.submit(streamed, p) for p in second]
             started.wait(timeout=60)
-            wait_for(lambda: server.state()["step"] > 3, 60, "the second batch to run")
+            wait_for(
+                lambda: server.state()["step"] > step_before + 3, 60, "the second batch to run"
+            )
             assert server.rebalance().status_code == 202
             wait_for(committed, 120, "the rebalance to commit")
             answers = [f.result(timeout=300) for f in futures]

@@ -54,8 +54,10 @@ async def run_traffic(
     on_progress: Progress | None = None,
     max_retries: int = 5,
     request_timeout_s: float = 600.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RunResult:
-    """Send ``config``'s requests to ``base_url`` (without /v1) and wait for all of them."""
+    """Send ``config``'s requests to ``base_url`` (without /v1) and wait for all of them;
+    ``should_stop`` (polled before each send) ends the sending early."""
     base_url = base_url.rstrip("/").removesuffix("/v1")
     plan = TrafficPlan(config)
     records: list[RequestRecord] = []
@@ -79,10 +81,11 @@ async def run_traffic(
         ticker = asyncio.create_task(_tick(records, clock, on_progress))
         try:
             times = plan.send_times()
+            stopped = should_stop or (lambda: False)
             if times is None:
-                await _closed_loop(config, clock, one)
+                await _closed_loop(config, clock, one, stopped)
             else:
-                await _open_loop(times, config.concurrency, clock, one)
+                await _open_loop(times, config.concurrency, clock, one, stopped)
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -98,6 +101,7 @@ async def _open_loop(
     concurrency: int | None,
     clock: Callable[[], float],
     one: Callable[[int, float], Any],
+    stopped: Callable[[], bool],
 ) -> None:
     limit = asyncio.Semaphore(concurrency) if concurrency else None
 
@@ -113,18 +117,23 @@ async def _open_loop(
         delay = at_s - clock()
         if delay > 0:
             await asyncio.sleep(delay)  # the arrival time itself, not a synchronisation
+        if stopped():
+            break
         tasks.append(asyncio.create_task(limited(index, at_s)))
     await asyncio.gather(*tasks)
 
 
 async def _closed_loop(
-    config: TrafficConfig, clock: Callable[[], float], one: Callable[[int, float], Any]
+    config: TrafficConfig,
+    clock: Callable[[], float],
+    one: Callable[[int, float], Any],
+    stopped: Callable[[], bool],
 ) -> None:
     next_index = [0]
 
     def take() -> int | None:
         index = next_index[0]
-        if clock() >= config.duration_s:
+        if clock() >= config.duration_s or stopped():
             return None
         if config.max_requests is not None and index >= config.max_requests:
             return None
