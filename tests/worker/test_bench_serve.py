@@ -64,6 +64,9 @@ def test_bench_serve_drives_the_served_model(tmp_path: Path) -> None:
     assert samples[("moe_request_queue_time_seconds_count", "")] == 16
     assert samples[("moe_inter_token_latency_seconds_count", "")] == 16 * 4
     assert samples[("moe_e2e_request_latency_seconds_count", "")] == 16
+    # the operator's per-rank load (rate of moe_tokens_processed_total) is served tokens:
+    # every prompt token (prefill) and every generated token but the last (decode)
+    assert samples[("moe_tokens_processed_total", "")] == report["prompt_tokens"] + 16 * (5 - 1)
     assert samples[("moe_num_requests_running", "")] == 0
     assert samples[("moe_num_requests_waiting", "")] == 0
     promtool = shutil.which("promtool")
