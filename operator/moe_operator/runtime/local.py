@@ -310,8 +310,15 @@ class Timeline:
     def note(self, event: str) -> None:
         self.events.append({"t": round(time.time() - self.started, 2), "event": event})
 
-    def add(self, snapshot: Snapshot | None, decision: Decision, ep_size: int) -> None:
-        t = round(time.time() - self.started, 2)
+    def now(self) -> float:
+        return round(time.time() - self.started, 2)
+
+    def add(
+        self, snapshot: Snapshot | None, decision: Decision, ep_size: int
+    ) -> dict[str, Any] | None:
+        """Record a snapshot and, for a remap or resize, the action (returned, outcome
+        "requested" until the caller knows better)."""
+        t = self.now()
         if snapshot is not None:
             self.points.append(
                 {
@@ -322,16 +329,65 @@ class Timeline:
                     "mapping_generation": snapshot.mapping_generation,
                 }
             )
-        if decision.verb in ("remap", "resize"):
-            self.actions.append(
-                {
-                    "t": t,
-                    "action": decision.verb,
-                    "reason": decision.reason,
-                    "from_ep_size": ep_size,
-                    "to_ep_size": decision.target_ep_size or ep_size,
-                }
-            )
+        if decision.verb not in ("remap", "resize"):
+            return None
+        action: dict[str, Any] = {
+            "t": t,
+            "action": decision.verb,
+            "reason": decision.reason,
+            "from_ep_size": ep_size,
+            "to_ep_size": decision.target_ep_size or ep_size,
+            "outcome": "requested",
+            "finished_t": None,
+            "mapping_generation_before": None if snapshot is None else snapshot.mapping_generation,
+        }
+        self.actions.append(action)
+        return action
+
+
+def request_outcome(code: int | None, body: Any) -> str:
+    """What the leader said to an action: accepted, or refused with its reason."""
+    if code in (200, 202):
+        return "accepted"
+    why = body.get("error") if isinstance(body, dict) else body
+    return f"refused ({code if code is not None else 'no answer'}): {why}"
+
+
+def settle_remaps(actions: list[dict[str, Any]], snapshot: Snapshot | None, t: float) -> None:
+    """Accepted remaps are done once the mapping generation has moved past the one they saw."""
+    if snapshot is None:
+        return
+    for action in actions:
+        before = action.get("mapping_generation_before")
+        if (
+            action["action"] == "remap"
+            and action["outcome"] == "accepted"
+            and before is not None
+            and snapshot.mapping_generation > before
+        ):
+            action["outcome"], action["finished_t"] = "done", t
+
+
+def finish_resize(actions: list[dict[str, Any]], outcome: str, t: float) -> None:
+    """The latest unfinished resize's outcome: done, or failed with the reason."""
+    for action in reversed(actions):
+        if action["action"] == "resize" and action["finished_t"] is None:
+            action["outcome"], action["finished_t"] = outcome, t
+            return
+
+
+def progress_line(snapshot: Snapshot | None, decision: Decision, timeline: Timeline) -> str:
+    """One line of the live table's news, for logs that are not a terminal."""
+    if snapshot is None:
+        state = f"metrics: {decision.reason}"
+    else:
+        balance = "-" if snapshot.balancedness is None else f"{snapshot.balancedness:.3f}"
+        loads = snapshot.rank_tokens_per_s
+        per_rank = sum(loads) / max(len(loads), 1)
+        state = f"EP {snapshot.ep_size} balancedness {balance} tokens/s/rank {per_rank:.0f}"
+    done = sum(1 for a in timeline.actions if a["outcome"] == "done")
+    actions = f"actions done {done}/{len(timeline.actions)}"
+    return f"t={timeline.now():.0f}s {state}; policy {decision.verb}; {actions}"
 
 
 def write_report(timeline: Timeline, deployment: MoEDeployment, path: Path) -> Path:
@@ -365,12 +421,23 @@ def write_report(timeline: Timeline, deployment: MoEDeployment, path: Path) -> P
     axes[2].step(ts, [p["ep_size"] for p in timeline.points], where="post")
     axes[2].set_ylabel("EP size")
     axes[2].set_xlabel("seconds")
+    from matplotlib.lines import Line2D
+
     for action in timeline.actions:
         color = "tab:green" if action["action"] == "remap" else "tab:red"
         for axis in axes:
-            axis.axvline(action["t"], color=color, alpha=0.6)
-    axes[0].legend(loc="lower right")
-    figure.suptitle(f"{deployment.metadata.name}: remaps (green), resizes (red)")
+            axis.axvline(action["t"], color=color, alpha=0.5, linestyle=":")
+            if action["outcome"] == "done" and action["finished_t"] is not None:
+                axis.axvline(action["finished_t"], color=color, alpha=0.8)
+    handles, _ = axes[0].get_legend_handles_labels()
+    handles += [
+        Line2D([], [], color="tab:green", linestyle=":", label="remap requested"),
+        Line2D([], [], color="tab:green", label="remap done"),
+        Line2D([], [], color="tab:red", linestyle=":", label="resize requested"),
+        Line2D([], [], color="tab:red", label="resize done"),
+    ]
+    axes[0].legend(handles=handles, loc="lower right", fontsize="small")
+    figure.suptitle(f"{deployment.metadata.name}: remaps and resizes, requested (dotted) and done")
     figure.tight_layout()
     figure.savefig(path.with_suffix(".png"), dpi=100)
     plt.close(figure)
@@ -394,7 +461,11 @@ def table(snapshot: Snapshot | None, decision: Decision, timeline: Timeline) -> 
         out.add_row("tokens/s per rank", loads)
     out.add_row("policy", f"{decision.verb}: {decision.reason}")
     for action in timeline.actions[-5:]:
-        out.add_row(f"t={action['t']:.0f}s {action['action']}", action["reason"])
+        finished = "" if action["finished_t"] is None else f" at t={action['finished_t']:.0f}s"
+        out.add_row(
+            f"t={action['t']:.0f}s {action['action']}",
+            f"{action['reason']} -> {action['outcome']}{finished}",
+        )
     for event in timeline.events[-3:]:
         out.add_row(f"t={event['t']:.0f}s", event["event"])
     return out
@@ -432,6 +503,8 @@ async def run(
         return ScrapeSource(pods.metrics_urls())
 
     source = source_for()
+    console_is_terminal = sys.stdout.isatty()
+    last_line = [0.0]
     decision = Decision("none", "starting")
     snapshot: Snapshot | None = None
     try:
@@ -446,6 +519,7 @@ async def run(
                     action, resize = await advance_resize(pods, resize, time.time())
                     if action == "done" or action.startswith("failed"):
                         timeline.note(f"resize to {resize.to_ep_size}: {action}")
+                        finish_resize(timeline.actions, action, timeline.now())
                         if action != "done":
                             pods.set_pods(pods_for(pods.ep_size, pods.gpus_per_pod))
                         current = with_ep_size(current, pods.ep_size)
@@ -455,14 +529,28 @@ async def run(
                     snapshot = await source.snapshot()
                 except MetricsUnavailable:
                     snapshot = None
+                settle_remaps(timeline.actions, snapshot, timeline.now())
                 decision = decide(current.spec, memory, snapshot, time.time())
                 memory = decision.memory
-                timeline.add(snapshot, decision, pods.ep_size)
-                if decision.verb == "remap":
-                    await pods.control("POST", "/v1/eplb/rebalance", {"reason": decision.reason})
-                elif decision.verb == "resize" and resize is None:
-                    resize = begin(pods.ep_size, decision.target_ep_size, time.time())
+                recorded = timeline.add(snapshot, decision, pods.ep_size)
+                if decision.verb == "remap" and recorded is not None:
+                    try:
+                        code, body = await pods.control(
+                            "POST", "/v1/eplb/rebalance", {"reason": decision.reason}
+                        )
+                    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                        code, body = None, str(exc) or type(exc).__name__
+                    recorded["outcome"] = request_outcome(code, body)
+                elif decision.verb == "resize" and recorded is not None:
+                    if resize is None:
+                        resize = begin(pods.ep_size, decision.target_ep_size, time.time())
+                        recorded["outcome"] = "accepted"
+                    else:
+                        recorded["outcome"] = "refused: a resize is already running"
                 view.update(table(snapshot, decision, timeline))
+                if not console_is_terminal and timeline.now() - last_line[0] >= 5.0:
+                    last_line[0] = timeline.now()
+                    print(progress_line(snapshot, decision, timeline), flush=True)
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     finally:
