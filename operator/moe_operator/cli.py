@@ -455,6 +455,7 @@ def bench_serve(
     completions, a live table, and a JSON report of req/s, tokens/s, TTFT, ITL, failures."""
     import asyncio
 
+    import httpx
     from pydantic import ValidationError
     from rich.live import Live
 
@@ -510,7 +511,7 @@ def bench_serve(
         result = asyncio.run(run_traffic(url, traffic, model, on_progress))
     except (OSError, ValueError) as exc:
         fail(f"{url}: {exc}")
-    except Exception as exc:  # httpx errors before the first request (no server there)
+    except httpx.HTTPError as exc:  # before the first request: no server there, no /v1/models
         fail(f"{url}: {type(exc).__name__}: {exc}")
     finally:
         if live is not None:

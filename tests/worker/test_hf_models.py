@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -158,20 +159,31 @@ def test_synthetic_models_are_seeded_and_rebuild_any_expert(family: str) -> None
     assert source.hf_config.vocab_size > len(tokenizer)  # padded, as real checkpoints are
 
 
-def test_expert_load_is_the_routers_real_choice(tmp_path: Path) -> None:
-    """EPLB's window after serving holds, per logical expert, exactly the top-k choices that
-    transformers' own router makes for every prompt and generated token."""
+def serving_engine(
+    tmp_path: Path, family: str, serving: dict[str, Any], eplb: dict[str, Any] | None = None
+) -> tuple[Any, Path]:
+    """An in-process ServingEngine over a tiny ``family`` checkpoint (EPLB off unless given),
+    and the checkpoint's directory."""
     from moe_worker.engine import create_engine
 
-    model_dir = save_checkpoint(tmp_path / "m", "deepseek_v3")
+    model_dir = save_checkpoint(tmp_path / "m", family)
     config = WorkerConfig.model_validate(
         {
             "model": {"source": "checkpoint", "path": str(model_dir), "numExperts": E},
-            "serving": {"enabled": True, "maxBatchTokens": 8, "maxRunningRequests": 4},
-            "eplb": {"numRedundantExperts": 4, "windowSize": 500, "stepInterval": 100000},
+            "serving": {"enabled": True, **serving},
+            "eplb": eplb if eplb is not None else {"enabled": False},
         }
     )
-    engine = create_engine(config)
+    return create_engine(config), model_dir
+
+
+def test_expert_load_is_the_routers_real_choice(tmp_path: Path) -> None:
+    """EPLB's window after serving holds, per logical expert, exactly the top-k choices that
+    transformers' own router makes for every prompt and generated token."""
+    eplb = {"numRedundantExperts": 4, "windowSize": 500, "stepInterval": 100000}
+    engine, model_dir = serving_engine(
+        tmp_path, "deepseek_v3", {"maxBatchTokens": 8, "maxRunningRequests": 4}, eplb
+    )
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [40, 41], [200, 7, 7, 9, 100]]
     tokens = generate_in_process(engine, prompts, 6)
     assert engine.eplb is not None
@@ -198,18 +210,11 @@ def test_expert_load_is_the_routers_real_choice(tmp_path: Path) -> None:
 
 
 def test_a_leaving_rank_takes_no_new_requests(tmp_path: Path) -> None:
-    from moe_worker.engine import create_engine
     from moe_worker.serving.backend import BackendBusy, SamplingParams
 
-    model_dir = save_checkpoint(tmp_path / "m", "mixtral")
-    config = WorkerConfig.model_validate(
-        {
-            "model": {"source": "checkpoint", "path": str(model_dir), "numExperts": E},
-            "serving": {"enabled": True, "maxRunningRequests": 2, "maxWaitingRequests": 1},
-            "eplb": {"enabled": False},
-        }
+    engine, _ = serving_engine(
+        tmp_path, "mixtral", {"maxRunningRequests": 2, "maxWaitingRequests": 1}
     )
-    engine = create_engine(config)
     params = SamplingParams(max_new_tokens=2, temperature=0)
     engine.submit("a", [1, 2], params, lambda out: None)
     with pytest.raises(BackendBusy, match=r"waiting queue is full \(1 requests\)"):
@@ -225,19 +230,12 @@ def test_a_leaving_rank_takes_no_new_requests(tmp_path: Path) -> None:
 def test_serving_metrics_see_every_request_once(tmp_path: Path) -> None:
     """The engine reports each request's first token (with its queue time), every later token,
     and one end with its reason: length, abort (client gone), error (the rank failing)."""
-    from moe_worker.engine import create_engine
     from moe_worker.metrics import WorkerMetrics
     from moe_worker.serving.backend import SamplingParams
 
-    model_dir = save_checkpoint(tmp_path / "m", "qwen3_moe")
-    config = WorkerConfig.model_validate(
-        {
-            "model": {"source": "checkpoint", "path": str(model_dir), "numExperts": E},
-            "serving": {"enabled": True, "maxBatchTokens": 4, "maxRunningRequests": 2},
-            "eplb": {"enabled": False},
-        }
+    engine, _ = serving_engine(
+        tmp_path, "qwen3_moe", {"maxBatchTokens": 4, "maxRunningRequests": 2}
     )
-    engine = create_engine(config)
     metrics = WorkerMetrics("t", 0, "torch_gloo", "balanced", False)
     engine.observer = metrics
     params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)

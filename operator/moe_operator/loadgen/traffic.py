@@ -29,15 +29,6 @@ class PlannedRequest:
     max_tokens: int
 
 
-def rate_at(profile: list[RatePoint], at_s: float) -> float:
-    """The profile's arrival rate (requests/s) at ``at_s``."""
-    rate = 0.0
-    for point in profile:
-        if point.at_s <= at_s:
-            rate = point.requests_per_s
-    return rate
-
-
 def arrival_times(profile: list[RatePoint], duration_s: float, seed: int) -> list[float]:
     """Send times in [0, duration_s) of a Poisson process with the profile's rates."""
     rng = random.Random(f"arrivals:{seed}")

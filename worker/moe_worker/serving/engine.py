@@ -186,8 +186,9 @@ class ServingEngine(RankEngine):
                         self._finished(aborted, "abort", time.monotonic())
             self._aborted.clear()
             chunks = self.scheduler.schedule()
+            if not chunks:
+                self._report_load()
         if not chunks:
-            self._report_load()
             with torch.inference_mode():
                 self.model.idle_pass()
             self.step_index += 1
@@ -221,17 +222,17 @@ class ServingEngine(RankEngine):
             for request_id in finished:
                 self.sequences.pop(request_id, None)
             self.requests_finished += len(finished)
-        self._report_load()
+            self._report_load()
         self.step_index += 1
         self.tokens_processed += len(tokens)
         return len(tokens)
 
     def _report_load(self) -> None:
+        """Running and waiting requests and KV use to the observer (caller holds the lock)."""
         if self.observer is not None:
-            with self.lock:
-                running, waiting = self.scheduler.num_running, self.scheduler.num_waiting
-                reserved = self.scheduler.reserved_kv_tokens
-            self.observer.serving_load(running, waiting, min(1.0, reserved / self._kv_budget))
+            scheduler = self.scheduler
+            kv_usage = min(1.0, scheduler.reserved_kv_tokens / self._kv_budget)
+            self.observer.serving_load(scheduler.num_running, scheduler.num_waiting, kv_usage)
 
     def _finished(self, sequence: Sequence, reason: str, now: float) -> None:
         if self.observer is not None:
