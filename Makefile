@@ -19,11 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python scripts/install_helm.py $(BIN)/helm
 	touch $@
 
-# The main job: the tiny MoEDeployment on this machine under the operator's policy loop (live
-# table; report out/run.json + out/run.png), then a placement for a real expert-load trace.
+# The main job: the tiny MoEDeployment on this machine, serving its workload's requests under
+# the operator's policy loop (live table; report out/run.json + out/run.png; its endpoint on
+# port 8000 while it runs), then a placement for a real expert-load trace.
 demo: setup
 	mkdir -p out
-	$(BIN)/moe-eplb run examples/tiny.yaml --duration 90 --report out/run.json --check-outputs
+	$(BIN)/moe-eplb run examples/tiny.yaml --port 8000 --report out/run.json --check-outputs
 	$(BIN)/moe-eplb plan --loads examples/loads/qwen2_57b_a14b_sharegpt.json \
 		--gpus 8 --slots 72 --policy deepseek
 	$(BIN)/moe-eplb plan --loads examples/loads/qwen2_57b_a14b_sharegpt.json \

@@ -1,14 +1,22 @@
 """Serving benchmark: `moe-eplb serve` against transformers' own batched generation.
 
-A tiny random Qwen3-MoE checkpoint (saved by transformers, byte-level tokenizer beside it) is
-served by `moe-eplb serve` (its own process, EPLB on); a load generator keeps C streamed
-completion requests in flight (prompt of --prompt-tokens ids, --output-tokens generated,
-end of sequence ignored) and measures requests/s, output tokens/s, time to first token (TTFT)
-and inter-token latency (ITL) p50/p99. In the same run, transformers' `generate` on the same
-model and machine serves the same requests in static batches of C (its TTFT: the batch's first
-step; its ITL: the gaps between the batch's steps). One JSON line per (system, concurrency).
+A random Qwen3-MoE checkpoint (saved by transformers, byte-level tokenizer beside it) is served
+by `moe-eplb serve` (its own process, EPLB on) and driven by the project's load generator
+(`moe_operator.loadgen`: a closed loop of C clients, each sending its next streamed completion
+when the last one ends; prompts of --prompt-words words, --output-tokens generated, end of
+sequence ignored). In the same run, transformers' `generate` on the same weights, machine and
+dtype serves the same requests (the same prompts, tokenized by the same tokenizer, left-padded)
+in static batches of C. Both are summarized by `moe_operator.loadgen.stats.summarize`:
+requests/s, output tokens/s, time to first token (TTFT), inter-token latency (ITL) and end to
+end p50/p90/p99 (transformers: a request's TTFT is its batch's first step, its ITL the gaps
+between the batch's steps). One JSON line per (system, concurrency); serve's lines carry the
+ratios serve / transformers.
 
-    python bench/serve.py [--ep-size 1] [--concurrency 1 8 32] [--out bench/results/x.jsonl]
+Shapes: ``tiny`` (CPU-friendly) and ``qwen3-30b-a3b`` (Qwen3-30B-A3B's layer shape: hidden 2048,
+32 query / 4 KV heads of 128, 128 experts, top-8, expert FFN 768; --layers of them).
+
+    python bench/serve.py [--shape tiny] [--device cpu] [--concurrency 1 8 32] [--out x.jsonl]
+    python bench/serve.py --shape qwen3-30b-a3b --device cuda --concurrency 1 8 32 64
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import re
@@ -25,220 +34,225 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
+import yaml
+
+from moe_operator.loadgen.runner import run_traffic
+from moe_operator.loadgen.stats import RequestRecord, summarize
+from moe_operator.loadgen.traffic import TrafficPlan
+from moe_worker.config import TrafficConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPE = {
-    "vocab_size": 320,
-    "hidden_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 16,
-    "num_experts": 16,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 64,
-    "intermediate_size": 256,
-    "max_position_embeddings": 1024,
-    "norm_topk_prob": True,
-    "tie_word_embeddings": False,
-    "bos_token_id": 256,
-    "eos_token_id": 257,
+
+SERVE = "moe-eplb serve"
+TRANSFORMERS = "transformers generate (static batches)"
+BYTE_VOCAB = {"vocab_size": 320, "bos_token_id": 256, "eos_token_id": 257}
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        **BYTE_VOCAB,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 16,
+        "num_experts": 16,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "intermediate_size": 256,
+        "max_position_embeddings": 1024,
+        "norm_topk_prob": True,
+        "tie_word_embeddings": False,
+    },
+    # Qwen3-30B-A3B's decoder layer (every layer MoE); layers from --layers, a byte-level vocab.
+    "qwen3-30b-a3b": {
+        **BYTE_VOCAB,
+        "hidden_size": 2048,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "intermediate_size": 6144,
+        "max_position_embeddings": 4096,
+        "rope_theta": 1_000_000.0,
+        "rms_norm_eps": 1e-6,
+        "norm_topk_prob": True,
+        "tie_word_embeddings": False,
+    },
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def make_checkpoint(directory: Path) -> Path:
-    """A random Qwen3-MoE of SHAPE, saved by transformers, with a byte-level tokenizer."""
+def make_checkpoint(directory: Path, shape: dict[str, Any], dtype: str, device: str) -> Path:
+    """A random Qwen3-MoE of ``shape``, saved by transformers in ``dtype``, with a byte-level
+    tokenizer (weights drawn on ``device``: a GPU draws Qwen3-sized layers in seconds)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moe_worker.model.tokenizer import byte_level_tokenizer
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **SHAPE))
+    config = AutoConfig.for_model("qwen3_moe", **shape)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     model.save_pretrained(directory)
     byte_level_tokenizer().save_pretrained(directory)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return directory
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+def traffic(
+    concurrency: int, requests: int, prompt_words: int, output_tokens: int, seed: int
+) -> TrafficConfig:
+    """A closed loop of ``concurrency`` clients sending ``requests`` fixed-length requests."""
+    return TrafficConfig.model_validate(
+        {
+            "durationS": 24 * 3600.0,  # ended by maxRequests
+            "maxRequests": requests,
+            "concurrency": concurrency,
+            "promptWords": {"mean": prompt_words, "kind": "fixed"},
+            "outputTokens": {"mean": output_tokens, "kind": "fixed"},
+            "ignoreEos": True,
+            "seed": seed,
+        }
+    )
 
 
-def summary(
-    system: str,
-    concurrency: int,
-    requests: int,
-    seconds: float,
-    tokens: int,
-    ttft: list[float],
-    itl: list[float],
-) -> dict[str, Any]:
-    return {
-        "bench": "serve",
-        "system": system,
-        "concurrency": concurrency,
-        "requests": requests,
-        "seconds": round(seconds, 3),
-        "requests_per_s": round(requests / seconds, 3),
-        "output_tokens_per_s": round(tokens / seconds, 1),
-        "ttft_p50_ms": round(1000 * percentile(ttft, 50), 2),
-        "ttft_p99_ms": round(1000 * percentile(ttft, 99), 2),
-        "itl_p50_ms": round(1000 * percentile(itl, 50), 2),
-        "itl_p99_ms": round(1000 * percentile(itl, 99), 2),
-    }
+def request_count(concurrency: int, minimum: int, rounds: int) -> int:
+    """At least ``minimum`` and ``rounds`` per client, in whole static batches of
+    ``concurrency``."""
+    return concurrency * math.ceil(max(minimum, rounds * concurrency) / concurrency)
 
 
-def prompts(count: int, length: int, seed: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (length,), generator=generator).tolist() for _ in range(count)]
-
-
-async def one_request(
-    client: httpx.AsyncClient,
-    url: str,
-    prompt: list[int],
-    output: int,
-    ttft: list[float],
-    itl: list[float],
-) -> int:
-    body = {
-        "prompt": prompt,
-        "max_tokens": output,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "return_token_ids": True,
-    }
-    started = time.perf_counter()
-    last = None
-    tokens = 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ids = sum((c.get("token_ids") or [] for c in json.loads(line[6:])["choices"]), [])
-            if not ids:
-                continue
-            now = time.perf_counter()
-            if last is None:
-                ttft.append(now - started)
-            else:
-                itl.append((now - last) / len(ids))
-            last = now
-            tokens += len(ids)
-    return tokens
-
-
-async def load(
-    url: str, concurrency: int, requests: int, prompt_tokens: int, output_tokens: int
-) -> dict[str, Any]:
-    """``requests`` requests, ``concurrency`` in flight at any time."""
-    queue = prompts(requests, prompt_tokens, seed=concurrency)
-    ttft: list[float] = []
-    itl: list[float] = []
-    total = [0]
-
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        while queue:
-            prompt = queue.pop()
-            tokens = await one_request(client, url, prompt, output_tokens, ttft, itl)
-            total[0] += tokens  # after the await: a += across it would lose other tasks' counts
-
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
-    return summary("moe-eplb serve", concurrency, requests, seconds, total[0], ttft, itl)
+def serve_load(url: str, config: TrafficConfig) -> dict[str, Any]:
+    result = asyncio.run(run_traffic(url, config))
+    failed = [r for r in result.records if r.error is not None]
+    if failed:
+        print(
+            f"{len(failed)} requests failed, e.g. {failed[0].error}: {failed[0].detail}",
+            file=sys.stderr,
+        )
+    return result.summary()
 
 
 def transformers_batched(
-    model_dir: Path, concurrency: int, requests: int, prompt_tokens: int, output_tokens: int
+    model: Any, tokenizer: Any, config: TrafficConfig, device: torch.device
 ) -> dict[str, Any]:
-    """The same requests through transformers' generate in static batches of ``concurrency``."""
-    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+    """``config``'s requests (same prompts as the load generator sends) through transformers'
+    generate in static batches of ``config.concurrency``, summarized like the load generator's
+    records: every request of a batch is sent at the batch's start, has its first token at the
+    batch's first step and its next tokens at the batch's next steps."""
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    config = model.generation_config
-    config.eos_token_id = [1 << 30]  # ignore end of sequence, as the served requests do
-    config.pad_token_id = 0
-    config.do_sample = False
-    config.max_new_tokens = output_tokens
+    assert config.concurrency is not None and config.max_requests is not None
+    plan = TrafficPlan(config)
+    planned = [plan.request(index, 0.0) for index in range(config.max_requests)]
+    prompts = [[int(t) for t in tokenizer.encode(p.prompt)] for p in planned]
+    pad = int(tokenizer.eos_token_id)
 
     class StepClock(LogitsProcessor):
         def __init__(self) -> None:
             self.times: list[float] = []
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             self.times.append(time.perf_counter())
             return scores
 
-    batch_prompts = prompts(requests, prompt_tokens, seed=concurrency)
-    ttft: list[float] = []
-    itl: list[float] = []
-    started = time.perf_counter()
-    for first in range(0, requests, concurrency):
-        batch = torch.tensor(batch_prompts[first : first + concurrency])
-        clock = StepClock()
-        batch_start = time.perf_counter()
+    def batch_tensors(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(ids) for ids in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        return ids, mask
+
+    def generate(batch: list[list[int]], clock: StepClock | None, tokens: int) -> torch.Tensor:
+        ids, mask = batch_tensors(batch)
+        processors = LogitsProcessorList([clock] if clock is not None else [])
+        generation = GenerationConfig(
+            do_sample=False,
+            eos_token_id=[1 << 30],  # ignore end of sequence, as the served requests do
+            pad_token_id=pad,
+            max_new_tokens=tokens,
+        )
         with torch.no_grad():
-            model.generate(
-                batch,
-                attention_mask=torch.ones_like(batch),
-                generation_config=config,
-                logits_processor=LogitsProcessorList([clock]),
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                generation_config=generation,
+                logits_processor=processors,
             )
-        ttft += [clock.times[0] - batch_start] * len(batch)
-        itl += [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)] * len(batch)
-    seconds = time.perf_counter() - started
-    return summary(
-        "transformers generate (static batches)",
-        concurrency,
-        requests,
-        seconds,
-        requests * output_tokens,
-        ttft,
-        itl,
-    )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    generate(prompts[: config.concurrency], None, 8)  # warm up this batch size
+    records: list[RequestRecord] = []
+    padded = 0
+    start = time.perf_counter()
+    for first in range(0, len(prompts), config.concurrency):
+        batch = prompts[first : first + config.concurrency]
+        padded += len(batch) * max(len(p) for p in batch)
+        clock = StepClock()
+        sent = time.perf_counter() - start
+        out = generate(batch, clock, planned[0].max_tokens)
+        finished = time.perf_counter() - start
+        steps = [t - start for t in clock.times]
+        gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+        new_tokens = out.shape[1] - max(len(p) for p in batch)
+        for offset, prompt in enumerate(batch):
+            records.append(
+                RequestRecord(
+                    index=first + offset,
+                    topic=planned[first + offset].topic,
+                    sent_at=sent,
+                    first_token_at=steps[0],
+                    finished_at=finished,
+                    chunk_gaps=list(gaps),
+                    output_tokens=new_tokens,
+                    prompt_tokens=len(prompt),
+                    finish_reason="length",
+                )
+            )
+    elapsed = time.perf_counter() - start
+    return {**summarize(records, elapsed), "padded_prompt_tokens": padded}
 
 
 class Server:
-    def __init__(self, model_dir: Path, ep_size: int) -> None:
+    """`moe-eplb serve MODEL_DIR` as a subprocess (``python -m moe_operator.cli serve``)."""
+
+    def __init__(
+        self, model_dir: Path, ep_size: int, device: str, config_file: Path, timeout_s: float
+    ) -> None:
         paths = [str(ROOT / "operator"), str(ROOT / "worker"), os.environ.get("PYTHONPATH", "")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        env.setdefault("COLUMNS", "400")  # rich wraps console lines at 80 columns otherwise
+        command = [
+            sys.executable, "-m", "moe_operator.cli", "serve", str(model_dir),
+            "--ep-size", str(ep_size), "--port", "0", "--device", device,
+            "--config", str(config_file),
+        ]  # fmt: skip
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "moe_operator.cli",
-                "serve",
-                str(model_dir),
-                "--ep-size",
-                str(ep_size),
-                "--port",
-                "0",
-                "--device",
-                "cpu",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.url = ""
+        self.logs: Path | None = None
+        self.output: deque[str] = deque(maxlen=40)
         ready = threading.Event()
 
         def read() -> None:
             assert self.process.stdout is not None
             for line in self.process.stdout:
+                self.output.append(line.rstrip())
+                if (logs := re.search(r"logs in (\S+?)\)", line)) is not None:
+                    self.logs = Path(logs.group(1))
                 match = re.search(r"serving \S+ at (http://\S+)/v1", line)
                 if match:
                     self.url = match.group(1)
@@ -246,65 +260,159 @@ class Server:
             ready.set()
 
         threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(300) or not self.url:
+        if not ready.wait(timeout_s) or not self.url:
+            self.dump()
             self.stop()
-            raise SystemExit("moe-eplb serve did not start")
+            raise SystemExit(f"{SERVE} did not start")
+
+    def dump(self) -> None:
+        """The server's last lines and its ranks' log tails, on stderr (for failed runs)."""
+        print("\n".join(["--- serve output:", *self.output]), file=sys.stderr)
+        for log in sorted(self.logs.glob("rank-*.log")) if self.logs else []:
+            tail = log.read_text(errors="replace").splitlines()[-30:]
+            print("\n".join([f"--- {log}:", *tail]), file=sys.stderr)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        self.process.wait(timeout=60)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def machine_facts(device: str) -> dict[str, Any]:
+    import transformers
+
+    facts: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.system()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if device == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["cuda"] = torch.version.cuda
+    return facts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--layers", type=int, default=4, help="Decoder layers (every one MoE).")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="Default: bfloat16 on cuda, else fp32.",
+    )
     parser.add_argument("--ep-size", type=int, default=1)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=16,
+        help="Requests per concurrency at least (and --rounds per client, whole batches of C).",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="Requests per client at least.")
+    parser.add_argument("--prompt-words", type=int, default=8)
     parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048, help="serving budget/step.")
+    parser.add_argument("--machine", default=None, help="A name for the machine (e.g. h200).")
     parser.add_argument("--out", type=Path, default=None, help="Append the JSON lines here.")
     args = parser.parse_args()
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}"
-    lines = []
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    shape = {**SHAPES[args.shape], "num_hidden_layers": args.layers}
+    running = max(64, *args.concurrency)
+    serving = {
+        "maxRunningRequests": running,
+        "maxBatchTokens": max(args.max_batch_tokens, running),
+        "maxWaitingRequests": max(256, 2 * running),
+    }
+    worker_config = {"model": {"dtype": dtype}, "serving": serving}
+    common = {
+        "bench": "serve",
+        "shape": args.shape,
+        "layers": args.layers,
+        "device": args.device,
+        "dtype": dtype,
+        "prompt_words": args.prompt_words,
+        "output_tokens_per_request": args.output_tokens,
+        **({"machine_name": args.machine} if args.machine else {}),
+        **machine_facts(args.device),
+    }
+    plans = {c: request_count(c, args.requests, args.rounds) for c in args.concurrency}
+
+    def closed_loop(concurrency: int, requests: int) -> TrafficConfig:
+        """The measured requests at ``concurrency`` (the same for both systems)."""
+        return traffic(concurrency, requests, args.prompt_words, args.output_tokens, concurrency)
+
+    lines: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_checkpoint(Path(tmp) / "qwen3-moe-tiny")
-        server = Server(model_dir, args.ep_size)
+        model_dir = make_checkpoint(
+            Path(tmp) / f"qwen3-moe-{args.shape}", shape, dtype, args.device
+        )
+        config_file = Path(tmp) / "worker.yaml"
+        config_file.write_text(yaml.safe_dump(worker_config))
+        started = time.perf_counter()
+        server = Server(model_dir, args.ep_size, args.device, config_file, timeout_s=600)
+        print(f"{SERVE} ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         try:
-            # warm up: the first requests compile and allocate
-            asyncio.run(load(server.url, 2, 4, args.prompt_tokens, 4))
+            # warm up: the first steps of each batch size compile (Triton) and allocate
             for concurrency in args.concurrency:
-                requests = max(2 * concurrency, 16)
-                ours = asyncio.run(
-                    load(server.url, concurrency, requests, args.prompt_tokens, args.output_tokens)
-                )
-                ours["ep_size"] = args.ep_size
-                lines.append(ours)
+                warm = traffic(concurrency, concurrency, args.prompt_words, 8, 1000 + concurrency)
+                serve_load(server.url, warm)
+            for concurrency, requests in plans.items():
+                summary = serve_load(server.url, closed_loop(concurrency, requests))
+                lines.append({**common, "system": SERVE, "concurrency": concurrency, **summary})
+                lines[-1].update({"ep_size": args.ep_size, "serving": serving})
+                print(json.dumps(lines[-1]), file=sys.stderr, flush=True)
+        except BaseException:
+            server.dump()
+            raise
         finally:
             server.stop()
-        for concurrency in args.concurrency:
-            requests = max(2 * concurrency, 16)
-            lines.append(
-                transformers_batched(
-                    model_dir, concurrency, requests, args.prompt_tokens, args.output_tokens
-                )
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = torch.device(args.device)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        model = model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        implementations = {
+            "attention": model.config._attn_implementation,
+            "experts": getattr(model.config, "_experts_implementation", None),
+        }
+        for concurrency, requests in plans.items():
+            summary = transformers_batched(
+                model, tokenizer, closed_loop(concurrency, requests), device
             )
+            lines.append({**common, "system": TRANSFORMERS, "concurrency": concurrency, **summary})
+            lines[-1]["transformers_implementations"] = implementations
+            print(json.dumps(lines[-1]), file=sys.stderr, flush=True)
+
     by_key = {(line["system"], line["concurrency"]): line for line in lines}
     for line in lines:
-        line.update(
-            {
-                "machine": machine,
-                "torch": torch.__version__,
-                "prompt_tokens": args.prompt_tokens,
-                "output_tokens": args.output_tokens,
+        base = by_key.get((TRANSFORMERS, line["concurrency"]))
+        if line["system"] == SERVE and base is not None:
+            line["vs_transformers"] = {
+                key: round(line[key] / base[key], 3) if line[key] and base[key] else None
+                for key in (
+                    "requests_per_s",
+                    "output_tokens_per_s",
+                    "ttft_p50_ms",
+                    "ttft_p99_ms",
+                    "itl_p50_ms",
+                    "itl_p99_ms",
+                )
             }
-        )
-        if line["system"] == "moe-eplb serve":
-            base = by_key[("transformers generate (static batches)", line["concurrency"])]
-            line["tokens_per_s_vs_transformers"] = round(
-                line["output_tokens_per_s"] / base["output_tokens_per_s"], 3
-            )
         text = json.dumps(line)
         print(text, flush=True)
         if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
             with args.out.open("a") as handle:
                 handle.write(text + "\n")
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,30 @@ class LocalPods:
 
     def ready_pods(self) -> int:
         return sum(self.pod_ready(o) for o in sorted(self.pods))
+
+    def pod_standby(self, ordinal: int) -> bool:
+        """Every rank of the pod waits on standby to join (alive, registered, not ready)."""
+        if not self.config or ordinal not in self.pods:
+            return False
+        for local in range(self.gpus_per_pod):
+            url = f"http://{pod_address(ordinal)}:{self.config['metrics']['port'] + local}/readyz"
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    return False  # 200: ready, not standby
+            except urllib.error.HTTPError as error:
+                if json.loads(error.read()).get("status") != "standby":
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def up(self) -> bool:
+        """Every pod of the StatefulSet is ready or on standby (what a scale-up waits for)."""
+        sts = self.cluster.get("apps/v1", "statefulsets", self.namespace, self.name)
+        if not sts:
+            return False
+        ordinals = range(int(sts["spec"]["replicas"]))
+        return all(self.pod_ready(o) or self.pod_standby(o) for o in ordinals)
 
     async def _write_status(self, kube: KubeClient) -> None:
         sts = self.cluster.get("apps/v1", "statefulsets", self.namespace, self.name)

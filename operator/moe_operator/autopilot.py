@@ -30,6 +30,7 @@ from .resize import Observed as ResizeObserved
 from .resize import (
     begin,
     pods_for,
+    pods_up,
     progress_from_status,
     progress_to_status,
     serving_ep_size,
@@ -173,8 +174,9 @@ async def resize_round(
         progress = begin(serving, target, now)
         event = ("Normal", "Resizing", f"live resize of EP {serving} -> {target} started")
     sts = await kube.get("apps/v1", "StatefulSet", meta.namespace, meta.name) or {}
-    ready = int((sts.get("status") or {}).get("readyReplicas") or 0)
     gpus = spec.parallelism.gpus_per_pod
+    ready_replicas = int((sts.get("status") or {}).get("readyReplicas") or 0)
+    ready = pods_up(ready_replicas, list((state or {}).get("standbyRanks") or []), gpus)
     action, progress = resize_step(
         progress, ResizeObserved(ready, serving), gpus, now, phase_timeout_s
     )

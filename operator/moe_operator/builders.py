@@ -73,7 +73,15 @@ def worker_config(deployment: MoEDeployment) -> dict[str, Any]:
         "device": "cuda",
         "model": spec.model.model_dump(by_alias=True, exclude_none=True),
         "eplb": eplb,
-        "workload": spec.workload.model_dump(by_alias=True, exclude_none=True),
+        "serving": {
+            **spec.serving.model_dump(by_alias=True, exclude_none=True),
+            "enabled": spec.simulator is None,
+        },
+        **(
+            {}
+            if spec.simulator is None
+            else {"workload": spec.simulator.model_dump(by_alias=True, exclude_none=True)}
+        ),
         "metrics": {"port": spec.metrics.port, "perExpert": spec.metrics.per_expert},
         "control": {"port": spec.metrics.port - 10, "tokenFile": f"{TOKEN_DIR}/token"},
     }

@@ -278,7 +278,15 @@ def render(
 @app.command("run")
 def run_local(
     file: Path = typer.Argument(..., help="A MoEDeployment YAML file."),
-    duration: float = typer.Option(120.0, "--duration", help="Seconds to run (Ctrl-C stops)."),
+    duration: float | None = typer.Option(
+        None,
+        "--duration",
+        help="Seconds to run (Ctrl-C stops); default: the workload's durationS + 30 "
+        "(start-up), or 120 for the simulator.",
+    ),
+    port: int = typer.Option(
+        0, "--port", help="Port of the deployment's endpoint (its /v1 API; 0: a free one)."
+    ),
     report: Path = typer.Option(
         Path("out/run.json"), "--report", help="JSON timeline; the PNG plot goes beside it."
     ),
@@ -293,7 +301,8 @@ def run_local(
     check_outputs: bool = typer.Option(
         False,
         "--check-outputs",
-        help="Every rank compares each step's output with a dense reference (slower).",
+        help="Check answers: greedy check requests through the endpoint, compared at the end "
+        "with the whole model in one process (the simulator: every step's output).",
     ),
 ) -> None:
     """Run FILE on this machine: ranks as local processes, the operator's policy loop."""
@@ -302,17 +311,24 @@ def run_local(
     from moe_operator.runtime.local import LocalGpuError, choose_device, visible_gpus
     from moe_operator.runtime.local import run as run_deployment
 
-    if duration <= 0:
+    if duration is not None and duration <= 0:
         fail("--duration: must be > 0 seconds")
+    if not 0 <= port < 65536:
+        fail(f"--port: must be between 0 and 65535, not {port}")
     if device not in ("cpu", "cuda", "auto"):
         fail(f"--device: must be cpu, cuda or auto, not {device!r}")
     deployment = load_deployment(file)
+    if duration is None:
+        serving = deployment.spec.simulator is None
+        duration = deployment.spec.workload.duration_s + 30.0 if serving else 120.0
     if device == "auto":
         device, why = choose_device(device, deployment, visible_gpus())
         console.print(f"device: {why}")
     try:
         timeline = asyncio.run(
-            run_deployment(deployment, duration, report, prometheus, device, True, check_outputs)
+            run_deployment(
+                deployment, duration, report, prometheus, device, True, check_outputs, port
+            )
         )
     except LocalGpuError as exc:
         fail(str(exc))
@@ -322,11 +338,25 @@ def run_local(
         f"{len(timeline.points)} snapshots, {remaps} remaps, {resizes} resizes, "
         f"{timeline.restarts} pod restarts; wrote {report} and {report.with_suffix('.png')}"
     )
+    traffic = timeline.traffic
+    if traffic is not None:
+        console.print(
+            f"requests: {traffic['requests_completed']} done, {traffic['requests_failed']} "
+            f"failed; {traffic['requests_per_s']:.1f} requests/s, "
+            f"{traffic['output_tokens_per_s']:.0f} output tokens/s; TTFT p50/p99 "
+            f"{traffic.get('ttft_p50_ms')}/{traffic.get('ttft_p99_ms')} ms"
+        )
     if check_outputs:
-        checked = sum(r.get("outputsChecked", 0) for r in timeline.rank_summaries)
-        wrong = sum(r.get("outputMismatches", 0) for r in timeline.rank_summaries)
-        console.print(f"outputs checked against the dense reference: {checked}, {wrong} differ")
-        if wrong:
+        if timeline.checks is not None:  # serving: check requests vs the reference
+            checked = timeline.checks["checked"]
+            wrong = len(timeline.checks["mismatches"]) + len(timeline.checks["errors"])
+            what = "answers checked against the single-process reference"
+        else:  # the simulator: every step's output vs the dense reference
+            checked = sum(r.get("outputsChecked", 0) for r in timeline.rank_summaries)
+            wrong = sum(r.get("outputMismatches", 0) for r in timeline.rank_summaries)
+            what = "outputs checked against the dense reference"
+        console.print(f"{what}: {checked}, {wrong} differ or failed")
+        if wrong or not checked:
             raise typer.Exit(code=1)
 
 

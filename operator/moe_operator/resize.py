@@ -1,7 +1,8 @@
 """The live-resize protocol between the pods and the leader's control API. Pure.
 
-Scale up: raise the pods to the target, wait until the new pods are ready (a joining rank
-reports ready while it waits on standby), then ask the leader to resize; done when the leader
+Scale up: raise the pods to the target, wait until the new pods are up (ready, or on standby:
+a joining rank is not ready, since it admits no requests, but the leader lists it among its
+``standbyRanks``), then ask the leader to resize; done when the leader
 serves at the target. Scale down: ask the leader first (retiring ranks hand their experts away
 and exit), and lower the pods once the leader serves at the target.
 
@@ -38,8 +39,8 @@ class ResizeProgress:
 
 @dataclass(frozen=True)
 class Observed:
-    """``ready_pods``: pods answering ready (standby included); ``leader_ep_size``: the EP
-    size the leader reports serving (None when unreachable)."""
+    """``ready_pods``: pods that are up (ready, or every rank on standby; see ``pods_up``);
+    ``leader_ep_size``: the EP size the leader reports serving (None when unreachable)."""
 
     ready_pods: int
     leader_ep_size: int | None
@@ -47,6 +48,20 @@ class Observed:
 
 def pods_for(ep_size: int, gpus_per_pod: int) -> int:
     return -(-ep_size // gpus_per_pod)
+
+
+def pods_up(ready_pods: int, standby_ranks: list[int], gpus_per_pod: int) -> int:
+    """Pods up for a resize: the ``ready_pods`` (admitting) plus the pods whose every rank is
+    among the leader's ``standby_ranks`` (registered to join; not ready, as they admit no
+    requests yet)."""
+    standby = set(standby_ranks)
+    ordinals = {rank // gpus_per_pod for rank in standby}
+    whole = [
+        pod
+        for pod in ordinals
+        if all(pod * gpus_per_pod + local in standby for local in range(gpus_per_pod))
+    ]
+    return ready_pods + len(whole)
 
 
 def begin(from_ep_size: int, to_ep_size: int, now: float) -> ResizeProgress:

@@ -40,6 +40,16 @@ def manual_rebalances(text: str) -> float:
     return 0.0
 
 
+# The pods run the routing simulator here: skewed, drifting expert load at a steady pace.
+SIMULATOR = {
+    "kind": "drift",
+    "tokensPerStep": 64,
+    "driftPeriod": 2400,
+    "offeredTokensPerStep": 128,
+    "stepsPerSecond": 20,
+}
+
+
 def has_data(base: str, expr: str) -> bool:
     try:
         return bool(query(base, for_prometheus(expr).replace("[1h]", "[5m]")))
@@ -52,6 +62,7 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     document["metadata"]["namespace"] = "default"
     spec = document["spec"]
+    spec["simulator"] = dict(SIMULATOR)  # routing simulator load (benchmark mode)
     spec["parallelism"] = {"expertParallelSize": 2, "gpusPerPod": 2}  # one pod, two ranks
     spec["elastic"] = {"enabled": False}
     spec["eplb"].update({"stepInterval": 1000000, "windowSize": 20})  # no periodic rebalance
@@ -179,7 +190,7 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
         "tokensPerRankLow": 0,
         "tokensPerRankHigh": 1e12,
     }
-    spec["workload"].update(stepsPerSecond=25)
+    spec["simulator"] = {**SIMULATOR, "stepsPerSecond": 25}
     spec["metrics"] = {"port": free_port() + 10}  # control port = port - 10
     api = f"{GROUP}/{VERSION}"
     async with running_cluster(tmp_path) as (cluster, kubeconfig):
@@ -217,7 +228,7 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
             operator.kill()
             interrupted = status().get("resize")
             assert interrupted and interrupted["phase"] == "pods-up", interrupted
-            await eventually(pods.ready, 120, "the new pods ready on standby")
+            await eventually(pods.up, 120, "the new pods up, on standby")
             assert status().get("expertParallelSize") == 2
             await operator.start()
             await eventually(

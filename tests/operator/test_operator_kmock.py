@@ -387,7 +387,7 @@ async def test_admission_webhook_rejects_with_the_field_named(world: World) -> N
         assert answer["allowed"] is False
         assert "spec.elastic.minExpertParallelSize" in answer["status"]["message"]
         changed = copy.deepcopy(good)
-        changed["spec"]["model"]["numExperts"] = 16
+        changed["spec"]["model"]["numExperts"] = 32
         async with http.post(url, json=_review("UPDATE", changed, good)) as response:
             answer = (await response.json())["response"]
         assert answer["allowed"] is False

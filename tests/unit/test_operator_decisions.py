@@ -119,7 +119,7 @@ def test_every_elastic_size_must_hold_all_experts() -> None:
     found = problems(document)
     assert found == [
         "spec.elastic.minExpertParallelSize: at EP size 1 the 4 slots per rank hold 4 "
-        "experts, fewer than model.numExperts = 8"
+        "experts, fewer than model.numExperts = 16"
     ]
     document["spec"]["parallelism"]["gpusPerPod"] = 4
     document["spec"]["elastic"]["maxExpertParallelSize"] = 4

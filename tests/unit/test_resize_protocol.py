@@ -14,6 +14,7 @@ from moe_operator.resize import (
     begin,
     desired_pods,
     pods_for,
+    pods_up,
     progress_from_status,
     progress_to_status,
     serving_ep_size,
@@ -100,3 +101,11 @@ def test_desired_pods_keeps_serving_ranks_until_a_scale_down_has_passed_its_requ
     document["spec"]["elastic"] = {"enabled": False}
     fixed = MoEDeployment.model_validate(document).spec
     assert desired_pods(fixed, {"expertParallelSize": 4}) == 2, "without elastic: the spec's"
+
+
+def test_pods_up_counts_whole_standby_pods_beside_the_ready_ones() -> None:
+    # two ready pods of 2 GPUs serve ranks 0-3; pod 2 (ranks 4, 5) is on standby whole,
+    # pod 3 has only rank 6 registered so far
+    assert pods_up(2, [4, 5, 6], gpus_per_pod=2) == 3
+    assert pods_up(2, [], gpus_per_pod=2) == 2
+    assert pods_up(1, [1, 2], gpus_per_pod=1) == 3

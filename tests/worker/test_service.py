@@ -191,14 +191,22 @@ def test_metrics_health_and_readiness() -> None:
         assert get(f"{base}/healthz") == (200, "application/json", b'{"status": "alive"}\n')
         assert http("GET", f"{base}/readyz") == (
             503,
-            {"status": "not ready", "reason": "starting (group or weights not ready)"},
+            {"status": "not ready", "reason": "starting (group or weights)"},
         )
         status.ready = True
         assert http("GET", f"{base}/readyz") == (200, {"status": "ready"})
-        status.resizing = True
-        assert http("GET", f"{base}/readyz") == (503, {"status": "not ready", "reason": "resizing"})
-        status.resizing, status.ready, status.standby = False, False, True
-        assert http("GET", f"{base}/readyz") == (200, {"status": "standby"})
+        status.resizing = True  # requests queue during a resize: still admitting
+        assert http("GET", f"{base}/readyz") == (200, {"status": "ready"})
+        status.leaving = True  # left out by a scale-down: new requests go elsewhere
+        assert http("GET", f"{base}/readyz") == (
+            503,
+            {"status": "leaving", "reason": "finishing its requests"},
+        )
+        status.resizing, status.ready, status.leaving, status.standby = False, False, False, True
+        assert http("GET", f"{base}/readyz") == (
+            503,
+            {"status": "standby", "reason": "waiting to join the group"},
+        )
         assert http("POST", f"{base}/readyz") == (404, {"error": "no route POST /readyz"})
         assert http("GET", f"{base}/metrics/") == (404, {"error": "no route GET /metrics/"})
     finally:

@@ -57,7 +57,9 @@ def test_resize_and_recovery_keep_answers_equal_to_transformers(tmp_path: Path) 
         answers_equal_reference(reference, urls[:2], seed=1)
 
         ranks.start(2)  # a scale-up's new pod: it waits on standby until the resize takes it
-        ranks.wait(lambda: ranks.readyz(2) == (200, {"status": "standby"}), 120, "standby")
+        ranks.wait(lambda: ranks.readyz(2)[1].get("status") == "standby", 120, "standby")
+        assert ranks.readyz(2)[0] == 503  # it admits no request before it is in the group
+        assert ranks.state()["standbyRanks"] == [2]
         code, body = ranks.control("POST", "/v1/ep/resize", {"epSize": 3})
         assert code == 202, body
         state = ranks.wait(

@@ -238,6 +238,12 @@ class ElasticConfig(WireModel):
     join_timeout_s: float = Field(
         3600.0, gt=0, description="How long a joining rank waits to be taken into a generation."
     )
+    drain_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="A scale-down waits this long at most for the leaving ranks to finish "
+        "their requests (they admit no new ones meanwhile); what is left after it fails.",
+    )
     leader_rejoin_window_s: float = Field(
         2.0,
         ge=0,
@@ -248,14 +254,10 @@ class ElasticConfig(WireModel):
     )
 
 
-class ServingConfig(WireModel):
-    """Real inference: an OpenAI-compatible API per rank over a transformers model."""
+class ServingLimits(WireModel):
+    """The OpenAI-compatible API of every rank and its batching limits (a MoEDeployment's
+    ``spec.serving``)."""
 
-    enabled: bool = Field(
-        False,
-        description="Serve requests with the real model (else the routing simulator drives "
-        "the MoE layers, a benchmark mode).",
-    )
     port: int = Field(
         8000, ge=0, lt=65536, description="API port of rank 0 on a host; local rank r: port + r."
     )
@@ -282,13 +284,23 @@ class ServingConfig(WireModel):
     )
 
     @model_validator(mode="after")
-    def _budget_holds_the_batch(self) -> ServingConfig:
+    def _budget_holds_the_batch(self) -> ServingLimits:
         if self.max_batch_tokens < self.max_running_requests:
             raise ValueError(
                 f"maxBatchTokens ({self.max_batch_tokens}) must be >= maxRunningRequests "
                 f"({self.max_running_requests}): every running sequence decodes each step"
             )
         return self
+
+
+class ServingConfig(ServingLimits):
+    """Real inference: an OpenAI-compatible API per rank over a transformers model."""
+
+    enabled: bool = Field(
+        False,
+        description="Serve requests with the real model (else the routing simulator drives "
+        "the MoE layers, a benchmark mode).",
+    )
 
 
 class WorkerConfig(WireModel):

@@ -154,11 +154,7 @@ def serve_api(
     from moe_worker.serving.api import build_app
     from moe_worker.serving.rank_backend import EngineBackend
 
-    def ready() -> bool:
-        with status.lock:
-            return bool(status.ready and not status.resizing)
-
-    backend = EngineBackend(engine, served_model_name(config), ready)
+    backend = EngineBackend(engine, served_model_name(config), status.admitting)
     exposition = None if metrics is None else metrics.exposition
     app = build_app(backend, extra_routes=[Mount("/", app=metrics_app(exposition, status))])
     port = config.serving.port + local_rank if config.serving.port else 0

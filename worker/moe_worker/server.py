@@ -4,8 +4,11 @@ The control API (JSON, bearer token): GET /v1/state, POST /v1/eplb/rebalance (20
 while one is pending or running), POST /v1/ep/resize ``{"epSize": N}`` (202; 409 while a
 resize is pending or running, or while the joining ranks have not registered; 422 for a size
 that cannot hold every expert). Requests only set fields in ``WorkerStatus``; the step loop
-relays them to every rank so all act at the same step. A rank waiting to join a running group
-answers /readyz with 200 ``standby``: it is ready to be taken in by a resize.
+relays them to every rank so all act at the same step. /readyz is 200 while the rank admits
+requests (also during a resize or a rebalance: they queue); a rank waiting to join a running group
+answers 503 ``standby`` (it is alive and registered, and the leader's state lists it in
+``standbyRanks``), and a rank leaving in a scale-down answers 503 ``leaving`` while it finishes
+its requests, so a Service sends new requests elsewhere.
 
 Both are FastAPI apps (``metrics_app``, ``control_app``) served by uvicorn on a thread of the
 rank (``serve_metrics``, ``serve_control``). Every answer is JSON ``{"error": ...}`` on failure,
@@ -44,12 +47,15 @@ class WorkerStatus:
     lock: threading.Lock = field(default_factory=threading.Lock)
     ready: bool = False
     standby: bool = False
+    leaving: bool = False  # a scale-down leaves this rank out: it admits no new requests
     resizing: bool = False
     resize_target: int = 0  # requested EP size, 0: none
     resize_reason: str = ""
     resize: dict[str, Any] = field(default_factory=dict)  # progress of the latest resize
     # target -> (HTTP status, error) when a resize to it cannot be accepted now, else None
     resize_check: Callable[[int], tuple[int, str] | None] | None = None
+    # ranks registered to join and waiting on standby (the leader's view; None elsewhere)
+    standby_ranks: Callable[[], list[int]] | None = None
     rebalance_requested: bool = False
     rebalancing: bool = False
     stop_requested: bool = False
@@ -85,12 +91,20 @@ class WorkerStatus:
         self._wake()
         return 202, None
 
+    def admitting(self) -> bool:
+        """Whether this rank takes new requests (its readiness)."""
+        with self.lock:
+            return self.ready and not self.standby and not self.leaving
+
     def snapshot(self) -> dict[str, Any]:
+        standby_ranks = self.standby_ranks() if self.standby_ranks is not None else []
         with self.lock:
             return {
                 **self.state,
+                "standbyRanks": standby_ranks,
                 "ready": self.ready,
                 "standby": self.standby,
+                "leaving": self.leaving,
                 "resizing": self.resizing,
                 "resize": dict(self.resize),
                 "rebalancePending": self.rebalance_requested,
@@ -184,13 +198,14 @@ def metrics_app(exposition: Callable[[], bytes] | None, status: WorkerStatus) ->
     @app.get("/readyz")
     def readyz() -> Response:
         with status.lock:
-            ready, resizing, standby = status.ready, status.resizing, status.standby
+            ready, standby, leaving = status.ready, status.standby, status.leaving
         if standby:
-            return _json(200, {"status": "standby"})
-        if ready and not resizing:
+            return _json(503, {"status": "standby", "reason": "waiting to join the group"})
+        if leaving:
+            return _json(503, {"status": "leaving", "reason": "finishing its requests"})
+        if ready:
             return _json(200, {"status": "ready"})
-        reason = "resizing" if resizing else "starting (group or weights not ready)"
-        return _json(503, {"status": "not ready", "reason": reason})
+        return _json(503, {"status": "not ready", "reason": "starting (group or weights)"})
 
     return app
 

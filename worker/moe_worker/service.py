@@ -4,12 +4,19 @@ Control flags (stop, rebalance, resize target) are combined over all ranks with 
 all-reduce per step, so a request made on the leader, or a SIGTERM on any rank, acts on every
 rank at the same step. With a ``Membership`` the loop also resizes (elastic EP) and, when a
 collective fails because a peer died, recovers and repeats the step that failed.
+
+A serving group resizes without losing requests: at the step a smaller target is agreed, the
+ranks it leaves out stop admitting (readiness false), and the group keeps stepping until none of
+them has a request left (or ``elastic.drainTimeoutS`` passes); only then do they hand their
+experts over and leave. Ranks that stay keep admitting throughout; requests that arrive during
+the move wait in their queue.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +30,15 @@ from .metrics import WorkerMetrics
 from .server import WorkerStatus
 
 log = logging.getLogger("moe_worker.service")
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """The control flags as every rank sees them after one all-reduce."""
+
+    resize_target: int  # 0: none
+    any_work: bool
+    draining: bool  # a rank the pending resize leaves out still has requests
 
 
 class WorkerService:
@@ -46,16 +62,19 @@ class WorkerService:
             membership.on_phase = self._on_phase
             with status.lock:
                 status.resize_check = self._resize_check
+                status.standby_ranks = self._standby_ranks
             if membership.last_switch is not None:  # it joined a running group: say how
                 self._on_phase("committed", membership.last_switch)
         self._seen_rebalances = 0
         self._last_balancedness: list[float] = []
+        self._pending_target = 0  # a resize agreed on, waiting for leaving ranks to drain
+        self._drain_deadline = 0.0
         self._publish()
 
     def step(self) -> None:
         """One simulator step: forward, then the control flags agreed over all ranks."""
         self._timed_step()
-        target, _ = self._relay_control()
+        target = self._relay_control().resize_target
         if target and self.membership is not None and not self.stopping:
             self._resize(target)
             self._publish()
@@ -85,15 +104,24 @@ class WorkerService:
         has work, all wait (without spinning) until work arrives somewhere."""
         engine = self.engine
         rebalancing = engine.eplb is not None and engine.eplb.rebalancing
-        target, any_work = self._relay_control(engine.has_work() or rebalancing)
+        agreed = self._relay_control(engine.has_work() or rebalancing, self._draining())
         if self.stopping:
             return
+        target, any_work = agreed.resize_target, agreed.any_work
         if target and self.membership is not None:
-            if engine.ep.rank >= target:  # retiring: new requests go to the ranks that stay
-                engine.stop_accepting()
-            self._resize(target)
-            self._publish()
-            return
+            if target != self._pending_target:  # agreed this step: the leaving ranks drain
+                self._pending_target = target
+                self._drain_deadline = time.monotonic() + engine.config.elastic.drain_timeout_s
+                if engine.ep.rank >= target:  # new requests go to the ranks that stay
+                    engine.stop_accepting()
+                    with self.status.lock:
+                        self.status.leaving = True
+                any_work = True  # no idle wait: the next iteration sees the drain state
+            elif not agreed.draining:
+                self._pending_target = 0
+                self._resize(target)
+                self._publish()
+                return
         if any_work:
             self._timed_step()
             self._after_step()
@@ -116,6 +144,11 @@ class WorkerService:
             return 409, f"ranks {missing} have not registered to join yet"
         return None
 
+    def _standby_ranks(self) -> list[int]:
+        """Ranks above the group registered to join it (called by the control API)."""
+        assert self.membership is not None
+        return self.membership.rendezvous.registered(range(self.world, self.world + 64))
+
     def _resize(self, target: int) -> None:
         assert self.membership is not None
         with self.status.lock:
@@ -127,6 +160,7 @@ class WorkerService:
         with self.status.lock:
             self.status.resize_target = 0
             self.status.resizing = False
+            self.status.leaving = self.membership.retired
         self._last_balancedness = []
 
     def _on_phase(self, phase: str, topology: Topology | None) -> None:
@@ -166,9 +200,19 @@ class WorkerService:
         if self.metrics is not None:
             self.metrics.set_rebalancing(controller.rebalancing)
 
-    def _relay_control(self, has_work: bool = False) -> tuple[int, bool]:
-        """Combine the control flags (and whether this rank has work) over all ranks; returns
-        the agreed resize target (0: none) and whether any rank has work."""
+    def _draining(self) -> bool:
+        """Whether this rank is left out by the pending resize and still has requests to
+        finish (before the drain deadline)."""
+        return (
+            bool(self._pending_target)
+            and self.engine.ep.rank >= self._pending_target
+            and self.engine.has_work()
+            and time.monotonic() < self._drain_deadline
+        )
+
+    def _relay_control(self, has_work: bool = False, draining: bool = False) -> Agreed:
+        """Combine the control flags (and whether this rank has work, or requests to finish
+        before it leaves) over all ranks."""
         with self.status.lock:
             flags = torch.tensor(
                 [
@@ -176,6 +220,7 @@ class WorkerService:
                     int(self.status.rebalance_requested),
                     self.status.resize_target,
                     int(has_work),
+                    int(draining),
                 ]
             )
         if self.world > 1:
@@ -183,7 +228,7 @@ class WorkerService:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags = flags.cpu()
         stop, rebalance, target = bool(flags[0]), bool(flags[1]), int(flags[2])
-        any_work = bool(flags[3])
+        any_work, draining = bool(flags[3]), bool(flags[4])
         if rebalance and self.engine.eplb is not None:
             self.engine.eplb.request_rebalance("manual")
             with self.status.lock:
@@ -196,7 +241,7 @@ class WorkerService:
             if self.engine.eplb is not None:
                 self.engine.eplb.shutdown()  # abandon an in-flight rebalance, same step everywhere
                 self._after_rebalances()
-        return (0 if stop else target), any_work or rebalance
+        return Agreed(0 if stop else target, any_work or rebalance, draining)
 
     def _update_balancedness(self) -> None:
         controller = self.engine.eplb

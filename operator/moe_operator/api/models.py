@@ -1,7 +1,8 @@
 """The MoEDeployment API (group moe.eplb.dev, version v1alpha1): the single source of the CRD.
 
-The EPLB, model and workload sections reuse the worker's own config models, so what the CRD
-accepts is exactly what a worker can run. Cross-field rules live in ``CROSS_FIELD_RULES``: the
+The EPLB, model, serving, workload (request traffic) and simulator sections reuse the worker's
+own config models, so what the CRD accepts is exactly what a worker (or the load generator) can
+run. Cross-field rules live in ``CROSS_FIELD_RULES``: the
 same rule is checked here (pydantic) and in the API server (a CEL expression in the CRD).
 """
 
@@ -14,7 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moe_worker.config import EPLBConfig, ModelConfig, WireModel, WorkloadConfig
+from moe_worker.config import (
+    EPLBConfig,
+    ModelConfig,
+    ServingLimits,
+    TrafficConfig,
+    WireModel,
+    WorkloadConfig,
+)
 
 GROUP = "moe.eplb.dev"
 VERSION = "v1alpha1"
@@ -119,7 +127,20 @@ class MoEDeploymentSpec(ApiModel):
     )
     parallelism: ParallelismSpec
     eplb: EPLBConfig = Field(default_factory=lambda: EPLBConfig())
-    workload: WorkloadConfig = Field(default_factory=lambda: WorkloadConfig())
+    serving: ServingLimits = Field(
+        default_factory=lambda: ServingLimits(),
+        description="The OpenAI-compatible API every rank serves (Service <name>, port http).",
+    )
+    workload: TrafficConfig = Field(
+        default_factory=lambda: TrafficConfig(concurrency=4),
+        description="Request traffic that `moe-eplb run` (the local runtime) sends to the "
+        "deployment's endpoint: rate profile, lengths and a skewed, drifting prompt mix.",
+    )
+    simulator: WorkloadConfig | None = Field(
+        None,
+        description="Benchmark mode: the routing simulator drives the MoE layers instead of "
+        "requests (no API is served); unset: the ranks serve requests.",
+    )
     remap: RemapPolicy = Field(default_factory=lambda: RemapPolicy())
     elastic: ElasticPolicy = Field(default_factory=lambda: ElasticPolicy())
     metrics: MetricsSpec = Field(default_factory=lambda: MetricsSpec())
@@ -240,6 +261,13 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         "is required when model.source is checkpoint",
         "self.model.source != 'checkpoint' || has(self.checkpointVolume)",
         lambda s: s.model.source != "checkpoint" or s.checkpoint_volume is not None,
+    ),
+    CrossFieldRule(
+        "spec.workload.concurrency",
+        "is required when rateProfile is empty (closed loop)",
+        "!has(self.workload) || has(self.workload.concurrency) || "
+        "(has(self.workload.rateProfile) && size(self.workload.rateProfile) > 0)",
+        lambda s: bool(s.workload.rate_profile) or s.workload.concurrency is not None,
     ),
     CrossFieldRule(
         "spec.parallelism.expertParallelSize",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import yaml
 
 from ..api.models import MoEDeployment
@@ -37,6 +38,7 @@ from ..metrics_source import MetricsUnavailable, PrometheusSource, ScrapeSource
 from ..policy import Decision, PolicyMemory, Snapshot, decide
 from ..resize import Observed, ResizeProgress, begin, pods_for
 from ..resize import step as resize_step
+from .requests import CheckAnswers, RequestDriver, mismatches, reference_answers
 
 RESIZE_PHASE_TIMEOUT_S = 120.0
 
@@ -56,6 +58,12 @@ def free_ports(count: int) -> int:
         except OSError:
             continue
         return base
+
+
+def rank_up(code: int, readyz: Any) -> bool:
+    """Whether a rank's /readyz answer means it is up for a resize: admitting (200) or on
+    standby, registered to join (503 ``standby``)."""
+    return code == 200 or (isinstance(readyz, dict) and readyz.get("status") == "standby")
 
 
 class LocalGpuError(ValueError):
@@ -143,6 +151,10 @@ class LocalPods:
         self.device = device
         self.gpus = local_gpus(deployment, visible_gpus()) if device == "cuda" else []
         self.check_outputs = check_outputs
+        # Serving (unless the spec asks for the simulator): rank r's API on api_port + r.
+        self.serving = deployment.spec.simulator is None
+        self.most = most
+        self.api_port = free_ports(most) if self.serving else 0
         self.pods: dict[int, LocalPod] = {}
         self.restarts = 0
         self.exits: list[dict[str, Any]] = []
@@ -155,7 +167,10 @@ class LocalPods:
         config["metrics"]["port"] = self.metrics_port + ordinal * self.gpus_per_pod
         config["control"] = {"port": self.control_port, "tokenFile": str(self.workdir / "token")}
         config["steps"] = 0
-        config["checkOutputs"] = self.check_outputs
+        # The simulator's own check; a serving run checks answers through the API instead.
+        config["checkOutputs"] = self.check_outputs and not self.serving
+        if self.serving:
+            config["serving"]["port"] = self.api_port + ordinal * self.gpus_per_pod
         path = self.workdir / f"worker-{ordinal}.yaml"
         path.write_text(yaml.safe_dump(config))
         env = dict(os.environ)
@@ -220,21 +235,24 @@ class LocalPods:
         return events
 
     def ready_pods(self) -> int:
-        """Pods whose every rank answers /readyz with 200 (standby included)."""
-        import urllib.request
-
+        """Pods whose every rank is up: ready (admitting) or on standby, waiting to join."""
         count = 0
-        for ordinal in sorted(self.pods):
-            ok = True
-            for local in range(self.gpus_per_pod):
-                port = self.metrics_port + ordinal * self.gpus_per_pod + local
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                        pass
-                except OSError:
-                    ok = False
-            count += ok
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
+            for ordinal in sorted(self.pods):
+                ok = True
+                for local in range(self.gpus_per_pod):
+                    port = self.metrics_port + ordinal * self.gpus_per_pod + local
+                    try:
+                        answer = client.get(f"http://127.0.0.1:{port}/readyz")
+                        ok = ok and rank_up(answer.status_code, answer.json())
+                    except (httpx.HTTPError, ValueError):
+                        ok = False
+                count += ok
         return count
+
+    def api_urls(self) -> list[str]:
+        """The API of every rank the deployment may have (a router skips those not there)."""
+        return [f"http://127.0.0.1:{self.api_port + r}" for r in range(self.most)]
 
     def metrics_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{self.metrics_port + r}/metrics" for r in range(self.ep_size)]
@@ -298,6 +316,20 @@ async def advance_resize(
     return action, progress
 
 
+# The load generator's figures each timeline point keeps (window_summary's keys)
+TRAFFIC_POINT_KEYS = (
+    "requests_per_s",
+    "output_tokens_per_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "requests_in_flight",
+    "requests_completed_total",
+    "requests_failed_total",
+)
+
+
 @dataclass
 class Timeline:
     started: float = field(default_factory=time.time)
@@ -306,6 +338,8 @@ class Timeline:
     events: list[dict[str, Any]] = field(default_factory=list)
     restarts: int = 0
     rank_summaries: list[dict[str, Any]] = field(default_factory=list)
+    traffic: dict[str, Any] | None = None  # the load generator's summary of the whole run
+    checks: dict[str, Any] | None = None  # answers compared with the single-process reference
 
     def note(self, event: str) -> None:
         self.events.append({"t": round(time.time() - self.started, 2), "event": event})
@@ -314,21 +348,26 @@ class Timeline:
         return round(time.time() - self.started, 2)
 
     def add(
-        self, snapshot: Snapshot | None, decision: Decision, ep_size: int
+        self,
+        snapshot: Snapshot | None,
+        decision: Decision,
+        ep_size: int,
+        traffic: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Record a snapshot and, for a remap or resize, the action (returned, outcome
-        "requested" until the caller knows better)."""
+        """Record a snapshot (with the load generator's recent figures) and, for a remap or
+        resize, the action (returned, outcome "requested" until the caller knows better)."""
         t = self.now()
         if snapshot is not None:
-            self.points.append(
-                {
-                    "t": t,
-                    "ep_size": snapshot.ep_size,
-                    "balancedness": snapshot.balancedness,
-                    "rank_tokens_per_s": list(snapshot.rank_tokens_per_s),
-                    "mapping_generation": snapshot.mapping_generation,
-                }
-            )
+            point: dict[str, Any] = {
+                "t": t,
+                "ep_size": snapshot.ep_size,
+                "balancedness": snapshot.balancedness,
+                "rank_tokens_per_s": list(snapshot.rank_tokens_per_s),
+                "mapping_generation": snapshot.mapping_generation,
+            }
+            if traffic is not None:
+                point.update({key: traffic.get(key) for key in TRAFFIC_POINT_KEYS})
+            self.points.append(point)
         if decision.verb not in ("remap", "resize"):
             return None
         action: dict[str, Any] = {
@@ -385,9 +424,19 @@ def progress_line(snapshot: Snapshot | None, decision: Decision, timeline: Timel
         loads = snapshot.rank_tokens_per_s
         per_rank = sum(loads) / max(len(loads), 1)
         state = f"EP {snapshot.ep_size} balancedness {balance} tokens/s/rank {per_rank:.0f}"
+    point = timeline.points[-1] if timeline.points else {}
+    if point.get("requests_completed_total") is not None:
+        state += (
+            f"; requests/s {point['requests_per_s']:.1f} done {point['requests_completed_total']}"
+            f" failed {point['requests_failed_total']} TTFT p99 {_ms(point.get('ttft_p99_ms'))}"
+        )
     done = sum(1 for a in timeline.actions if a["outcome"] == "done")
     actions = f"actions done {done}/{len(timeline.actions)}"
     return f"t={timeline.now():.0f}s {state}; policy {decision.verb}; {actions}"
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
 
 
 def write_report(timeline: Timeline, deployment: MoEDeployment, path: Path) -> Path:
@@ -406,9 +455,14 @@ def write_report(timeline: Timeline, deployment: MoEDeployment, path: Path) -> P
         "events": timeline.events,
         "podRestarts": timeline.restarts,
         "ranks": timeline.rank_summaries,
+        "traffic": timeline.traffic,
+        "checks": timeline.checks,
     }
     path.write_text(json.dumps(report, indent=1))
-    figure, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    serving = any(p.get("requests_per_s") is not None for p in timeline.points)
+    figure, axes = plt.subplots(
+        4 if serving else 3, 1, figsize=(9, 10 if serving else 8), sharex=True
+    )
     ts = [p["t"] for p in timeline.points]
     axes[0].plot(ts, [p["balancedness"] for p in timeline.points], label="balancedness (min)")
     axes[0].axhline(report["threshold"], color="grey", linestyle="--", label="remap threshold")
@@ -420,7 +474,27 @@ def write_report(timeline: Timeline, deployment: MoEDeployment, path: Path) -> P
     axes[1].set_ylabel("tokens/s per rank")
     axes[2].step(ts, [p["ep_size"] for p in timeline.points], where="post")
     axes[2].set_ylabel("EP size")
-    axes[2].set_xlabel("seconds")
+    if serving:
+        axes[3].plot(ts, [p.get("requests_per_s") for p in timeline.points], label="requests/s")
+        axes[3].set_ylabel("requests/s (10 s)")
+        ttft = axes[3].twinx()
+        ttft.plot(
+            ts,
+            [p.get("ttft_p99_ms") for p in timeline.points],
+            color="tab:orange",
+            label="TTFT p99 (ms)",
+        )
+        ttft.set_ylabel("TTFT p99, ms")
+        failed = [p for p in timeline.points if p.get("requests_failed_total")]
+        title = (
+            f"requests: {failed[-1]['requests_failed_total']} failed"
+            if failed
+            else "no request failed"
+        )
+        axes[3].set_title(title, fontsize="small")
+        lines = axes[3].get_legend_handles_labels()[0] + ttft.get_legend_handles_labels()[0]
+        axes[3].legend(handles=lines, loc="upper left", fontsize="small")
+    axes[-1].set_xlabel("seconds")
     from matplotlib.lines import Line2D
 
     for action in timeline.actions:
@@ -459,6 +533,22 @@ def table(snapshot: Snapshot | None, decision: Decision, timeline: Timeline) -> 
         out.add_row("mapping generation", str(snapshot.mapping_generation))
         loads = " ".join(f"{x:.0f}" for x in snapshot.rank_tokens_per_s)
         out.add_row("tokens/s per rank", loads)
+    point = timeline.points[-1] if timeline.points else {}
+    if point.get("requests_completed_total") is not None:
+        out.add_row(
+            "requests done / failed / in flight",
+            f"{point['requests_completed_total']} / {point['requests_failed_total']} / "
+            f"{point['requests_in_flight']}",
+        )
+        out.add_row(
+            "requests/s, output tokens/s (10 s)",
+            f"{point['requests_per_s']:.1f}, {point['output_tokens_per_s']:.0f}",
+        )
+        out.add_row(
+            "TTFT p50 / p99, ITL p50 / p99",
+            f"{_ms(point.get('ttft_p50_ms'))} / {_ms(point.get('ttft_p99_ms'))}, "
+            f"{_ms(point.get('itl_p50_ms'))} / {_ms(point.get('itl_p99_ms'))}",
+        )
     out.add_row("policy", f"{decision.verb}: {decision.reason}")
     for action in timeline.actions[-5:]:
         finished = "" if action["finished_t"] is None else f" at t={action['finished_t']:.0f}s"
@@ -479,8 +569,15 @@ async def run(
     device: str = "cpu",
     live: bool = True,
     check_outputs: bool = False,
+    api_port: int = 0,
 ) -> Timeline:
-    """Run until ``duration`` seconds pass (or Ctrl-C); returns the timeline (also written)."""
+    """Run until ``duration`` seconds pass (or Ctrl-C); returns the timeline (also written).
+
+    A serving deployment (no ``spec.simulator``) gets one endpoint on ``api_port`` (0: a free
+    port) over its ranks' APIs, and the spec's ``workload`` traffic is sent to it from the
+    moment it serves until the duration ends; the pods stop once the requests in flight end.
+    With ``check_outputs``, check requests' greedy answers are compared with a single-process
+    reference at the end."""
     from rich.live import Live
 
     workdir = report.parent / f".{deployment.metadata.name}-run"
@@ -489,6 +586,16 @@ async def run(
         old_log.unlink()
     pods = LocalPods(deployment, workdir, device, check_outputs)
     pods.set_pods(pods_for(pods.ep_size, pods.gpus_per_pod))
+    driver = None
+    if pods.serving:
+        driver = RequestDriver(
+            pods.api_urls(),
+            f"http://127.0.0.1:{pods.control_port}",
+            deployment.spec.workload,
+            check_outputs,
+            api_port,
+        )
+    checks = None if driver is None else driver.checks
     current = deployment
     timeline = Timeline()
     memory = PolicyMemory()
@@ -525,6 +632,12 @@ async def run(
                         current = with_ep_size(current, pods.ep_size)
                         source = source_for()
                         resize = None
+                traffic = None
+                if driver is not None:
+                    started = await driver.tick(timeline.now(), pods.ep_size)
+                    if started is not None:
+                        timeline.note(started)
+                    traffic = driver.recent()
                 try:
                     snapshot = await source.snapshot()
                 except MetricsUnavailable:
@@ -532,7 +645,7 @@ async def run(
                 settle_remaps(timeline.actions, snapshot, timeline.now())
                 decision = decide(current.spec, memory, snapshot, time.time())
                 memory = decision.memory
-                recorded = timeline.add(snapshot, decision, pods.ep_size)
+                recorded = timeline.add(snapshot, decision, pods.ep_size, traffic)
                 if decision.verb == "remap" and recorded is not None:
                     try:
                         code, body = await pods.control(
@@ -551,14 +664,39 @@ async def run(
                 if not console_is_terminal and timeline.now() - last_line[0] >= 5.0:
                     last_line[0] = timeline.now()
                     print(progress_line(snapshot, decision, timeline), flush=True)
+        if driver is not None:  # the requests in flight end before the pods go
+            timeline.note("traffic stopped; waiting for the requests in flight")
+            timeline.traffic = await driver.finish()
+            driver = None
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     finally:
+        if driver is not None:
+            timeline.traffic = await driver.finish(timeout_s=10.0)
         pods.stop()
         timeline.restarts = pods.restarts
         timeline.rank_summaries = read_summaries(workdir)
+        if pods.serving and check_outputs:
+            timeline.checks = check_report(pods, workdir, checks)
         write_report(timeline, deployment, report)
     return timeline
+
+
+def check_report(pods: LocalPods, workdir: Path, checks: CheckAnswers | None) -> dict[str, Any]:
+    """The check requests' answers against the single-process reference's."""
+    if checks is None or not checks.answers:
+        return {"checked": 0, "mismatches": [], "errors": [] if checks is None else checks.errors}
+    try:
+        references = reference_answers(workdir / "worker-0.yaml", checks.prompts, workdir)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return {"checked": 0, "mismatches": [], "errors": [*checks.errors, str(exc)]}
+    wrong = mismatches(checks.answers, references)
+    return {
+        "checked": len(checks.answers),
+        "epSizes": sorted({a["epSize"] for a in checks.answers}),
+        "mismatches": wrong,
+        "errors": checks.errors,
+    }
 
 
 def read_summaries(workdir: Path) -> list[dict[str, Any]]:
