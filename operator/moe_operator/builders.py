@@ -152,6 +152,43 @@ def metrics_service(deployment: MoEDeployment, owner_uid: str | None = None) -> 
     }
 
 
+def api_ports(deployment: MoEDeployment) -> list[tuple[str, int]]:
+    """(port name, port) of each local rank's OpenAI-compatible API in a pod: ``http`` for the
+    pod's first rank, ``http-<r>`` for local rank r; none in the simulator's benchmark mode."""
+    spec = deployment.spec
+    if spec.simulator is not None:
+        return []
+    return [
+        ("http" if local == 0 else f"http-{local}", spec.serving.port + local)
+        for local in range(spec.parallelism.gpus_per_pod)
+    ]
+
+
+def inference_service(deployment: MoEDeployment, owner_uid: str | None = None) -> Manifest:
+    """Service ``<name>``: the API (port ``http``) over the pods that admit requests (ready)."""
+    name = deployment.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(deployment, name, owner_uid),
+        "spec": {
+            "selector": selector_labels(name),
+            "ports": [
+                {"name": "http", "port": deployment.spec.serving.port, "targetPort": "http"}
+            ],
+        },
+    }
+
+
+def endpoint(deployment: MoEDeployment) -> str | None:
+    """The URL of the inference Service's API (None in the simulator's benchmark mode)."""
+    if deployment.spec.simulator is not None:
+        return None
+    meta = deployment.metadata
+    namespace = meta.namespace or "default"
+    return f"http://{meta.name}.{namespace}.svc:{deployment.spec.serving.port}/v1"
+
+
 def config_hash(deployment: MoEDeployment) -> str:
     """Changes whenever the worker config or image changes: pods roll."""
     payload = json.dumps([worker_config(deployment), deployment.spec.image], sort_keys=True)
@@ -218,6 +255,7 @@ def stateful_set(
                 for i in range(gpus)
             ),
             {"name": "control", "containerPort": control_port(deployment)},
+            *({"name": n, "containerPort": port} for n, port in api_ports(deployment)),
         ],
         "resources": {
             "requests": {
@@ -306,13 +344,21 @@ def disruption_budget(deployment: MoEDeployment, owner_uid: str | None = None) -
 
 
 def network_policy(deployment: MoEDeployment, owner_uid: str | None = None) -> Manifest:
-    """Ranks talk to each other freely; only the operator reaches the control port; metrics open."""
+    """Ranks talk to each other freely; only the operator reaches the control port; metrics
+    open; the API from the namespace's pods (``spec.apiIngress: namespace``) or from anywhere
+    (``any``)."""
     name = deployment.metadata.name
     spec = deployment.spec
     metrics_ports = [
         {"protocol": "TCP", "port": spec.metrics.port + i}
         for i in range(spec.parallelism.gpus_per_pod)
     ]
+    api = [{"protocol": "TCP", "port": port} for _, port in api_ports(deployment)]
+    api_rules: list[dict[str, Any]] = []
+    if api and spec.api_ingress == "namespace":
+        api_rules.append({"from": [{"podSelector": {}}], "ports": api})
+    elif api:
+        api_rules.append({"ports": api})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -332,6 +378,7 @@ def network_policy(deployment: MoEDeployment, owner_uid: str | None = None) -> M
                     ],
                 },
                 {"ports": metrics_ports},
+                *api_rules,
             ],
         },
     }
@@ -366,6 +413,7 @@ def children(
         control_secret(deployment, token, owner_uid),
         headless_service(deployment, owner_uid),
         metrics_service(deployment, owner_uid),
+        *([inference_service(deployment, owner_uid)] if api_ports(deployment) else []),
         disruption_budget(deployment, owner_uid),
         network_policy(deployment, owner_uid),
         stateful_set(deployment, owner_uid, pods),

@@ -149,6 +149,12 @@ def crd() -> dict[str, Any]:
                             "description": "Mean/max rank load over the load window",
                         },
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {
+                            "name": "Endpoint",
+                            "type": "string",
+                            "jsonPath": ".status.endpoint",
+                            "description": "URL of the OpenAI-compatible API",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .api.models import MoEDeployment
-from .builders import children, selector_string
+from .builders import children, endpoint, selector_string
 from .drift import plan_child
 from .k8s import KubeClient, KubeError
 from .resize import desired_pods, progress_from_status, serving_ep_size
@@ -67,6 +67,7 @@ def _observed(
         sts_generation=sts_meta.get("generation"),
         problem=problem,
         resize=_resize_words(status) if deployment else None,
+        endpoint=endpoint(deployment) if deployment else None,
     )
 
 

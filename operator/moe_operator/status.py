@@ -39,6 +39,7 @@ class Observed:
     sts_generation: int | None = None
     problem: tuple[str, str] | None = None
     resize: str | None = None  # a live resize in progress, in words
+    endpoint: str | None = None  # the inference Service's URL
 
 
 def set_condition(
@@ -144,4 +145,5 @@ def compute_status(observed: Observed, previous: dict[str, Any] | None, now: str
         "expertParallelSize": observed.ep_size,
         "readyRanks": ready_ranks,
         "selector": observed.selector,
+        "endpoint": observed.endpoint,
     }

@@ -61,7 +61,7 @@ def test_scale_subresource_and_printer_columns() -> None:
         status["expertParallelSize"]["type"] == "integer" and status["selector"]["type"] == "string"
     )
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["EP", "Ready", "Balancedness", "Phase", "Age"]
+    assert columns == ["EP", "Ready", "Balancedness", "Phase", "Endpoint", "Age"]
     assert crd()["spec"]["names"]["shortNames"] == ["moed"]
 
 

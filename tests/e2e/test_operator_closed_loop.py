@@ -1,7 +1,9 @@
 """The full loop on one machine: the operator (Kopf, on the KMock emulator) creates the
-children; the StatefulSet's pods run as local processes from its pod template; a real
-Prometheus scrapes the ranks, the operator's policy reads PromQL from it and asks the leader for
-a remap, and the workers carry it out. Then live resizes and a killed rank (direct scrape)."""
+children; the StatefulSet's pods run as local processes from its pod template and serve the
+API; the load generator sends requests through the pods' API ports (as through the Service); a
+real Prometheus scrapes the ranks, the operator's policy reads PromQL from it (the load and
+balancedness of that traffic) and asks the leader for a remap, and the workers carry it out.
+Then live resizes and a killed rank (direct scrape, the routing simulator's load)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ from local_pods import LocalPods, pod_address
 from moe_operator.api import GROUP, PLURAL, VERSION
 from moe_operator.dashboards import ANNOTATION_EXPR, OPERATOR
 from moe_operator.k8s import KubeClient
+from moe_operator.loadgen.runner import run_traffic
 from moe_operator.metrics_source import promql
+from moe_worker.asgi import start_server
+from moe_worker.config import TrafficConfig
+from moe_worker.serving.router import router_app
 from operator_harness import OperatorProcess, eventually, running_operator
 from prometheus_server import for_prometheus, logged_queries, query, start_prometheus
 
@@ -62,8 +68,9 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     document["metadata"]["namespace"] = "default"
     spec = document["spec"]
-    spec["simulator"] = dict(SIMULATOR)  # routing simulator load (benchmark mode)
     spec["parallelism"] = {"expertParallelSize": 2, "gpusPerPod": 2}  # one pod, two ranks
+    api_port = free_port(consecutive=2)  # the pod's two ranks serve on api_port, api_port + 1
+    spec["serving"] = {"port": api_port, "maxBatchTokens": 128, "maxRunningRequests": 8}
     spec["elastic"] = {"enabled": False}
     spec["eplb"].update({"stepInterval": 1000000, "windowSize": 20})  # no periodic rebalance
     spec["remap"] = {
@@ -92,6 +99,7 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
             conditions = (cr().get("status") or {}).get("conditions") or []
             return next((c for c in conditions if c["type"] == "Degraded"), {})
 
+        stop_traffic = False
         try:
             async with running_operator(kubeconfig):
                 await kube.create(document)
@@ -112,13 +120,31 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                 await eventually(
                     lambda: (cr().get("status") or {}).get("phase") == "Running", what="Running"
                 )
-                # The policy reads the ranks' metrics from Prometheus and asks the leader for
-                # remaps.
-                await eventually(
-                    lambda: manual_rebalances(pods.scrape(0)) >= 1,
-                    timeout=90,
-                    what="a remap carried out by the workers",
+                assert cr()["status"]["endpoint"] == f"http://tiny.default.svc:{api_port}/v1"
+                # Requests through the pods' API (what the Service `tiny` reaches); the policy
+                # reads the ranks' metrics of that traffic from Prometheus and asks the leader
+                # for remaps.
+                ranks = [f"http://{pod_address(0)}:{api_port + r}" for r in range(2)]
+                router = start_server(router_app(ranks), 0, "127.0.0.1", "service")
+                traffic = asyncio.create_task(
+                    run_traffic(
+                        f"http://127.0.0.1:{router.port}",
+                        TrafficConfig(concurrency=4, durationS=150, topics=4, topicSkew=2.0),
+                        should_stop=lambda: stop_traffic,
+                    )
                 )
+                try:
+                    await eventually(
+                        lambda: manual_rebalances(pods.scrape(0)) >= 1,
+                        timeout=120,
+                        what="a remap carried out by the workers",
+                    )
+                finally:
+                    stop_traffic = True
+                    served = (await traffic).summary()
+                    router.shutdown()
+                assert served["requests_failed"] == 0 and served["requests_completed"] > 0
+                assert counter(pods.scrape(0), "moe_prompt_tokens") > 0  # served on rank 0
                 status = cr()["status"]
                 assert status["policy"]["lastRemapAt"] is not None
                 assert 0 < float(status["balancedness"]) <= 1
@@ -161,6 +187,16 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
             server.terminate()
             server.wait(timeout=30)
             await kube.close()
+
+
+def counter(text: str, name: str) -> float:
+    """The sum of counter ``name``'s samples (its ``_total`` series) in an exposition."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if family.name == name and sample.name == f"{name}_total"
+    )
 
 
 def gauge(text: str, name: str) -> float | None:

@@ -13,6 +13,7 @@ from moe_operator.api import MoEDeployment
 from moe_operator.builders import (
     children,
     config_hash,
+    endpoint,
     selector_string,
     stateful_set,
     worker_config,
@@ -38,6 +39,7 @@ def test_render_passes_kubernetes_validate_strict(example: Path, tmp_path: Path)
     assert kinds == [
         "ConfigMap",
         "Secret",
+        "Service",
         "Service",
         "Service",
         "PodDisruptionBudget",
@@ -144,3 +146,49 @@ def test_rank_from_the_pod_ordinal() -> None:
         "WORLD_SIZE": "8",
     }
     assert RankEnv.from_environ(env).rank == 6
+
+
+def test_a_serving_deployment_gets_its_inference_service_and_api_ingress() -> None:
+    document = yaml.safe_load((ROOT / "examples" / "qwen3-30b-a3b.yaml").read_text())
+    deployment = MoEDeployment.model_validate(document)  # 2 pods of 4 GPUs, serving
+    manifests = {(m["kind"], m["metadata"]["name"]): m for m in children(deployment, "t")}
+    service = manifests[("Service", "qwen3-30b-a3b")]
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
+    assert "clusterIP" not in service["spec"]  # a normal Service: ready pods only
+    container = manifests[("StatefulSet", "qwen3-30b-a3b")]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert [ports[n] for n in ("http", "http-1", "http-2", "http-3")] == [8000, 8001, 8002, 8003]
+    config = WorkerConfig.model_validate(
+        yaml.safe_load(manifests[("ConfigMap", "qwen3-30b-a3b-config")]["data"]["worker.yaml"])
+    )
+    assert config.serving.enabled and config.serving.port == 8000
+    assert config.serving.max_running_requests == 128  # the spec's serving limits
+    assert endpoint(deployment) == "http://qwen3-30b-a3b.default.svc:8000/v1"
+
+    rules = manifests[("NetworkPolicy", "qwen3-30b-a3b")]["spec"]["ingress"]
+    api = [{"protocol": "TCP", "port": 8000 + r} for r in range(4)]
+    assert {"from": [{"podSelector": {}}], "ports": api} in rules  # the namespace's pods
+    control = [r for r in rules if {"protocol": "TCP", "port": 9390} in r.get("ports", [])]
+    assert len(control) == 1 and control[0]["from"][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "moe-operator"
+    }
+    document["spec"]["apiIngress"] = "any"
+    opened = children(MoEDeployment.model_validate(document), "t")
+    rules = next(m for m in opened if m["kind"] == "NetworkPolicy")["spec"]["ingress"]
+    assert {"ports": api} in rules
+
+    # The simulator's benchmark mode serves no API: no Service, no port, no endpoint.
+    document["spec"]["simulator"] = {"kind": "zipf"}
+    simulated = MoEDeployment.model_validate(document)
+    kinds = [(m["kind"], m["metadata"]["name"]) for m in children(simulated, "t")]
+    assert ("Service", "qwen3-30b-a3b") not in kinds and endpoint(simulated) is None
+    config = WorkerConfig.model_validate(
+        yaml.safe_load(
+            next(m for m in children(simulated, "t") if m["kind"] == "ConfigMap")["data"][
+                "worker.yaml"
+            ]
+        )
+    )
+    assert not config.serving.enabled and config.workload.kind == "zipf"

@@ -136,6 +136,12 @@ class MoEDeploymentSpec(ApiModel):
         description="Request traffic that `moe-eplb run` (the local runtime) sends to the "
         "deployment's endpoint: rate profile, lengths and a skewed, drifting prompt mix.",
     )
+    api_ingress: Literal["namespace", "any"] = Field(
+        "namespace",
+        description="Who the NetworkPolicy lets reach the API port: pods of the namespace, or "
+        "any source (e.g. an ingress controller elsewhere). The control port stays the "
+        "operator's alone.",
+    )
     simulator: WorkloadConfig | None = Field(
         None,
         description="Benchmark mode: the routing simulator drives the MoE layers instead of "
@@ -326,6 +332,9 @@ class MoEDeploymentStatus(ApiModel):
     observed_generation: int | None = Field(None, ge=0)
     expert_parallel_size: int | None = Field(None, ge=0, description="Current EP size.")
     ready_ranks: int | None = Field(None, ge=0, description="Ranks whose pods are ready.")
+    endpoint: str | None = Field(
+        None, description="URL of the OpenAI-compatible API (Service <name>, port http)."
+    )
     balancedness: str | None = Field(None, description="Last measured balancedness (text).")
     selector: str | None = Field(None, description="Label selector of the pods (scale).")
     mapping_generation: int | None = Field(None, ge=0)
