@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import queue as queue_module
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -12,22 +11,13 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from moe_operator.runtime.local import free_ports
+
 
 def free_port(consecutive: int = 1) -> int:
-    """A port such that it and the next ``consecutive - 1`` ports are free now."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port + consecutive > 65535:
-            continue
-        try:
-            for offset in range(1, consecutive):
-                with socket.socket() as probe:
-                    probe.bind(("0.0.0.0", port + offset))
-        except OSError:
-            continue
-        return port
+    """A port such that it and the next ``consecutive - 1`` ports are free now (below the
+    kernel's client-port range, as the local runtime picks them)."""
+    return free_ports(consecutive)
 
 
 def _portable(value: Any) -> Any:

@@ -153,15 +153,13 @@ def metrics_service(deployment: MoEDeployment, owner_uid: str | None = None) -> 
 
 
 def api_ports(deployment: MoEDeployment) -> list[tuple[str, int]]:
-    """(port name, port) of each local rank's OpenAI-compatible API in a pod: ``http`` for the
-    pod's first rank, ``http-<r>`` for local rank r; none in the simulator's benchmark mode."""
+    """(port name, port) of a pod's OpenAI-compatible API: ``http`` on ``serving.port`` (its
+    one rank's API, or in a pod of several ranks the router over theirs); none in the
+    simulator's benchmark mode."""
     spec = deployment.spec
     if spec.simulator is not None:
         return []
-    return [
-        ("http" if local == 0 else f"http-{local}", spec.serving.port + local)
-        for local in range(spec.parallelism.gpus_per_pod)
-    ]
+    return [("http", spec.serving.port)]
 
 
 def inference_service(deployment: MoEDeployment, owner_uid: str | None = None) -> Manifest:
@@ -173,9 +171,7 @@ def inference_service(deployment: MoEDeployment, owner_uid: str | None = None) -
         "metadata": _metadata(deployment, name, owner_uid),
         "spec": {
             "selector": selector_labels(name),
-            "ports": [
-                {"name": "http", "port": deployment.spec.serving.port, "targetPort": "http"}
-            ],
+            "ports": [{"name": "http", "port": deployment.spec.serving.port, "targetPort": "http"}],
         },
     }
 

@@ -147,13 +147,32 @@ class PrometheusSource:
         return snapshot_from_vectors(results)
 
 
+SCRAPE_RATE_WINDOW_S = 5.0
+
+
+def rate_base(
+    history: Sequence[list[RankScrape]], current: list[RankScrape], window_s: float
+) -> list[RankScrape] | None:
+    """The round a rate over ``current`` is taken from: the oldest earlier round of the same
+    ranks within ``window_s`` seconds (a rate over a few seconds, as Prometheus' ``rate``
+    over a window, not over one noisy second), else the latest earlier one; None if none."""
+    now = min(r.taken_at for r in current)
+    same = [round_ for round_ in history if len(round_) == len(current)]
+    within = [r for r in same if now - min(s.taken_at for s in r) <= window_s]
+    if within:
+        return within[0]
+    return same[-1] if same else None
+
+
 @dataclass
 class ScrapeSource:
-    """Snapshots from the ranks' /metrics directly (rates from consecutive rounds)."""
+    """Snapshots from the ranks' /metrics directly (rates over the rounds of the last
+    ``window_s`` seconds)."""
 
     urls: list[str]
     timeout: float = 5.0
-    _previous: list[RankScrape] | None = field(default=None, init=False)
+    window_s: float = SCRAPE_RATE_WINDOW_S
+    _history: list[list[RankScrape]] = field(default_factory=list, init=False)
 
     async def snapshot(self) -> Snapshot:
         timeout = aiohttp.ClientTimeout(total=self.timeout)
@@ -165,7 +184,11 @@ class ScrapeSource:
                         text = await response.text()
                     scrapes.append(parse_scrape(text, time.time()))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self._previous = None
+            self._history.clear()
             raise MetricsUnavailable(f"scrape failed: {exc}") from exc
-        previous, self._previous = self._previous, scrapes
+        previous = rate_base(self._history, scrapes, self.window_s)
+        now = min(r.taken_at for r in scrapes)
+        self._history = [
+            r for r in self._history if now - min(s.taken_at for s in r) <= self.window_s
+        ] + [scrapes]
         return snapshot_from_scrapes(scrapes, previous)

@@ -69,7 +69,7 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
     document["metadata"]["namespace"] = "default"
     spec = document["spec"]
     spec["parallelism"] = {"expertParallelSize": 2, "gpusPerPod": 2}  # one pod, two ranks
-    api_port = free_port(consecutive=2)  # the pod's two ranks serve on api_port, api_port + 1
+    api_port = free_port(consecutive=3)  # the pod's router, then its two ranks' APIs
     spec["serving"] = {"port": api_port, "maxBatchTokens": 128, "maxRunningRequests": 8}
     spec["elastic"] = {"enabled": False}
     spec["eplb"].update({"stepInterval": 1000000, "windowSize": 20})  # no periodic rebalance
@@ -124,8 +124,8 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                 # Requests through the pods' API (what the Service `tiny` reaches); the policy
                 # reads the ranks' metrics of that traffic from Prometheus and asks the leader
                 # for remaps.
-                ranks = [f"http://{pod_address(0)}:{api_port + r}" for r in range(2)]
-                router = start_server(router_app(ranks), 0, "127.0.0.1", "service")
+                pods_api = [f"http://{pod_address(0)}:{api_port}"]  # the pod's port http
+                router = start_server(router_app(pods_api), 0, "127.0.0.1", "service")
                 traffic = asyncio.create_task(
                     run_traffic(
                         f"http://127.0.0.1:{router.port}",
@@ -144,7 +144,9 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                     served = (await traffic).summary()
                     router.shutdown()
                 assert served["requests_failed"] == 0 and served["requests_completed"] > 0
-                assert counter(pods.scrape(0), "moe_prompt_tokens") > 0  # served on rank 0
+                # the pod's router spread them over both of its ranks
+                assert counter(pods.scrape(0), "moe_prompt_tokens") > 0
+                assert counter(pods.scrape(1), "moe_prompt_tokens") > 0
                 status = cr()["status"]
                 assert status["policy"]["lastRemapAt"] is not None
                 assert 0 < float(status["balancedness"]) <= 1

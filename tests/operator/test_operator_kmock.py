@@ -28,6 +28,7 @@ CHILDREN = [
     ("v1", "secrets", "tiny-control"),
     ("v1", "services", "tiny-ranks"),
     ("v1", "services", "tiny-metrics"),
+    ("v1", "services", "tiny"),  # the inference Service
     ("policy/v1", "poddisruptionbudgets", "tiny"),
     ("networking.k8s.io/v1", "networkpolicies", "tiny"),
     ("apps/v1", "statefulsets", "tiny"),
@@ -120,6 +121,9 @@ async def test_create_makes_owned_children_status_and_events(world: World) -> No
         )
         assert world.condition("Progressing")["status"] == "True"
         assert world.condition("Degraded")["status"] == "False"
+        assert status["endpoint"] == f"http://tiny.{NS}.svc:8000/v1"
+        service = world.cluster.get("v1", "services", NS, "tiny")
+        assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
         # Kopf's bookkeeping stays in its own annotations, never in our status.
         assert set(status) <= {
             "phase",
@@ -128,6 +132,7 @@ async def test_create_makes_owned_children_status_and_events(world: World) -> No
             "expertParallelSize",
             "readyRanks",
             "selector",
+            "endpoint",
             "balancedness",
             "mappingGeneration",
             "topologyGeneration",

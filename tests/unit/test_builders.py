@@ -159,7 +159,8 @@ def test_a_serving_deployment_gets_its_inference_service_and_api_ingress() -> No
         "containers"
     ][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert [ports[n] for n in ("http", "http-1", "http-2", "http-3")] == [8000, 8001, 8002, 8003]
+    assert ports["http"] == 8000  # the pod's router over its 4 ranks' APIs (8001-8004)
+    assert not [name for name in ports if name.startswith("http-")]
     config = WorkerConfig.model_validate(
         yaml.safe_load(manifests[("ConfigMap", "qwen3-30b-a3b-config")]["data"]["worker.yaml"])
     )
@@ -168,7 +169,7 @@ def test_a_serving_deployment_gets_its_inference_service_and_api_ingress() -> No
     assert endpoint(deployment) == "http://qwen3-30b-a3b.default.svc:8000/v1"
 
     rules = manifests[("NetworkPolicy", "qwen3-30b-a3b")]["spec"]["ingress"]
-    api = [{"protocol": "TCP", "port": 8000 + r} for r in range(4)]
+    api = [{"protocol": "TCP", "port": 8000}]
     assert {"from": [{"podSelector": {}}], "ports": api} in rules  # the namespace's pods
     control = [r for r in rules if {"protocol": "TCP", "port": 9390} in r.get("ports", [])]
     assert len(control) == 1 and control[0]["from"][0]["podSelector"]["matchLabels"] == {

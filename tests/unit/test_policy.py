@@ -180,3 +180,25 @@ def test_any_series_stays_within_bounds_and_cooldowns(loads, balances) -> None: 
     remaps = [a[0] for a in actions if a[1] == "remap"]
     assert all(b - a >= 120 for a, b in zip(remaps, remaps[1:], strict=False))
     assert not any(math.isnan(a[0]) for a in actions)
+
+
+def test_scraped_rates_span_the_window_not_one_noisy_second() -> None:
+    from moe_operator.metrics_source import RankScrape, rate_base, snapshot_from_scrapes
+
+    def round_(t: float, tokens: list[float]) -> list[RankScrape]:
+        return [RankScrape(t, len(tokens), 0.9, n, False, 0, 0) for n in tokens]
+
+    # rank 0 serves in bursts (its counter: 1000, 1200, 1200, 1200, 1200, then 1500), rank 1
+    # steadily (100 tokens a second)
+    bursts = [1000.0, 1200.0, 1200.0, 1200.0, 1200.0]
+    history = [round_(t, [bursts[t - 10], 100.0 * t]) for t in range(10, 15)]
+    current = round_(15, [1500.0, 1500.0])
+    base = rate_base(history, current, window_s=5.0)
+    assert base is history[0]  # t = 10: five seconds back
+    assert snapshot_from_scrapes(current, base).rank_tokens_per_s == (100.0, 100.0)
+    # a one-second rate would have read the burst: 300 tokens/s on rank 0
+    assert snapshot_from_scrapes(current, history[-1]).rank_tokens_per_s[0] == 300.0
+    # after a resize the ranks differ: only rounds of the same ranks count
+    assert rate_base(history, round_(15, [1.0, 2.0, 3.0]), 5.0) is None
+    # nothing within the window: the latest earlier round
+    assert rate_base(history, round_(40, [4000.0, 4000.0]), 5.0) is history[-1]

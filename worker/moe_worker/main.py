@@ -145,7 +145,8 @@ def serve_api(
     local_rank: int,
     host: str,
 ) -> RunningServer:
-    """This rank's OpenAI-compatible API on ``serving.port`` + local rank, with /metrics,
+    """This rank's OpenAI-compatible API on ``serving.port`` + local rank (in a pod of several
+    ranks: the ports after its router's, ``MOE_API_PORT`` + local rank), with /metrics,
     /healthz and /readyz of the same rank beside it."""
     from starlette.routing import Mount
 
@@ -157,21 +158,51 @@ def serve_api(
     backend = EngineBackend(engine, served_model_name(config), status.admitting)
     exposition = None if metrics is None else metrics.exposition
     app = build_app(backend, extra_routes=[Mount("/", app=metrics_app(exposition, status))])
-    port = config.serving.port + local_rank if config.serving.port else 0
+    base = int(os.environ.get(API_PORT_ENV, config.serving.port))  # behind a pod's router
+    port = base + local_rank if config.serving.port else 0
     return start_server(app, port, host, "api")
+
+
+API_PORT_ENV = "MOE_API_PORT"  # where a pod's launcher puts its local ranks' APIs
+
+
+def pod_router_ports(serving_port: int, count: int) -> list[int]:
+    """The API ports of a pod's ``count`` local ranks behind its router on ``serving_port``."""
+    return [serving_port + 1 + local for local in range(count)]
 
 
 def launch_local_ranks(argv: list[str]) -> int:
     """In a pod with LOCAL_WORLD_SIZE GPUs: one process per local rank (LOCAL_RANK set).
 
-    SIGTERM is passed on to every rank; the exit status is the worst of theirs.
+    A serving pod's one API port (``serving.port``, the Service's target) is a router over its
+    local ranks' APIs, which listen on the ports after it (``pod_router_ports``). SIGTERM is
+    passed on to every rank; the exit status is the worst of theirs.
     """
     import subprocess
 
     count = int(os.environ["LOCAL_WORLD_SIZE"])
+    router = None
+    env = dict(os.environ)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    known, _ = parser.parse_known_args(argv)
+    try:
+        config = load_config(known.config) if known.config else None
+    except (OSError, ValueError, ValidationError):
+        config = None  # each rank reports the problem itself
+    if config is not None and config.serving.enabled:
+        from moe_worker.asgi import start_server
+        from moe_worker.serving.router import router_app
+
+        host = os.environ.get("MOE_BIND_HOST", "0.0.0.0")
+        target = "127.0.0.1" if host == "0.0.0.0" else host
+        ports = pod_router_ports(config.serving.port, count)
+        env[API_PORT_ENV] = str(ports[0])
+        urls = [f"http://{target}:{port}" for port in ports]
+        router = start_server(router_app(urls), config.serving.port, host, "pod-router")
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "moe_worker", *argv], env={**os.environ, "LOCAL_RANK": str(i)}
+            [sys.executable, "-m", "moe_worker", *argv], env={**env, "LOCAL_RANK": str(i)}
         )
         for i in range(count)
     ]
@@ -181,7 +212,11 @@ def launch_local_ranks(argv: list[str]) -> int:
             child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
-    return max(child.wait() for child in children)
+    try:
+        return max(child.wait() for child in children)
+    finally:
+        if router is not None:
+            router.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

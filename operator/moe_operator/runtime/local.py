@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -43,21 +44,41 @@ from .requests import CheckAnswers, RequestDriver, mismatches, reference_answers
 RESIZE_PHASE_TIMEOUT_S = 120.0
 
 
+LOWEST_PORT = 10000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes client ports from (Linux: ip_local_port_range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_ports(count: int) -> int:
-    """A port p such that p .. p + count - 1 are free now."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = int(sock.getsockname()[1])
-        if base + count > 65535:
-            continue
+    """A port p such that p .. p + count - 1 are free now, below the ephemeral range when it
+    leaves room: a port kept for a rank that starts later (a scale-up's pod) must not be taken
+    meanwhile by one of the many client connections the run makes."""
+    low, _ = ephemeral_ports()
+    rng = random.Random()
+    for _ in range(2000):
+        if low - count > LOWEST_PORT:
+            base = rng.randrange(LOWEST_PORT, low - count)
+        else:  # no room below it: whatever the kernel hands out
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                base = int(sock.getsockname()[1])
+            if base + count > 65535:
+                continue
         try:
-            for offset in range(1, count):
+            for offset in range(count):
                 with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", base + offset))
+                    probe.bind(("0.0.0.0", base + offset))
         except OSError:
             continue
         return base
+    raise OSError(f"no {count} consecutive free ports found")
 
 
 def rank_up(code: int, readyz: Any) -> bool:
@@ -151,10 +172,12 @@ class LocalPods:
         self.device = device
         self.gpus = local_gpus(deployment, visible_gpus()) if device == "cuda" else []
         self.check_outputs = check_outputs
-        # Serving (unless the spec asks for the simulator): rank r's API on api_port + r.
+        # Serving (unless the spec asks for the simulator): pod k's API (its one rank's, or
+        # the router over its ranks' on the ports after it) on api_port + k x api_span.
         self.serving = deployment.spec.simulator is None
-        self.most = most
-        self.api_port = free_ports(most) if self.serving else 0
+        self.most_pods = pods_for(most, self.gpus_per_pod)
+        self.api_span = self.gpus_per_pod + 1 if self.gpus_per_pod > 1 else 1
+        self.api_port = free_ports(self.most_pods * self.api_span) if self.serving else 0
         self.pods: dict[int, LocalPod] = {}
         self.restarts = 0
         self.exits: list[dict[str, Any]] = []
@@ -170,7 +193,7 @@ class LocalPods:
         # The simulator's own check; a serving run checks answers through the API instead.
         config["checkOutputs"] = self.check_outputs and not self.serving
         if self.serving:
-            config["serving"]["port"] = self.api_port + ordinal * self.gpus_per_pod
+            config["serving"]["port"] = self.api_port + ordinal * self.api_span
         path = self.workdir / f"worker-{ordinal}.yaml"
         path.write_text(yaml.safe_dump(config))
         env = dict(os.environ)
@@ -251,8 +274,10 @@ class LocalPods:
         return count
 
     def api_urls(self) -> list[str]:
-        """The API of every rank the deployment may have (a router skips those not there)."""
-        return [f"http://127.0.0.1:{self.api_port + r}" for r in range(self.most)]
+        """The API of every pod the deployment may have (a router skips those not there)."""
+        return [
+            f"http://127.0.0.1:{self.api_port + k * self.api_span}" for k in range(self.most_pods)
+        ]
 
     def metrics_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{self.metrics_port + r}/metrics" for r in range(self.ep_size)]
