@@ -46,6 +46,16 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
     from moe_worker.service import WorkerService
 
     status = WorkerStatus()
+    warming = None
+    if config.eplb.enabled:
+        # The placement kernels compile (or load from numba's cache) while the model loads,
+        # not when the first rebalance needs them: in a fresh pod that takes seconds.
+        import threading
+
+        from moe_worker.eplb.policy import warm_up
+
+        warming = threading.Thread(target=warm_up, name="eplb-warm-up", daemon=True)
+        warming.start()
     # Where the HTTP servers listen: every address unless MOE_BIND_HOST names one (tests run
     # several "pods" on one host, each on its own loopback address).
     bind_host = os.environ.get("MOE_BIND_HOST", "0.0.0.0")
@@ -124,6 +134,8 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             serving_engine.fail_all(RuntimeError("the server is shutting down"))
         for server in servers:
             server.shutdown()
+        if warming is not None:
+            warming.join()  # a compiling thread must not be cut off at interpreter exit
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -30,6 +30,7 @@ from .metrics import WorkerMetrics
 from .server import WorkerStatus
 
 log = logging.getLogger("moe_worker.service")
+REBALANCE_POLL_S = 0.005  # idle step pace while only a background rebalance is in flight
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,9 @@ class Agreed:
     """The control flags as every rank sees them after one all-reduce."""
 
     resize_target: int  # 0: none
-    any_work: bool
+    any_work: bool  # requests on some rank (or a rebalance asked for)
     draining: bool  # a rank the pending resize leaves out still has requests
+    rebalancing: bool = False  # an async rebalance in flight on some rank
 
 
 class WorkerService:
@@ -104,10 +106,18 @@ class WorkerService:
         has work, all wait (without spinning) until work arrives somewhere."""
         engine = self.engine
         rebalancing = engine.eplb is not None and engine.eplb.rebalancing
-        agreed = self._relay_control(engine.has_work() or rebalancing, self._draining())
+        agreed = self._relay_control(engine.has_work(), self._draining(), rebalancing)
         if self.stopping:
             return
         target, any_work = agreed.resize_target, agreed.any_work
+        if not any_work and agreed.rebalancing:
+            # Only a background rebalance to commit: step (idle passes poll its layers) at a
+            # bounded pace, not as fast as the loop spins (which starves its thread), and at
+            # once when a request arrives here.
+            waker.event.clear()
+            if not engine.has_work():
+                waker.event.wait(REBALANCE_POLL_S)
+            any_work = True
         if target and self.membership is not None:
             if target != self._pending_target:  # agreed this step: the leaving ranks drain
                 self._pending_target = target
@@ -210,9 +220,11 @@ class WorkerService:
             and time.monotonic() < self._drain_deadline
         )
 
-    def _relay_control(self, has_work: bool = False, draining: bool = False) -> Agreed:
-        """Combine the control flags (and whether this rank has work, or requests to finish
-        before it leaves) over all ranks."""
+    def _relay_control(
+        self, has_work: bool = False, draining: bool = False, rebalancing: bool = False
+    ) -> Agreed:
+        """Combine the control flags (and whether this rank has work, requests to finish
+        before it leaves, or a rebalance in flight) over all ranks."""
         with self.status.lock:
             flags = torch.tensor(
                 [
@@ -221,6 +233,7 @@ class WorkerService:
                     self.status.resize_target,
                     int(has_work),
                     int(draining),
+                    int(rebalancing),
                 ]
             )
         if self.world > 1:
@@ -228,7 +241,7 @@ class WorkerService:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags = flags.cpu()
         stop, rebalance, target = bool(flags[0]), bool(flags[1]), int(flags[2])
-        any_work, draining = bool(flags[3]), bool(flags[4])
+        any_work, draining, any_rebalancing = bool(flags[3]), bool(flags[4]), bool(flags[5])
         if rebalance and self.engine.eplb is not None:
             self.engine.eplb.request_rebalance("manual")
             with self.status.lock:
@@ -241,7 +254,7 @@ class WorkerService:
             if self.engine.eplb is not None:
                 self.engine.eplb.shutdown()  # abandon an in-flight rebalance, same step everywhere
                 self._after_rebalances()
-        return Agreed(0 if stop else target, any_work or rebalance, draining)
+        return Agreed(0 if stop else target, any_work or rebalance, draining, any_rebalancing)
 
     def _update_balancedness(self) -> None:
         controller = self.engine.eplb
