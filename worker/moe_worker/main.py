@@ -54,7 +54,9 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
 
         from moe_worker.eplb.policy import warm_up
 
-        warming = threading.Thread(target=warm_up, name="eplb-warm-up", daemon=True)
+        warming = threading.Thread(
+            target=warm_up, args=(config.eplb.policy,), name="eplb-warm-up", daemon=True
+        )
         warming.start()
     # Where the HTTP servers listen: every address unless MOE_BIND_HOST names one (tests run
     # several "pods" on one host, each on its own loopback address).

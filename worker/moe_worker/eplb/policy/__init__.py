@@ -154,12 +154,12 @@ def compute_placement(
         return function(array, num_physical, num_groups, num_nodes, num_gpus, previous, **options)
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's cache) every policy's kernels on a tiny problem, so the
-    first real rebalance does not wait for the compiler."""
+def warm_up(policy: str | None = None) -> None:
+    """Compile (or load from numba's cache) the kernels of ``policy`` (every policy when None)
+    on a tiny problem, so the first real rebalance does not wait for the compiler."""
     weight = np.arange(1, 17, dtype=np.float64).reshape(2, 8)
     previous = default_placement(2, 8, 12)
-    for name in POLICIES:
+    for name in POLICIES if policy is None else [policy]:
         compute_placement(name, weight, num_physical=12, num_gpus=4, num_groups=2, num_nodes=2)
         compute_placement(name, weight, num_physical=12, num_gpus=4, previous=previous)
 
