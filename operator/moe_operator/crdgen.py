@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from .api.models import (
     CROSS_FIELD_RULES,
@@ -75,9 +77,44 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
-def _schema(model: type) -> dict[str, Any]:
-    raw = model.model_json_schema(by_alias=True)  # type: ignore[attr-defined]
-    return _structural(raw, raw.pop("$defs", {}))
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``Model`` or ``Model | None``), if any."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _object_defaults(model: type[BaseModel], node: dict[str, Any]) -> None:
+    """Give every optional object field made by a default factory its ``default`` (the
+    non-default part of what the factory makes: ``{}`` for most), so the API server's
+    structural defaulting fills it, and its nested defaults, when a spec omits it: CEL rules
+    and the operator then see the same object the models would build."""
+    properties = node.get("properties") or {}
+    for name, field in model.model_fields.items():
+        prop = properties.get(field.alias or name)
+        if prop is None:
+            continue
+        if field.default_factory is not None:
+            made = field.default_factory()  # type: ignore[call-arg]
+            if isinstance(made, BaseModel):
+                prop["default"] = made.model_dump(by_alias=True, exclude_defaults=True, mode="json")
+        nested = _model_of(field.annotation)
+        if nested is not None:
+            _object_defaults(nested, prop)
+        elif "items" in prop:
+            item = _model_of(typing.get_args(field.annotation)[0]) if typing.get_args(
+                field.annotation
+            ) else None
+            if item is not None:
+                _object_defaults(item, prop["items"])
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True)
+    schema = _structural(raw, raw.pop("$defs", {}))
+    _object_defaults(model, schema)
+    return schema
 
 
 def openapi_schema() -> dict[str, Any]:

@@ -13,6 +13,7 @@ import yaml
 
 from moe_operator.api import CROSS_FIELD_RULES
 from moe_operator.crdgen import CRD_PATH, crd, render
+from spec_cases import as_jsonschema
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -69,24 +70,6 @@ def test_cel_rules_mirror_the_python_rules() -> None:
     rules = schema()["properties"]["spec"]["x-kubernetes-validations"]
     assert [r["rule"] for r in rules] == [r.cel for r in CROSS_FIELD_RULES]
     assert all(r["message"].startswith("spec.") for r in rules)
-
-
-def as_jsonschema(node: Any) -> Any:
-    """OpenAPI ``nullable`` and boolean exclusive bounds, as JSON Schema understands them."""
-    if isinstance(node, list):
-        return [as_jsonschema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: as_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
-    if out.pop("nullable", False):
-        out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
-    if out.get("exclusiveMinimum") is True:
-        out["exclusiveMinimum"] = out.pop("minimum")
-    if out.get("exclusiveMaximum") is True:
-        out["exclusiveMaximum"] = out.pop("maximum")
-    return out
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])

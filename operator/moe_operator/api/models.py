@@ -33,6 +33,10 @@ SHORT_NAMES = ["moed"]
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|M|G|T|P|E|Ei)?$"
 
 
+LABEL_KEY_PATTERN = r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+AFFINITY_KINDS = {"nodeAffinity", "podAffinity", "podAntiAffinity"}
+
+
 class ApiModel(WireModel):
     """camelCase on the wire, unknown fields rejected (the worker config's conventions)."""
 
@@ -166,17 +170,16 @@ class MoEDeploymentSpec(ApiModel):
     @classmethod
     def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if not re.fullmatch(r"([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", key):
+            if not re.fullmatch(LABEL_KEY_PATTERN, key):
                 raise ValueError(f"{key!r} is not a valid label key")
         return value
 
     @field_validator("affinity")
     @classmethod
     def _affinity_kinds(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        allowed = {"nodeAffinity", "podAffinity", "podAntiAffinity"}
         for key in value or {}:
-            if key not in allowed:
-                raise ValueError(f"{key!r} is not one of {', '.join(sorted(allowed))}")
+            if key not in AFFINITY_KINDS:
+                raise ValueError(f"{key!r} is not one of {', '.join(sorted(AFFINITY_KINDS))}")
         return value
 
     @model_validator(mode="after")
@@ -267,6 +270,32 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         "is required when model.source is checkpoint",
         "self.model.source != 'checkpoint' || has(self.checkpointVolume)",
         lambda s: s.model.source != "checkpoint" or s.checkpoint_volume is not None,
+    ),
+    CrossFieldRule(
+        "spec.model.topK",
+        "must be <= model.numExperts",
+        "self.model.topK <= self.model.numExperts",
+        lambda s: s.model.top_k <= s.model.num_experts,
+    ),
+    CrossFieldRule(
+        "spec.model.path",
+        "is required when model.source is checkpoint, and only then",
+        "(self.model.source == 'checkpoint') == has(self.model.path)",
+        lambda s: (s.model.source == "checkpoint") == (s.model.path is not None),
+    ),
+    CrossFieldRule(
+        "spec.nodeSelector",
+        "every key must be a label key (an optional DNS prefix and /, then a name)",
+        "!has(self.nodeSelector) || self.nodeSelector.all(k, k.matches("
+        f"'{LABEL_KEY_PATTERN}'))",
+        lambda s: all(re.fullmatch(LABEL_KEY_PATTERN, k) for k in s.node_selector),
+    ),
+    CrossFieldRule(
+        "spec.affinity",
+        "may hold only nodeAffinity, podAffinity and podAntiAffinity",
+        "!has(self.affinity) || self.affinity.all(k, k in "
+        "['nodeAffinity', 'podAffinity', 'podAntiAffinity'])",
+        lambda s: set(s.affinity or {}) <= AFFINITY_KINDS,
     ),
     CrossFieldRule(
         "spec.workload.concurrency",

@@ -25,10 +25,16 @@ from .policy import Placement
 from .rebalance import RebalanceResult, global_logical_load, rebalance
 from .state import EPLBLayerState, EPLBState
 
-# Steps of load a layer's window needs after its maps changed before its balancedness is read.
+# Steps of load a layer's window needs after its maps changed before its balancedness is read:
+# at least this many, and a quarter of the window (at most half of it).
 READING_MIN_STEPS = 16
 
 log = logging.getLogger("moe_worker.eplb")
+
+
+def reading_min_steps(window_size: int) -> int:
+    """Steps of load under new maps before a layer's balancedness is read again."""
+    return max(1, min(max(READING_MIN_STEPS, window_size // 4), window_size // 2))
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -247,9 +253,10 @@ class EPLBController:
     def measured_layer_balancedness(self, name: str = "main") -> np.ndarray:
         """Per layer [L], over the window and all ranks' tokens: mean / max rank load.
 
-        A layer whose window was cleared (its maps changed) fewer than ``READING_MIN_STEPS``
-        steps ago (or half a small window) keeps its last measured value: a nearly empty window
-        says little yet (an empty one would read 1.0, a perfect balance never measured). A
+        A layer whose window was cleared (its maps changed) fewer than ``reading_min_steps``
+        steps ago keeps its last measured value: a nearly empty window says little yet (an empty
+        one would read 1.0, a perfect balance never measured; a few steps of served requests
+        read the few requests' own skew). A
         collective: every rank must call it at the same step.
         """
         state = self.models[name].state
@@ -262,7 +269,7 @@ class EPLBController:
         measured = ratio.cpu().numpy()
         last = self._last_measured.get(name)
         if last is not None:
-            enough = max(1, min(READING_MIN_STEPS, state.window_size // 2))
+            enough = reading_min_steps(state.window_size)
             too_few = state.layer_window_steps() < enough
             measured = np.where(too_few, last, measured)
         self._last_measured[name] = measured
