@@ -103,9 +103,11 @@ def _object_defaults(model: type[BaseModel], node: dict[str, Any]) -> None:
         if nested is not None:
             _object_defaults(nested, prop)
         elif "items" in prop:
-            item = _model_of(typing.get_args(field.annotation)[0]) if typing.get_args(
-                field.annotation
-            ) else None
+            item = (
+                _model_of(typing.get_args(field.annotation)[0])
+                if typing.get_args(field.annotation)
+                else None
+            )
             if item is not None:
                 _object_defaults(item, prop["items"])
 

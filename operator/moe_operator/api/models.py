@@ -286,8 +286,7 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
         "spec.nodeSelector",
         "every key must be a label key (an optional DNS prefix and /, then a name)",
-        "!has(self.nodeSelector) || self.nodeSelector.all(k, k.matches("
-        f"'{LABEL_KEY_PATTERN}'))",
+        f"!has(self.nodeSelector) || self.nodeSelector.all(k, k.matches('{LABEL_KEY_PATTERN}'))",
         lambda s: all(re.fullmatch(LABEL_KEY_PATTERN, k) for k in s.node_selector),
     ),
     CrossFieldRule(

@@ -35,6 +35,8 @@ log = logging.getLogger("moe_worker.eplb")
 def reading_min_steps(window_size: int) -> int:
     """Steps of load under new maps before a layer's balancedness is read again."""
     return max(1, min(max(READING_MIN_STEPS, window_size // 4), window_size // 2))
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
