@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,11 +17,32 @@ import yaml
 from distributed import free_port
 
 
+def chart_service_monitor(extra: list[str] | None = None) -> dict[str, Any]:
+    """The operator's ServiceMonitor as the Helm chart renders it (monitoring CRDs present)."""
+    helm = Path(sys.executable).parent / "helm"
+    chart = Path(__file__).resolve().parent.parent / "helm" / "moe-operator"
+    result = subprocess.run(
+        [str(helm), "template", "moe", str(chart), "--api-versions", "monitoring.coreos.com/v1"]
+        + (extra or []),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    documents = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return next(d for d in documents if d["kind"] == "ServiceMonitor")
+
+
 def start_prometheus(
-    tmp_path: Path, targets: list[str], namespace: str
+    tmp_path: Path,
+    targets: list[str],
+    namespace: str,
+    operator: tuple[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Prometheus scraping ``targets`` every second (labelled ``namespace``); (process, URL).
-    Every query it answers is logged to ``tmp_path / "queries.log"`` (see ``logged_queries``)."""
+    """Prometheus scraping ``targets`` every second (labelled ``namespace``, as a PodMonitor's
+    pods in that namespace are); (process, URL). ``operator``: (target, its own namespace),
+    scraped as the chart's ServiceMonitor says (its ``honorLabels``), labelled with the
+    operator's namespace as Kubernetes service discovery labels it. Every query it answers is
+    logged to ``tmp_path / "queries.log"`` (see ``logged_queries``)."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.fail("prometheus is missing: `make setup` installs Debian's prometheus package")
@@ -38,6 +60,17 @@ def start_prometheus(
             }
         ],
     }
+    if operator is not None:
+        endpoint = chart_service_monitor()["spec"]["endpoints"][0]
+        config["scrape_configs"].append(
+            {
+                "job_name": "moe-operator",
+                "honor_labels": bool(endpoint.get("honorLabels", False)),
+                "static_configs": [
+                    {"targets": [operator[0]], "labels": {"namespace": operator[1]}}
+                ],
+            }
+        )
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     server = subprocess.Popen(
         [
@@ -70,10 +103,11 @@ def query(base: str, expr: str) -> list[dict[str, Any]]:
     return list(answer["data"]["result"])
 
 
-def for_prometheus(expr: str) -> str:
-    """A dashboard query with Grafana's variables filled as for "All" over a short run."""
+def for_prometheus(expr: str, namespace: str = ".*", deployment: str = ".*") -> str:
+    """A dashboard query with Grafana's variables filled over a short run: "All" by default,
+    or the ``namespace`` and ``deployment`` a user picks."""
     return (
         expr.replace("$__rate_interval", "20s")
-        .replace('namespace=~"$namespace"', 'namespace=~".*"')
-        .replace('deployment=~"$deployment"', 'deployment=~".*"')
+        .replace('namespace=~"$namespace"', f'namespace=~"{namespace}"')
+        .replace('deployment=~"$deployment"', f'deployment=~"{deployment}"')
     )

@@ -133,9 +133,19 @@ def openapi_schema() -> dict[str, Any]:
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": spec,
-            "status": _schema(MoEDeploymentStatus),
+            "status": status_schema(),
         },
     }
+
+
+def status_schema() -> dict[str, Any]:
+    """The status, with its conditions a list-map keyed by type (one of each, merged by
+    server-side apply) as Kubernetes' API conventions ask."""
+    status = _schema(MoEDeploymentStatus)
+    conditions = status["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return status
 
 
 def crd() -> dict[str, Any]:
@@ -176,10 +186,22 @@ def crd() -> dict[str, Any]:
                             "description": "Desired expert-parallel size",
                         },
                         {
+                            "name": "Serving",
+                            "type": "integer",
+                            "jsonPath": ".status.expertParallelSize",
+                            "description": "The EP size the ranks serve at now",
+                        },
+                        {
                             "name": "Ready",
                             "type": "integer",
                             "jsonPath": ".status.readyRanks",
                             "description": "Ranks whose pods are ready",
+                        },
+                        {
+                            "name": "Available",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                            "description": "The Ready condition",
                         },
                         {
                             "name": "Balancedness",

@@ -41,6 +41,12 @@ API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, f"{PLURAL}/status", ("patch",)),
     (GROUP, f"{PLURAL}/scale", ("patch",)),
 )
+# Not a call, a permission the API server checks: with OwnerReferencesPermissionEnforcement
+# (OpenShift's default) creating a child whose ownerReference sets blockOwnerDeletion needs
+# update on the owner's finalizers subresource.
+OWNER_REFERENCE_GRANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (GROUP, f"{PLURAL}/finalizers", ("update",)),
+)
 
 
 class KubeError(Exception):

@@ -62,7 +62,23 @@ def test_scale_subresource_and_printer_columns() -> None:
         status["expertParallelSize"]["type"] == "integer" and status["selector"]["type"] == "string"
     )
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["EP", "Ready", "Balancedness", "Phase", "Endpoint", "Age"]
+    assert columns == [
+        "EP",
+        "Serving",
+        "Ready",
+        "Available",
+        "Balancedness",
+        "Phase",
+        "Endpoint",
+        "Age",
+    ]
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][
+        "conditions"
+    ]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert "type" in conditions["items"]["required"]
+    assert conditions["items"]["properties"]["lastTransitionTime"]["format"] == "date-time"
     assert crd()["spec"]["names"]["shortNames"] == ["moed"]
 
 

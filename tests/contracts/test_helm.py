@@ -17,7 +17,7 @@ from manifest_checks import kubernetes_validate_strict
 from moe_operator import builders, dashboards
 from moe_operator import metrics as operator_metrics
 from moe_operator.handlers import CLUSTER_WIDE_CALLS, KOPF_API_CALLS
-from moe_operator.k8s import API_CALLS
+from moe_operator.k8s import API_CALLS, OWNER_REFERENCE_GRANTS
 from moe_worker import metrics as worker_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,12 +113,14 @@ def _needed(calls: tuple[tuple[str, str, tuple[str, ...]], ...]) -> set[tuple[st
 def test_rbac_grants_exactly_the_calls_the_operator_makes() -> None:
     cluster_wide = template([])
     assert {d["kind"] for d in cluster_wide} >= {"ClusterRole", "ClusterRoleBinding"}
-    assert _granted(cluster_wide) == _needed(API_CALLS + KOPF_API_CALLS + CLUSTER_WIDE_CALLS)
+    assert _granted(cluster_wide) == _needed(
+        API_CALLS + KOPF_API_CALLS + CLUSTER_WIDE_CALLS + OWNER_REFERENCE_GRANTS
+    )
     namespaced = template(["--set", "watchNamespace=inference"])
     roles = [d for d in namespaced if d["kind"] in ("Role", "ClusterRole")]
     assert [r["kind"] for r in roles] == ["Role"]
     assert roles[0]["metadata"]["namespace"] == "inference"
-    assert _granted(namespaced) == _needed(API_CALLS + KOPF_API_CALLS)
+    assert _granted(namespaced) == _needed(API_CALLS + KOPF_API_CALLS + OWNER_REFERENCE_GRANTS)
 
 
 def test_dashboards_are_the_generated_ones_and_labelled() -> None:
@@ -248,3 +250,34 @@ def test_dockerfile_targets_match_the_chart_and_the_pod_template() -> None:
     assert command[:2] == ["moe-eplb", "worker"]
     assert 'ENTRYPOINT ["moe-eplb", "worker"]' in worker_lines
     assert 'moe-eplb = "moe_operator.cli:main"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_monitoring_keeps_the_operators_labels_and_takes_extra_ones() -> None:
+    """honorLabels keeps the operator series' own namespace label (else it becomes
+    exported_namespace and every query by namespace is empty); extra labels let a Prometheus
+    selector (kube-prometheus-stack's release label) pick the objects up."""
+    documents = template(
+        [
+            "--api-versions",
+            "monitoring.coreos.com/v1",
+            "--set",
+            "alerts.enabled=true",
+            "--set",
+            "serviceMonitor.labels.release=kps",
+            "--set",
+            "alerts.labels.release=kps",
+        ]
+    )
+    monitor = next(d for d in documents if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    rule = next(d for d in documents if d["kind"] == "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kps"
+
+
+def test_the_chart_works_as_a_subchart() -> None:
+    """A parent chart's global values reach every subchart; the values schema accepts them."""
+    result = helm(
+        "template", "moe", str(CHART), "--namespace", "moe-system", "--set", "global.region=eu"
+    )
+    assert result.returncode == 0, result.stderr

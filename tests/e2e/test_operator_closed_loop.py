@@ -56,9 +56,10 @@ SIMULATOR = {
 }
 
 
-def has_data(base: str, expr: str) -> bool:
+def has_data(base: str, expr: str, namespace: str = ".*", deployment: str = ".*") -> bool:
     try:
-        return bool(query(base, for_prometheus(expr).replace("[1h]", "[5m]")))
+        filled = for_prometheus(expr, namespace, deployment).replace("[1h]", "[5m]")
+        return bool(query(base, filled))
     except OSError:
         return False
 
@@ -83,13 +84,14 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
         os.environ["KUBECONFIG"] = str(kubeconfig)
         kube = await KubeClient.connect(user_agent="moe-tests")
         pods = LocalPods(cluster, "default", "tiny", tmp_path)
-        # One Prometheus scrapes the operator and the pod's two ranks (on the pod's address).
-        targets = [
-            f"127.0.0.1:{os.environ['MOE_OPERATOR_METRICS_PORT']}",
-            f"{pod_address(0)}:{rank_port}",
-            f"{pod_address(0)}:{rank_port + 1}",
-        ]
-        server, prometheus = start_prometheus(tmp_path, targets, "default")
+        # One Prometheus scrapes the pod's two ranks (on the pod's address, in the
+        # deployment's namespace) and the operator (in its own namespace, "moe-system", as the
+        # chart's ServiceMonitor has it scraped: its series keep their own namespace label).
+        targets = [f"{pod_address(0)}:{rank_port}", f"{pod_address(0)}:{rank_port + 1}"]
+        operator_target = f"127.0.0.1:{os.environ['MOE_OPERATOR_METRICS_PORT']}"
+        server, prometheus = start_prometheus(
+            tmp_path, targets, "default", operator=(operator_target, "moe-system")
+        )
         spec["metrics"] = {"port": rank_port, "prometheusUrl": prometheus}
 
         def cr() -> dict:
@@ -178,12 +180,18 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
                 # operator actions, has data in a real Prometheus scraping the operator.
                 missing: list[str] = []
                 for _ in range(60):
-                    missing = [p.title for p in OPERATOR if not has_data(prometheus, p.expr)]
+                    # as a user sees them with the deployment's namespace picked
+                    missing = [
+                        p.title
+                        for p in OPERATOR
+                        if not has_data(prometheus, p.expr, "default", "tiny")
+                    ]
                     if not missing:
                         break
                     await asyncio.sleep(1)
                 assert not missing, f"operator panels without data: {missing}"
-                assert has_data(prometheus, ANNOTATION_EXPR.replace("[2m]", "[10m]"))
+                annotation = ANNOTATION_EXPR.replace("[2m]", "[10m]")
+                assert has_data(prometheus, annotation, "default", "tiny")
         finally:
             await pods.stop()
             server.terminate()

@@ -168,6 +168,25 @@ async def test_create_makes_owned_children_status_and_events(world: World) -> No
             if agent.startswith(("kopf/", "moe-operator")) and resource != "None"
         }  # ("None": discovery, /api/v1 and /apis/<group>/<version>, open to everyone)
         assert made and made <= granted, made - granted
+        # Children block their owner's deletion: the API server's OwnerReferencesPermission-
+        # Enforcement then wants update on the owner's finalizers, which the chart grants.
+        from moe_operator.k8s import OWNER_REFERENCE_GRANTS
+
+        blocking = [
+            api_version
+            for api_version, plural, name in CHILDREN
+            if world.cluster.get(api_version, plural, NS, name)["metadata"]["ownerReferences"][0][
+                "blockOwnerDeletion"
+            ]
+        ]
+        chart_grants = granted | {
+            (verb, group, resource)
+            for group, resource, verbs in OWNER_REFERENCE_GRANTS
+            for verb in verbs
+        }
+        assert blocking and ("update", "moe.eplb.dev", "moedeployments/finalizers") in (
+            chart_grants
+        )
         assert world.status()["readyRanks"] == 2
         assert world.condition("Ready")["status"] == "True"
         assert world.condition("Progressing")["status"] == "False"

@@ -317,7 +317,10 @@ class Condition(ApiModel):
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
     message: str = Field("", max_length=32768)
-    last_transition_time: str = Field(description="RFC 3339 time of the last status change.")
+    last_transition_time: str = Field(
+        description="RFC 3339 time of the last status change.",
+        json_schema_extra={"format": "date-time"},
+    )
     observed_generation: int | None = Field(None, ge=0)
 
 
