@@ -67,6 +67,9 @@ INVALID: list[tuple[str, Any, str]] = [
     ("spec.env", [{"name": "1BAD", "value": "x"}], "spec.env[0].name"),
     ("spec.nodeSelector", {"bad key!": "x"}, "spec.nodeSelector"),
     ("metadata.name", "Tiny_Deployment", "metadata.name"),
+    ("metadata.name", "1tiny", "metadata.name"),  # a Service name starts with a letter
+    ("spec.resources.cpu", "four", "spec.resources.cpu"),
+    ("spec.resources.cpu", True, "spec.resources.cpu"),
     ("apiVersion", "moe.eplb.dev/v1", "apiVersion"),
     ("kind", "Deployment", "kind"),
     # cross-field

@@ -50,7 +50,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         extra = {k: v for k, v in node.items() if k != "$ref"}
         return _structural({**target, **extra}, defs)
     node = dict(node)
-    if "anyOf" in node:
+    if "anyOf" in node and any(o.get("type") == "null" for o in node["anyOf"]):
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) == 1:
             return _structural({**options[0], **node, "nullable": True}, defs)

@@ -27,6 +27,11 @@ MINIMAL = {
     "metadata": {"name": "minimal"},
     "spec": {"image": "ghcr.io/moe-eplb/worker:0.1.0", "parallelism": {"expertParallelSize": 2}},
 }
+# Quantities as numbers, as Kubernetes takes them (cpu: 4)
+NUMERIC_QUANTITY = {
+    **MINIMAL,
+    "spec": {**MINIMAL["spec"], "resources": {"cpu": 4, "memory": "8Gi"}},
+}
 # What the API server cannot reject: unknown fields are pruned, not refused (`moe-eplb
 # validate`, the webhook and the operator name them); rules over values the schema does not
 # hold, enforced by the models (the webhook) alone.
@@ -84,8 +89,8 @@ def test_a_rule_that_errs_rejects() -> None:
 
 @pytest.mark.parametrize(
     "document",
-    [*(yaml.safe_load(e.read_text()) for e in EXAMPLES), MINIMAL],
-    ids=[*(e.name for e in EXAMPLES), "minimal"],
+    [*(yaml.safe_load(e.read_text()) for e in EXAMPLES), MINIMAL, NUMERIC_QUANTITY],
+    ids=[*(e.name for e in EXAMPLES), "minimal", "numeric-quantity"],
 )
 def test_valid_specs_pass_the_schema_cel_and_the_models(document: dict[str, Any]) -> None:
     assert schema_rejections(document) == []

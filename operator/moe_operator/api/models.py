@@ -11,9 +11,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from moe_worker.config import (
     EPLBConfig,
@@ -31,6 +39,31 @@ PLURAL = "moedeployments"
 SINGULAR = "moedeployment"
 SHORT_NAMES = ["moed"]
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|M|G|T|P|E|Ei)?$"
+
+
+def _quantity_text(value: Any) -> Any:
+    """A Kubernetes quantity may be written as a number (``cpu: 4``); kept as its text."""
+    if isinstance(value, bool):
+        return value  # rejected as not a string
+    if isinstance(value, int):
+        return str(value)
+    return value
+
+
+# A Kubernetes quantity: a number or a string such as "500m" or "32Gi" (int-or-string, as the
+# core API's quantities are in the OpenAPI schema).
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_text),
+    Field(pattern=QUANTITY),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY,  # a string's; an integer is a whole number of units
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
 
 
 LABEL_KEY_PATTERN = r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -100,9 +133,9 @@ class MetricsSpec(ApiModel):
 class ResourceSpec(ApiModel):
     """Per-pod CPU and memory (GPUs come from parallelism.gpusPerPod)."""
 
-    cpu: str = Field("4", pattern=QUANTITY, description="CPU request and limit.")
-    memory: str = Field("32Gi", pattern=QUANTITY, description="Memory request and limit.")
-    shm: str = Field("8Gi", pattern=QUANTITY, description="Size of the /dev/shm memory volume.")
+    cpu: Quantity = Field("4", description="CPU request and limit.")
+    memory: Quantity = Field("32Gi", description="Memory request and limit.")
+    shm: Quantity = Field("8Gi", description="Size of the /dev/shm memory volume.")
 
 
 class Toleration(ApiModel):
@@ -376,7 +409,9 @@ class MoEDeploymentStatus(ApiModel):
 
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=52)
+    # A DNS-1035 label (the Service <name> needs one: a letter first); 52 at most, as a
+    # StatefulSet's pods carry <name>-<hash> in a 63-character label.
+    name: str = Field(pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$", max_length=52)
     namespace: str | None = None
 
 
