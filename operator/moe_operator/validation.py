@@ -96,7 +96,12 @@ def _lookup(document: Any, path: tuple[str, ...]) -> Any:
 
 def admission_problems(new: Any, old: Any | None) -> list[str]:
     """What the validating webhook rejects: ``problems(new)`` plus, on update, changes to
-    fields that are fixed once the deployment exists."""
+    fields that are fixed once the deployment exists. An update that leaves the spec as it was
+    (metadata only: a finalizer removed, a label or annotation set) passes whatever the spec
+    holds: an object stored before a rule existed must still be deletable."""
+    if old is not None and isinstance(new, dict) and isinstance(old, dict):
+        if new.get("spec") == old.get("spec"):
+            return []
     found = problems(new)
     if old is not None:
         for path in IMMUTABLE_FIELDS:

@@ -416,6 +416,15 @@ async def test_admission_webhook_rejects_with_the_field_named(world: World) -> N
             answer = (await response.json())["response"]
         assert answer["allowed"] is False
         assert "spec.model.numExperts: is immutable" in answer["status"]["message"]
+        # An object stored before its rule existed can still be deleted: Kopf's metadata-only
+        # patch that drops its finalizer passes.
+        stored = copy.deepcopy(bad)
+        stored["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
+        stored["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+        released = copy.deepcopy(stored)
+        released["metadata"]["finalizers"] = []
+        async with http.post(url, json=_review("UPDATE", released, stored)) as response:
+            assert (await response.json())["response"]["allowed"] is True
 
 
 async def test_live_resize_in_progress_resumes_from_the_status_after_a_restart(

@@ -125,3 +125,17 @@ def test_every_elastic_size_must_hold_all_experts() -> None:
     document["spec"]["elastic"]["maxExpertParallelSize"] = 4
     document["spec"]["elastic"]["minExpertParallelSize"] = 1
     assert problems(document) == []  # the smallest reachable size is 4: 16 slots
+
+
+def test_an_invalid_object_can_still_lose_its_finalizer() -> None:
+    """Kopf removes its finalizer with a metadata-only patch: the webhook must pass it even
+    when the stored spec breaks a rule (else the object stays Terminating for ever)."""
+    invalid = copy.deepcopy(TINY)
+    invalid["spec"]["elastic"]["maxExpertParallelSize"] = 1  # below the minimum and the size
+    assert admission_problems(invalid, None)  # it would not be created today
+    finalized = copy.deepcopy(invalid)
+    finalized["metadata"]["finalizers"] = []
+    assert admission_problems(finalized, invalid) == []
+    changed = copy.deepcopy(invalid)
+    changed["spec"]["image"] = "ghcr.io/moe-eplb/worker:0.2.0"
+    assert admission_problems(changed, invalid)  # a spec change is checked in full
