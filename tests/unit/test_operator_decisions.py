@@ -139,3 +139,21 @@ def test_an_invalid_object_can_still_lose_its_finalizer() -> None:
     changed = copy.deepcopy(invalid)
     changed["spec"]["image"] = "ghcr.io/moe-eplb/worker:0.2.0"
     assert admission_problems(changed, invalid)  # a spec change is checked in full
+
+
+def test_a_reconcile_round_leaves_the_autopilots_degraded_reason_alone() -> None:
+    """MetricsUnavailable is the autopilot's to set and clear: a reconcile round in between
+    keeps it (no flip, and no warning Event, every resync), but clears its own reasons."""
+    from moe_operator.status import METRICS_UNAVAILABLE, set_condition
+
+    first = compute_status(observed(pods_ready=2), None, "2026-01-01T00:00:00Z")
+    flagged = dict(first)
+    flagged["conditions"] = set_condition(
+        first["conditions"], "Degraded", True, METRICS_UNAVAILABLE, "no series", 3, "t1"
+    )
+    again = conditions(compute_status(observed(pods_ready=2), flagged, "2026-01-01T00:02:00Z"))
+    assert again["Degraded"]["status"] == "True"
+    assert again["Degraded"]["reason"] == METRICS_UNAVAILABLE
+    invalid = compute_status(observed(problem=("InvalidSpec", "spec.x: bad")), first, "t2")
+    fixed = conditions(compute_status(observed(pods_ready=2), invalid, "t3"))
+    assert fixed["Degraded"]["status"] == "False" and fixed["Degraded"]["reason"] == "AsExpected"
