@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from distributed import free_port
+from moe_worker.eplb.controller import reading_min_steps
 from moe_worker.metrics import SPECS, WorkerMetrics, reference_markdown
 from moe_worker.server import WorkerStatus, serve_control, serve_metrics
 from rank_processes import http
@@ -368,13 +369,14 @@ def test_two_ranks_serve_metrics_control_and_stop_on_sigterm(tmp_path: Path) -> 
                 what="the manual rebalance on every rank",
             )
         steps_at_rebalance = value(scrape(ports[0]), "moe_steps_total")
+        reading = reading_min_steps(20_000) + 40  # a fresh reading, then 40 steps more
         after = wait_for(
             lambda: (
                 (s := scrape(ports[0]))
-                and value(s, "moe_steps_total") >= steps_at_rebalance + 40
+                and value(s, "moe_steps_total") >= steps_at_rebalance + reading
                 and s
             ),
-            what="a full window after the rebalance",
+            what="a fresh balancedness reading after the rebalance",
         )
         assert value(after, "moe_mapping_generation") == 1
         assert value(after, "moe_balancedness") > max(0.9, b0 + 0.05)

@@ -26,15 +26,17 @@ from .rebalance import RebalanceResult, global_logical_load, rebalance
 from .state import EPLBLayerState, EPLBState
 
 # Steps of load a layer's window needs after its maps changed before its balancedness is read:
-# at least this many, and a quarter of the window (at most half of it).
+# at least this many, and a quarter of the window, up to READING_MAX_STEPS (at most half of it).
 READING_MIN_STEPS = 16
+READING_MAX_STEPS = 200
 
 log = logging.getLogger("moe_worker.eplb")
 
 
 def reading_min_steps(window_size: int) -> int:
     """Steps of load under new maps before a layer's balancedness is read again."""
-    return max(1, min(max(READING_MIN_STEPS, window_size // 4), window_size // 2))
+    quarter = min(max(READING_MIN_STEPS, window_size // 4), READING_MAX_STEPS)
+    return max(1, min(quarter, window_size // 2))
 
 
 F = TypeVar("F", bound=Callable[..., Any])
