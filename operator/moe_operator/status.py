@@ -105,7 +105,7 @@ def compute_status(observed: Observed, previous: dict[str, Any] | None, now: str
         and observed.pods_updated >= observed.pods_wanted
     )
     all_ready = observed.pods_ready >= observed.pods_wanted and rolled_out
-    degraded = next((c for c in conditions if c.get("type") == "Degraded"), {})
+    degraded: dict[str, Any] = next((c for c in conditions if c.get("type") == "Degraded"), {})
     if not (degraded.get("status") == "True" and degraded.get("reason") == METRICS_UNAVAILABLE):
         # One owner per reason: the autopilot's timer sets and clears MetricsUnavailable; a
         # reconcile round clearing it would flip the condition (and its Event) every resync.
