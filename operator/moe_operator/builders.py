@@ -22,6 +22,7 @@ CONFIG_DIR = "/etc/moe-eplb/config"
 TOKEN_DIR = "/etc/moe-eplb/token"
 WORKER_USER = 10001
 OPERATOR_LABELS = {"app.kubernetes.io/name": "moe-operator"}
+STARTUP_PROBE_PERIOD_S = 5
 
 Manifest = dict[str, Any]
 
@@ -258,11 +259,13 @@ def stateful_set(
                 "cpu": spec.resources.cpu,
                 "memory": spec.resources.memory,
                 "nvidia.com/gpu": str(gpus),
+                **spec.pod.extra_resources,
             },
             "limits": {
                 "cpu": spec.resources.cpu,
                 "memory": spec.resources.memory,
                 "nvidia.com/gpu": str(gpus),
+                **spec.pod.extra_resources,
             },
         },
         "volumeMounts": mounts,
@@ -271,13 +274,16 @@ def stateful_set(
             "runAsUser": WORKER_USER,
             "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
+            "capabilities": {
+                "drop": ["ALL"],
+                **({"add": list(spec.pod.add_capabilities)} if spec.pod.add_capabilities else {}),
+            },
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "startupProbe": {
             "httpGet": {"path": "/healthz", "port": probe_port},
-            "periodSeconds": 5,
-            "failureThreshold": 120,
+            "periodSeconds": STARTUP_PROBE_PERIOD_S,
+            "failureThreshold": -(-spec.pod.startup_timeout_seconds // STARTUP_PROBE_PERIOD_S),
         },
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": probe_port}, "periodSeconds": 5},
         "livenessProbe": {
@@ -295,7 +301,14 @@ def stateful_set(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "terminationGracePeriodSeconds": 60,
+        "automountServiceAccountToken": spec.pod.automount_service_account_token,
     }
+    if spec.pod.scheduler_name:
+        pod_spec["schedulerName"] = spec.pod.scheduler_name
+    if spec.pod.runtime_class_name:
+        pod_spec["runtimeClassName"] = spec.pod.runtime_class_name
+    if spec.pod.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in spec.pod.image_pull_secrets]
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
@@ -320,7 +333,10 @@ def stateful_set(
             "template": {
                 "metadata": {
                     "labels": labels(name),
-                    "annotations": {f"{GROUP}/config-hash": config_hash(deployment)},
+                    "annotations": {
+                        **spec.pod.annotations,
+                        f"{GROUP}/config-hash": config_hash(deployment),
+                    },
                 },
                 "spec": pod_spec,
             },

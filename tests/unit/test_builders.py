@@ -193,3 +193,43 @@ def test_a_serving_deployment_gets_its_inference_service_and_api_ingress() -> No
         )
     )
     assert not config.serving.enabled and config.workload.kind == "zipf"
+
+
+def test_pod_overrides_reach_the_template_and_validate(tmp_path: Path) -> None:
+    document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    document["spec"]["pod"] = {
+        "schedulerName": "volcano",
+        "runtimeClassName": "nvidia",
+        "imagePullSecrets": ["registry-cred"],
+        "annotations": {"example.com/team": "inference"},
+        "extraResources": {"rdma/hca_shared_devices_a": 1},
+        "addCapabilities": ["IPC_LOCK"],
+        "startupTimeoutSeconds": 1801,
+    }
+    deployment = MoEDeployment.model_validate(document)
+    template = stateful_set(deployment)["spec"]["template"]
+    pod = template["spec"]
+    assert pod["schedulerName"] == "volcano" and pod["runtimeClassName"] == "nvidia"
+    assert pod["imagePullSecrets"] == [{"name": "registry-cred"}]
+    assert pod["automountServiceAccountToken"] is False
+    assert template["metadata"]["annotations"]["example.com/team"] == "inference"
+    assert "moe.eplb.dev/config-hash" in template["metadata"]["annotations"]
+    container = pod["containers"][0]
+    for side in ("requests", "limits"):
+        assert container["resources"][side]["rdma/hca_shared_devices_a"] == "1"
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 1801
+    # the defaults: no token, ten minutes to start, nothing added
+    plain = stateful_set(load(ROOT / "examples" / "tiny.yaml"))["spec"]["template"]["spec"]
+    assert plain["automountServiceAccountToken"] is False and "schedulerName" not in plain
+    startup = plain["containers"][0]["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 600
+    # and kubernetes-validate --strict takes the result
+    rendered = tmp_path / "sts.yaml"
+    rendered.write_text(yaml.safe_dump(stateful_set(deployment)))
+    check = kubernetes_validate_strict(rendered)
+    assert check.returncode == 0, check.stdout + check.stderr
+    bad = dict(document["spec"]["pod"], addCapabilities=["SYS_ADMIN"])
+    with pytest.raises(ValueError, match="addCapabilities"):
+        MoEDeployment.model_validate({**document, "spec": {**document["spec"], "pod": bad}})

@@ -151,6 +151,41 @@ class EnvVar(ApiModel):
     value: str = Field("", max_length=32768)
 
 
+class PodOverrides(ApiModel):
+    """What the worker pods' template takes beyond the defaults, as KServe, LWS and KubeAI
+    users ask for: a gang scheduler, a runtime class, pull secrets, RDMA devices, IPC_LOCK,
+    a longer start for big checkpoints, pod annotations."""
+
+    scheduler_name: str | None = Field(
+        None, max_length=253, description="Scheduler of the pods (e.g. a gang scheduler)."
+    )
+    runtime_class_name: str | None = Field(None, max_length=253, description="RuntimeClass.")
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets to pull the worker image with."
+    )
+    annotations: dict[str, str] = Field(default_factory=dict, description="Pod annotations.")
+    extra_resources: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="More extended resources per pod, requested and limited alike (e.g. "
+        "rdma/hca_shared_devices_a: 1).",
+    )
+    add_capabilities: list[Literal["IPC_LOCK", "SYS_RESOURCE", "SYS_PTRACE", "NET_ADMIN"]] = Field(
+        default_factory=list,
+        description="Linux capabilities the worker keeps (all others dropped); IPC_LOCK "
+        "for RDMA memory registration.",
+    )
+    startup_timeout_seconds: int = Field(
+        600,
+        ge=30,
+        le=86400,
+        description="How long a pod may take to start (load its checkpoint) before it is "
+        "restarted.",
+    )
+    automount_service_account_token: bool = Field(
+        False, description="Mount a service-account token (the workers call no Kubernetes API)."
+    )
+
+
 class MoEDeploymentSpec(ApiModel):
     """Desired state of a Mixture-of-Experts deployment with expert-parallel load balancing."""
 
@@ -198,6 +233,9 @@ class MoEDeploymentSpec(ApiModel):
     priority_class_name: str | None = Field(None, max_length=253, description="Pod priority.")
     service_account_name: str | None = Field(None, max_length=253, description="Pod identity.")
     env: list[EnvVar] = Field(default_factory=list, description="Extra worker environment.")
+    pod: PodOverrides = Field(
+        default_factory=lambda: PodOverrides(), description="Pod template escape hatches."
+    )
 
     @field_validator("node_selector")
     @classmethod
