@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from .api.models import (
     CROSS_FIELD_RULES,
     GROUP,
+    IMMUTABLE_FIELDS,
     KIND,
     PLURAL,
     SHORT_NAMES,
@@ -119,11 +120,26 @@ def _schema(model: type[BaseModel]) -> dict[str, Any]:
     return schema
 
 
+def transition_rules() -> list[dict[str, str]]:
+    """CEL transition rules (evaluated on update, ``oldSelf`` the stored spec): every field of
+    ``IMMUTABLE_FIELDS`` keeps its value."""
+    rules = []
+    for path in IMMUTABLE_FIELDS:
+        field = ".".join(path[1:])
+        rules.append(
+            {
+                "rule": f"self.{field} == oldSelf.{field}",
+                "message": f"{'.'.join(path)}: is immutable; create a new MoEDeployment instead",
+            }
+        )
+    return rules
+
+
 def openapi_schema() -> dict[str, Any]:
     spec = _schema(MoEDeploymentSpec)
     spec["x-kubernetes-validations"] = [
         {"rule": rule.cel, "message": f"{rule.field}: {rule.message}"} for rule in CROSS_FIELD_RULES
-    ]
+    ] + transition_rules()
     return {
         "type": "object",
         "description": "A Mixture-of-Experts deployment with expert parallelism and EPLB.",

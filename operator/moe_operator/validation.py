@@ -12,20 +12,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .api.models import MoEDeployment
+from .api.models import IMMUTABLE_FIELDS, MoEDeployment
+
 
 # Fields fixed at creation: the model's shape decides every weight tensor and slot.
-IMMUTABLE_FIELDS: tuple[tuple[str, ...], ...] = (
-    ("spec", "model", "source"),
-    ("spec", "model", "numLayers"),
-    ("spec", "model", "numExperts"),
-    ("spec", "model", "hiddenSize"),
-    ("spec", "model", "intermediateSize"),
-    ("spec", "model", "topK"),
-    ("spec", "parallelism", "gpusPerPod"),
-)
-
-
 def _path(location: tuple[Any, ...]) -> str:
     out = ""
     for part in location:

@@ -15,8 +15,9 @@ import pytest
 import yaml
 from cel_expr_python import cel
 
+from moe_operator.api.models import IMMUTABLE_FIELDS
 from moe_operator.crdgen import openapi_schema
-from moe_operator.validation import problems
+from moe_operator.validation import admission_problems, problems
 from spec_cases import INVALID, as_jsonschema, edited
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,15 +59,21 @@ def spec_schema() -> dict[str, Any]:
     return openapi_schema()["properties"]["spec"]  # type: ignore[no-any-return]
 
 
-def cel_rejections(spec: dict[str, Any]) -> list[str]:
-    """The messages of the rules that do not hold for ``spec`` (defaulted first); a rule that
-    errs (a missing key, a type mismatch) rejects too, as the API server's does."""
+def cel_rejections(spec: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """The messages of the rules that do not hold for ``spec`` (defaulted first; on an update
+    ``old`` is the stored spec and the transition rules run too); a rule that errs (a missing
+    key, a type mismatch) rejects too, as the API server's does."""
     schema = spec_schema()
     defaulted = structural_default(schema, spec)
-    env = cel.NewEnv(variables={"self": cel.Type.DYN})
+    env = cel.NewEnv(variables={"self": cel.Type.DYN, "oldSelf": cel.Type.DYN})
+    data = {"self": defaulted}
+    if old is not None:
+        data["oldSelf"] = structural_default(schema, old)
     out = []
     for rule in schema["x-kubernetes-validations"]:
-        result = env.compile(rule["rule"]).eval(data={"self": defaulted}).plain_value()
+        if "oldSelf" in rule["rule"] and old is None:
+            continue  # a transition rule: updates only
+        result = env.compile(rule["rule"]).eval(data=data).plain_value()
         if result is not True:
             out.append(rule["message"] if result is False else f"{rule['message']} ({result})")
     return out
@@ -124,3 +131,28 @@ def test_invalid_specs_are_rejected_by_the_api_server_and_the_models(
     assert by_schema or by_cel, f"the API server would accept {path}={value!r}"
     if by_cel:  # CEL's message names the field as the models' does
         assert any(expected.split(":")[0] in message for message in by_cel), by_cel
+
+
+@pytest.mark.parametrize(
+    "path", [".".join(p) for p in IMMUTABLE_FIELDS], ids=[".".join(p) for p in IMMUTABLE_FIELDS]
+)
+def test_immutable_fields_are_refused_on_update_by_cel_and_the_webhook(path: str) -> None:
+    stored = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    assert cel_rejections(stored["spec"], stored["spec"]) == []  # an unchanged update passes
+    changed = copy.deepcopy(stored)
+    *parents, last = path.split(".")
+    node = changed
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = "checkpoint" if last == "source" else int(node.get(last) or 1) * 2
+    by_cel = [m for m in cel_rejections(changed["spec"], stored["spec"]) if "immutable" in m]
+    assert by_cel == [f"{path}: is immutable; create a new MoEDeployment instead"], by_cel
+    assert any(
+        message.startswith(f"{path}: is immutable")
+        for message in admission_problems(changed, stored)
+    )
+    # a field that may change (the EP size, within the elastic range) passes both
+    scaled = copy.deepcopy(stored)
+    scaled["spec"]["parallelism"]["expertParallelSize"] = 3
+    assert cel_rejections(scaled["spec"], stored["spec"]) == []
+    assert admission_problems(scaled, stored) == []

@@ -289,6 +289,19 @@ class MoEDeploymentSpec(ApiModel):
         return self.parallelism.expert_parallel_size
 
 
+# Fields fixed once a deployment exists (the model's shape and the pod's GPUs): checked by
+# the webhook and, as CEL transition rules on update, by the API server itself.
+IMMUTABLE_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("spec", "model", "source"),
+    ("spec", "model", "numLayers"),
+    ("spec", "model", "numExperts"),
+    ("spec", "model", "hiddenSize"),
+    ("spec", "model", "intermediateSize"),
+    ("spec", "model", "topK"),
+    ("spec", "parallelism", "gpusPerPod"),
+)
+
+
 @dataclass(frozen=True)
 class CrossFieldRule:
     """One rule over several fields, as Python (operator, CLI) and as CEL (API server)."""
