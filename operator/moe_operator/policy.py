@@ -121,8 +121,9 @@ def decide(
     # Load band (elastic).
     elastic = spec.elastic
     mean = snapshot.mean_rank_load
-    high = elastic.enabled and mean is not None and mean > elastic.tokens_per_rank_high
-    low = elastic.enabled and mean is not None and mean < elastic.tokens_per_rank_low
+    sizes_it = elastic.enabled and elastic.scaler == "operator"  # else an external scaler does
+    high = sizes_it and mean is not None and mean > elastic.tokens_per_rank_high
+    low = sizes_it and mean is not None and mean < elastic.tokens_per_rank_low
     memory = replace(
         memory,
         load_high_since=_since(high, memory.load_high_since, now),

@@ -202,3 +202,32 @@ def test_scraped_rates_span_the_window_not_one_noisy_second() -> None:
     assert rate_base(history, round_(15, [1.0, 2.0, 3.0]), 5.0) is None
     # nothing within the window: the latest earlier round
     assert rate_base(history, round_(40, [4000.0, 4000.0]), 5.0) is history[-1]
+
+
+def test_an_external_scaler_owns_the_size_and_the_operator_never_fights_it() -> None:
+    """elastic.scaler external: an HPA-style scaler sets the EP size (replicas = ceil(current
+    x load / target), within its bounds, as an HPA computes them from the scale subresource);
+    the operator's policy never writes a size of its own, whatever the load, but still remaps."""
+    external = spec(scaler="external")
+    world = World(ep_size=2)
+    written: list[tuple[float, int]] = []
+
+    def series(t, w):  # type: ignore[no-untyped-def]
+        total = 30000.0 if t < 600 else 2000.0  # a burst, then quiet
+        # the external scaler: target 4000 tokens/s per rank, bounds 2..6
+        per_rank = total / w.ep_size
+        desired = min(6, max(2, math.ceil(w.ep_size * per_rank / 4000.0)))
+        if desired != w.ep_size and not w.applying:
+            written.append((t, desired))
+            w.applying.append((t + w.lag, "resize", desired))
+        balance = 0.7 if w.mapping_generation == 0 else 0.95
+        return balance, total
+
+    actions = world.run(external, series, until=1200)
+    assert [a for a in actions if a[1] == "resize"] == []  # the operator wrote no size
+    assert [a[1] for a in actions] == ["remap"]  # but it did remap the low balancedness
+    assert [size for _, size in written] == [6, 2]  # the scaler's sizes were carried out
+    assert world.ep_size == 2
+    # the same world with the operator as the scaler: it sizes by its own band
+    owned = World(ep_size=2).run(spec(), lambda t, w: (0.95, 30000.0), until=300)
+    assert [a[2] for a in owned if a[1] == "resize"][:1] == [3]

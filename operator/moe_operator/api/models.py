@@ -110,7 +110,14 @@ class RemapPolicy(ApiModel):
 class ElasticPolicy(ApiModel):
     """When the operator resizes expert parallelism."""
 
-    enabled: bool = Field(False, description="Resize EP by per-rank load.")
+    enabled: bool = Field(False, description="Resize EP live (without re-deploying).")
+    scaler: Literal["operator", "external"] = Field(
+        "operator",
+        description="Who sets the EP size: the operator's policy (per-rank load band, via the "
+        "scale subresource), or something external (an HPA, KEDA, a GitOps tool or a person, "
+        "via the scale subresource or the spec): then the operator only carries the size out "
+        "live and never writes it, so the two never fight.",
+    )
     min_expert_parallel_size: int = Field(1, ge=1, description="Smallest EP size.")
     max_expert_parallel_size: int = Field(64, ge=1, description="Largest EP size.")
     tokens_per_rank_low: float = Field(1000.0, ge=0, description="Scale down below (tokens/s).")
