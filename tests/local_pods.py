@@ -218,6 +218,15 @@ class LocalPods:
         sts = self.cluster.get("apps/v1", "statefulsets", self.namespace, self.name)
         return bool(sts) and self.ready_pods() >= int(sts["spec"]["replicas"])
 
+    def log_tail(self, ordinal: int, lines: int = 5) -> str:
+        """The last lines of pod ``ordinal``'s latest log (for failure messages)."""
+        logs = sorted(
+            self.root.glob(f"{self.name}-{ordinal}.*.log"), key=lambda p: p.stat().st_mtime
+        )
+        if not logs:
+            return f"pod {ordinal}: no log"
+        return f"{logs[-1].name}: " + " | ".join(logs[-1].read_text().splitlines()[-lines:])
+
     def scrape(self, rank: int) -> str:
         host = pod_address(rank // self.gpus_per_pod)
         port = self.config["metrics"]["port"] + rank % self.gpus_per_pod
