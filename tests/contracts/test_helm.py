@@ -281,3 +281,33 @@ def test_the_chart_works_as_a_subchart() -> None:
         "template", "moe", str(CHART), "--namespace", "moe-system", "--set", "global.region=eu"
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_names_annotations_and_security_contexts_are_overridable() -> None:
+    default = template([])
+    operator = next(d for d in default if d["kind"] == "Deployment")
+    pod = operator["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    changed = template(
+        [
+            "--set",
+            "fullnameOverride=eplb",
+            "--set",
+            "podAnnotations.example\\.com/team=inference",
+            "--set",
+            "podSecurityContext.fsGroup=2000",
+            "--set",
+            "securityContext.runAsUser=12345",
+        ]
+    )
+    operator = next(d for d in changed if d["kind"] == "Deployment")
+    assert operator["metadata"]["name"] == "eplb"
+    template_ = operator["spec"]["template"]
+    assert template_["metadata"]["annotations"] == {"example.com/team": "inference"}
+    assert template_["spec"]["securityContext"]["fsGroup"] == 2000
+    assert template_["spec"]["containers"][0]["securityContext"]["runAsUser"] == 12345
+    named = template(["--set", "nameOverride=eplb-operator"])
+    assert next(d for d in named if d["kind"] == "Deployment")["metadata"]["name"] == (
+        "moe-eplb-operator"
+    )
