@@ -139,37 +139,31 @@ class LocalPods:
                 self.restarts += 1
                 self._start_pod(ordinal)
 
-    def pod_ready(self, ordinal: int) -> bool:
+    def _readyz(self, ordinal: int) -> list[str] | None:
+        """Each rank's /readyz status word in pod ``ordinal`` (None: a rank is unreachable)."""
         if not self.config or ordinal not in self.pods:
-            return False
+            return None
+        states = []
         for local in range(self.gpus_per_pod):
             url = f"http://{pod_address(ordinal)}:{self.config['metrics']['port'] + local}/readyz"
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status != 200:
-                        return False
-            except OSError:
-                return False
-        return True
+                    states.append(str(json.loads(r.read()).get("status")))
+            except urllib.error.HTTPError as error:
+                states.append(str(json.loads(error.read()).get("status")))
+            except (OSError, ValueError):
+                return None
+        return states
+
+    def pod_ready(self, ordinal: int) -> bool:
+        return self._readyz(ordinal) == ["ready"] * self.gpus_per_pod
 
     def ready_pods(self) -> int:
         return sum(self.pod_ready(o) for o in sorted(self.pods))
 
     def pod_standby(self, ordinal: int) -> bool:
         """Every rank of the pod waits on standby to join (alive, registered, not ready)."""
-        if not self.config or ordinal not in self.pods:
-            return False
-        for local in range(self.gpus_per_pod):
-            url = f"http://{pod_address(ordinal)}:{self.config['metrics']['port'] + local}/readyz"
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    return False  # 200: ready, not standby
-            except urllib.error.HTTPError as error:
-                if json.loads(error.read()).get("status") != "standby":
-                    return False
-            except OSError:
-                return False
-        return True
+        return self._readyz(ordinal) == ["standby"] * self.gpus_per_pod
 
     def up(self) -> bool:
         """Every pod of the StatefulSet is ready or on standby (what a scale-up waits for)."""
@@ -217,15 +211,6 @@ class LocalPods:
     def ready(self) -> bool:
         sts = self.cluster.get("apps/v1", "statefulsets", self.namespace, self.name)
         return bool(sts) and self.ready_pods() >= int(sts["spec"]["replicas"])
-
-    def log_tail(self, ordinal: int, lines: int = 5) -> str:
-        """The last lines of pod ``ordinal``'s latest log (for failure messages)."""
-        logs = sorted(
-            self.root.glob(f"{self.name}-{ordinal}.*.log"), key=lambda p: p.stat().st_mtime
-        )
-        if not logs:
-            return f"pod {ordinal}: no log"
-        return f"{logs[-1].name}: " + " | ".join(logs[-1].read_text().splitlines()[-lines:])
 
     def scrape(self, rank: int) -> str:
         host = pod_address(rank // self.gpus_per_pod)

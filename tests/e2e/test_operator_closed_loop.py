@@ -301,8 +301,6 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
                 "EP 2 served, pods 2 and 3 gone",
             )
             await eventually(lambda: len(pods.pods) == 2, 60, "two pods")
-            # no pod died on the way (a restarted rank would be rejoining now)
-            assert pods.restarts == 0, [pods.log_tail(o) for o in sorted(pods.pods)]
             generation = gauge(pods.scrape(0), "moe_topology_generation")
             assert generation == 2
 
