@@ -7,12 +7,15 @@ subclass adds what a real API server does and the operator depends on:
   ``generation`` moves only when ``spec`` changes;
 - the status split for resources with a ``status`` subresource: writes to the main resource
   ignore ``status``, writes to ``/status`` change only ``status``;
-- the ``scale`` subresource of MoEDeployment (``spec.replicas`` -> the EP size);
+- the ``scale`` subresource as ``autoscaling/v1`` Scale: for MoEDeployment through the paths
+  the generated CRD declares (``specReplicasPath`` etc.), as an HPA and ``kubectl scale`` see it;
+- with ``admission_url`` set, a validating admission webhook on creates and updates of the
+  MoEDeployment itself (not its subresources, as the chart registers it): the operator's;
 - the namespace taken from the URL on create, and ``generateName``;
 - resource discovery (``/apis/<group>/<version>``) for the resources the operator uses;
 - garbage collection of objects whose controller owner was deleted (cascading).
 
-It stays a test double: no admission, no schema validation, no field managers.
+It stays a test double: no schema validation, no field managers.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiohttp.web
 import attrs
 import kmock
 import yaml
@@ -59,6 +64,34 @@ MONITORING = [
     ("monitoring.coreos.com/v1", "servicemonitors", "ServiceMonitor", set()),
 ]
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+CRD_FILE = Path(__file__).resolve().parents[1] / "crds" / f"{PLURAL}.{GROUP}.yaml"
+STATEFULSET_SCALE = {
+    "specReplicasPath": ".spec.replicas",
+    "statusReplicasPath": ".status.replicas",
+    "labelSelectorPath": ".status.selector",
+}
+
+
+def crd_scale_paths() -> dict[str, str]:
+    """The scale subresource's JSON paths as the generated CRD declares them."""
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    return dict(crd["spec"]["versions"][0]["subresources"]["scale"])
+
+
+def _at(document: dict[str, Any], path: str) -> Any:
+    node: Any = document
+    for part in path.lstrip(".").split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _nested(path: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(path.lstrip(".").split(".")):
+        out = {part: out}
+    return dict(out)
+
+
 _versions = itertools.count(1)
 
 
@@ -86,6 +119,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # Requests answered since the last trim. KMock matches a request to its reactions by
     # scanning every request it has recorded (quadratic over a run); answered ones are dropped.
     _answered: set[Any] = attrs.field(factory=set, init=False)
+    # The validating webhook's URL (an AdmissionReview POST); None: no admission.
+    admission_url: str | None = None
+    # Admission reviews sent: (operation, allowed).
+    admissions: list[tuple[str, bool]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -137,6 +174,83 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             return None
         return self.objects[key].raw
 
+    def _scale_paths(self, resource: kmock.resource) -> dict[str, str]:
+        return crd_scale_paths() if resource.plural == PLURAL else STATEFULSET_SCALE
+
+    def _scale(self, request: rendering.Request) -> dict[str, Any] | None:
+        """The object's ``autoscaling/v1`` Scale, read through the scale paths."""
+        current = self._current(request)
+        if current is None:
+            return None
+        paths = self._scale_paths(request.resource)
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                k: current["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion")
+            },
+            "spec": {"replicas": _at(current, paths["specReplicasPath"])},
+            "status": {
+                "replicas": _at(current, paths["statusReplicasPath"]) or 0,
+                "selector": _at(current, paths.get("labelSelectorPath", ".status.x")) or "",
+            },
+        }
+
+    async def _admitted(self, request: rendering.Request) -> aiohttp.web.Response | None:
+        """Send the webhook the object as it would be stored; its denial as the API server
+        answers it (None: allowed, or no webhook for this request)."""
+        if (
+            self.admission_url is None
+            or request.resource is None
+            or request.resource.plural != PLURAL
+            or request.subresource
+            or request.action not in (enums.action.CREATE, enums.action.UPDATE)
+        ):
+            return None
+        current = self._current(request)
+        operation = "CREATE" if request.action == enums.action.CREATE else "UPDATE"
+        new = copy.deepcopy(request.data)
+        if operation == "UPDATE":
+            new = dicts.patch_dict(copy.deepcopy(current or {}), new)
+        review = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": str(uuid.uuid4()),
+                "kind": {"group": GROUP, "version": VERSION, "kind": KIND},
+                "resource": {"group": GROUP, "version": VERSION, "resource": PLURAL},
+                "name": (new.get("metadata") or {}).get("name") or request.name,
+                "namespace": request.namespace,
+                "operation": operation,
+                "object": new,
+                "oldObject": current if operation == "UPDATE" else None,
+                "userInfo": {"username": "tester"},
+                "dryRun": False,
+            },
+        }
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(self.admission_url, json=review) as reply,
+        ):
+            answer = (await reply.json())["response"]
+        self.admissions.append((operation, bool(answer["allowed"])))
+        if answer["allowed"]:
+            return None
+        status = answer.get("status") or {}
+        code = int(status.get("code") or 400)
+        message = f"admission webhook denied the request: {status.get('message', '')}"
+        return aiohttp.web.json_response(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "message": message,
+                "reason": "Invalid",
+                "code": code,
+            },
+            status=code,
+        )
+
     def _stamped(self, request: rendering.Request) -> Any:
         data: dict[str, Any] = copy.deepcopy(request.data)
         if request.action == enums.action.CREATE:
@@ -160,10 +274,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             data = {"status": data.get("status")}
         elif sub == "scale":
             replicas = (data.get("spec") or {}).get("replicas")
-            if request.resource.plural == PLURAL:
-                data = {"spec": {"parallelism": {"expertParallelSize": replicas}}}
-            else:
-                data = {"spec": {"replicas": replicas}}
+            data = _nested(self._scale_paths(request.resource)["specReplicasPath"], replicas)
         elif self._has_status_split(request.resource):
             data.pop("status", None)
         patched = dicts.patch_dict(copy.deepcopy(current), data)
@@ -217,6 +328,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 request.headers.get("User-Agent", ""),
             )
         )
+        if method == "GET" and request.subresource == "scale" and request.name:
+            scale = self._scale(request)
+            if scale is None:
+                return aiohttp.web.json_response({"kind": "Status", "code": 404}, status=404)
+            return aiohttp.web.json_response(scale)
+        denied = await self._admitted(request)
+        if denied is not None:
+            return denied
         owner_uid: str | None = None
         if request.action in (enums.action.CREATE, enums.action.UPDATE) and isinstance(
             request.data, dict

@@ -32,14 +32,14 @@ DELETE = object()
 
 INVALID: list[tuple[str, Any, str]] = [
     # types
-    ("spec.parallelism.expertParallelSize", "two", "spec.parallelism.expertParallelSize"),
+    ("spec.parallelism.pods", "two", "spec.parallelism.pods"),
     ("spec.parallelism.gpusPerPod", 1.5, "spec.parallelism.gpusPerPod"),
     ("spec.image", 42, "spec.image"),
     ("spec.eplb.useAsync", "maybe", "spec.eplb.useAsync"),
     ("spec.nodeSelector", ["a"], "spec.nodeSelector"),
     ("spec.tolerations", {"key": "x"}, "spec.tolerations"),
     # ranges
-    ("spec.parallelism.expertParallelSize", 0, "spec.parallelism.expertParallelSize"),
+    ("spec.parallelism.pods", 0, "spec.parallelism.pods"),
     ("spec.parallelism.gpusPerPod", 17, "spec.parallelism.gpusPerPod"),
     ("spec.eplb.windowSize", 0, "spec.eplb.windowSize"),
     ("spec.eplb.stepInterval", -5, "spec.eplb.stepInterval"),
@@ -73,7 +73,7 @@ INVALID: list[tuple[str, Any, str]] = [
     ("apiVersion", "moe.eplb.dev/v1", "apiVersion"),
     ("kind", "Deployment", "kind"),
     # cross-field
-    ("spec.parallelism.gpusPerPod", 4, "spec.parallelism.expertParallelSize: must be divisible by"),
+    ("spec.parallelism.gpusPerPod", 4, "spec.elastic: minExpertParallelSize <= the EP size"),
     ("spec.parallelism.slotsPerRank", 3, "spec.parallelism.slotsPerRank"),
     ("spec.elastic.maxExpertParallelSize", 1, "spec.elastic: minExpertParallelSize <="),
     ("spec.elastic.tokensPerRankLow", 1e9, "spec.elastic.tokensPerRankLow"),
@@ -82,17 +82,14 @@ INVALID: list[tuple[str, Any, str]] = [
     (
         "spec.parallelism.numNodes",
         4,
-        "spec.parallelism.expertParallelSize: must be divisible by parallelism.numNodes",
+        "spec.parallelism.pods: must be divisible by parallelism.numNodes",
     ),
     ("spec.affinity", {"nodeSelector": {}}, "spec.affinity"),
     # unknown and missing fields
     ("spec.replicas", 3, "spec.replicas: unknown field"),
     ("spec.eplb.windowsize", 5, "spec.eplb.windowsize: unknown field"),
-    (
-        "spec.parallelism.expertParallelSize",
-        DELETE,
-        "spec.parallelism.expertParallelSize: required",
-    ),
+    ("spec.parallelism.pods", DELETE, "spec.parallelism.pods: required"),
+    ("spec.parallelism.expertParallelSize", 2, "spec.parallelism.expertParallelSize: unknown"),
     ("spec.image", DELETE, "spec.image: required"),
 ]
 

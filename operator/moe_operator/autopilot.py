@@ -1,11 +1,12 @@
 """One policy round for a MoEDeployment: read metrics, decide (``policy.decide``), act.
 
 Actions: a remap is ``POST /v1/eplb/rebalance`` to the leader rank's control API (bearer token
-from the deployment's Secret); a resize sets ``spec.parallelism.expertParallelSize`` through the
-CR's ``scale`` subresource, the same path as ``kubectl scale``. With elastic on, ``resize_round``
-then carries the change out live (``resize.py``: pods up, POST /v1/ep/resize, pods down), its
-progress in ``status.resize`` so an operator restart resumes it; without elastic, the reconcile
-handlers re-deploy at the new size. The policy memory is written to ``status.policy``.
+from the deployment's Secret); a resize sets ``spec.parallelism.pods`` through the CR's
+``scale`` subresource, the same path as ``kubectl scale`` and an HPA. With elastic on,
+``resize_round`` then carries the change out live (``resize.py``: pods up, POST
+/v1/ep/resize, pods down), its progress in ``status.resize`` so an operator restart resumes it;
+without elastic, the reconcile handlers re-deploy at the new size. The policy memory is written
+to ``status.policy``.
 
 Ranks are reached at ``MOE_OPERATOR_POD_HOST`` (a template over {pod}, {name}, {namespace};
 default ``{pod}.{name}-ranks.{namespace}.svc``, the headless Service's DNS).
@@ -36,6 +37,7 @@ from .resize import (
     serving_ep_size,
 )
 from .resize import step as resize_step
+from .status import size_status
 
 POD_HOST = os.environ.get("MOE_OPERATOR_POD_HOST", "{pod}.{name}-ranks.{namespace}.svc")
 RESIZE_PHASE_TIMEOUT_S = float(os.environ.get("MOE_OPERATOR_RESIZE_PHASE_SECONDS", "600"))
@@ -164,7 +166,7 @@ async def resize_round(
         serving = int(state["epSize"])
     patch: dict[str, Any] = {}
     if serving is not None:
-        patch["expertParallelSize"] = serving
+        patch.update(size_status(serving, spec.parallelism.gpus_per_pod))
     progress = progress_from_status(status.get("resize"))
     target = spec.parallelism.expert_parallel_size
     event = None
@@ -198,7 +200,7 @@ async def resize_round(
             action = "failed"
             event = ("Warning", "ResizeFailed", f"the leader answered {code}: {body}")
     if action == "done":
-        patch["expertParallelSize"] = progress.to_ep_size
+        patch.update(size_status(progress.to_ep_size, gpus))
         patch["resize"] = None
         event = ("Normal", "Resized", f"EP {progress.from_ep_size} -> {progress.to_ep_size} live")
     elif action == "failed":
@@ -249,12 +251,13 @@ async def policy_round(
             patch["policy"] = memory_to_status(memory)  # not done: try again next round
             event = ("Warning", "RemapFailed", f"{decision.reason}; the leader said: {exc}")
     elif decision.verb == "resize":
+        gpus_per_pod = deployment.spec.parallelism.gpus_per_pod
         await kube.patch(
             f"{GROUP}/{VERSION}",
             KIND,
             meta.namespace,
             meta.name,
-            {"spec": {"replicas": decision.target_ep_size}},
+            {"spec": {"replicas": pods_for(decision.target_ep_size, gpus_per_pod)}},
             "scale",
         )
         event = (

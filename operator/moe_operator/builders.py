@@ -326,7 +326,7 @@ def stateful_set(
         "kind": "StatefulSet",
         "metadata": _metadata(deployment, name, owner_uid),
         "spec": {
-            "replicas": spec.pods if pods is None else pods,
+            "replicas": spec.parallelism.pods if pods is None else pods,
             "serviceName": f"{name}-ranks",
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector_labels(name)},

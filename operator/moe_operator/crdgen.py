@@ -189,20 +189,20 @@ def crd() -> dict[str, Any]:
                     "subresources": {
                         "status": {},
                         "scale": {
-                            "specReplicasPath": ".spec.parallelism.expertParallelSize",
-                            "statusReplicasPath": ".status.expertParallelSize",
+                            "specReplicasPath": ".spec.parallelism.pods",
+                            "statusReplicasPath": ".status.pods",
                             "labelSelectorPath": ".status.selector",
                         },
                     },
                     "additionalPrinterColumns": [
                         {
-                            "name": "EP",
+                            "name": "Pods",
                             "type": "integer",
-                            "jsonPath": ".spec.parallelism.expertParallelSize",
-                            "description": "Desired expert-parallel size",
+                            "jsonPath": ".spec.parallelism.pods",
+                            "description": "Desired pods (x gpusPerPod: the EP size)",
                         },
                         {
-                            "name": "Serving",
+                            "name": "EP",
                             "type": "integer",
                             "jsonPath": ".status.expertParallelSize",
                             "description": "The EP size the ranks serve at now",
@@ -294,7 +294,8 @@ def reference_markdown() -> str:
         f"# {KIND} ({GROUP}/{VERSION}) reference",
         "",
         f"Short name `{SHORT_NAMES[0]}`; namespaced; `status` and `scale` subresources (the scale",
-        "replicas are `spec.parallelism.expertParallelSize`).",
+        "replicas are pods, `spec.parallelism.pods`, as an HPA counts them; the EP size is pods x",
+        "`gpusPerPod`).",
         "",
         "| field | type | required | default | constraints | description |",
         "|---|---|---|---|---|---|",

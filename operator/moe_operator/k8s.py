@@ -8,6 +8,7 @@ which the Helm chart's RBAC rules are checked against.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,16 @@ class KubeError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+
+
+def api_message(reason: str | None, body: Any) -> str:
+    """What went wrong, as the API server says it: its Status ``message`` (a webhook's denial,
+    a failed rule), else the HTTP reason."""
+    try:
+        message = json.loads(body).get("message") if body else None
+    except (TypeError, ValueError, AttributeError):
+        message = None
+    return f"{reason}: {message}" if message else str(reason or body)
 
 
 def resource_path(
@@ -129,7 +140,7 @@ class KubeClient:
                 _return_http_data_only=True,
             )
         except ApiException as exc:
-            raise KubeError(exc.status or 0, str(exc.reason or exc.body)) from exc
+            raise KubeError(exc.status or 0, api_message(exc.reason, exc.body)) from exc
 
     async def get(
         self, api_version: str, kind: str, namespace: str | None, name: str

@@ -124,7 +124,7 @@ def desired_pods(spec: MoEDeploymentSpec, status: dict[str, Any]) -> int:
     its request (so no serving rank's pod is removed before it hands its experts away)."""
     gpus = spec.parallelism.gpus_per_pod
     if not spec.elastic.enabled:
-        return spec.pods
+        return spec.parallelism.pods
     sizes = [spec.parallelism.expert_parallel_size, serving_ep_size(spec, status)]
     progress = progress_from_status(status.get("resize"))
     if progress is not None and progress.phase != "pods-down":

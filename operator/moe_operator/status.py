@@ -20,6 +20,12 @@ def now_rfc3339(now: datetime.datetime | None = None) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def size_status(ep_size: int, gpus_per_pod: int) -> dict[str, int]:
+    """The serving size as status records it: EP ranks and pods (the scale subresource's
+    status replicas)."""
+    return {"expertParallelSize": ep_size, "pods": -(-ep_size // gpus_per_pod)}
+
+
 @dataclass(frozen=True)
 class Observed:
     """What the operator saw this round.
@@ -146,7 +152,7 @@ def compute_status(observed: Observed, previous: dict[str, Any] | None, now: str
         "phase": phase,
         "conditions": conditions,
         "observedGeneration": generation,
-        "expertParallelSize": observed.ep_size,
+        **size_status(observed.ep_size, observed.gpus_per_pod),
         "readyRanks": ready_ranks,
         "selector": observed.selector,
         "endpoint": observed.endpoint,

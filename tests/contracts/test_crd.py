@@ -64,15 +64,16 @@ def test_scale_subresource_and_printer_columns() -> None:
     scale = version["subresources"]["scale"]
     spec = schema()["properties"]["spec"]["properties"]
     status = schema()["properties"]["status"]["properties"]
-    assert scale["specReplicasPath"] == ".spec.parallelism.expertParallelSize"
-    assert spec["parallelism"]["properties"]["expertParallelSize"]["type"] == "integer"
+    assert scale["specReplicasPath"] == ".spec.parallelism.pods"
+    assert scale["statusReplicasPath"] == ".status.pods"
+    assert spec["parallelism"]["properties"]["pods"]["type"] == "integer"
     assert (
         status["expertParallelSize"]["type"] == "integer" and status["selector"]["type"] == "string"
     )
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == [
+        "Pods",
         "EP",
-        "Serving",
         "Ready",
         "Available",
         "Balancedness",
@@ -108,7 +109,7 @@ def test_examples_validate_against_the_crd_schema(example: Path) -> None:
 def test_crd_schema_rejects_what_the_models_reject() -> None:
     validator = jsonschema.Draft202012Validator(as_jsonschema(schema()))
     document = yaml.safe_load(EXAMPLES[-1].read_text())
-    document["spec"]["parallelism"]["expertParallelSize"] = 0
+    document["spec"]["parallelism"]["pods"] = 0
     assert list(validator.iter_errors(document))
 
 
@@ -129,4 +130,4 @@ def test_crd_reference_doc_matches_the_models() -> None:
     assert REFERENCE_PATH.read_text() == reference_markdown(), (
         "docs/crd.md drifted: run python -m moe_operator.crdgen"
     )
-    assert "`spec.parallelism.expertParallelSize`" in reference_markdown()
+    assert "`spec.parallelism.pods`" in reference_markdown()

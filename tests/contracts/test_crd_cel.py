@@ -26,7 +26,7 @@ MINIMAL = {
     "apiVersion": "moe.eplb.dev/v1alpha1",
     "kind": "MoEDeployment",
     "metadata": {"name": "minimal"},
-    "spec": {"image": "ghcr.io/moe-eplb/worker:0.1.0", "parallelism": {"expertParallelSize": 2}},
+    "spec": {"image": "ghcr.io/moe-eplb/worker:0.1.0", "parallelism": {"pods": 2}},
 }
 # Quantities as numbers, as Kubernetes takes them (cpu: 4)
 NUMERIC_QUANTITY = {
@@ -36,7 +36,7 @@ NUMERIC_QUANTITY = {
 # What the API server cannot reject: unknown fields are pruned, not refused (`moe-eplb
 # validate`, the webhook and the operator name them); rules over values the schema does not
 # hold, enforced by the models (the webhook) alone.
-PRUNED = {"spec.replicas", "spec.eplb.windowsize"}
+PRUNED = {"spec.replicas", "spec.eplb.windowsize", "spec.parallelism.expertParallelSize"}
 OUTSIDE_SPEC = {"metadata.name", "apiVersion", "kind"}
 
 
@@ -153,6 +153,71 @@ def test_immutable_fields_are_refused_on_update_by_cel_and_the_webhook(path: str
     )
     # a field that may change (the EP size, within the elastic range) passes both
     scaled = copy.deepcopy(stored)
-    scaled["spec"]["parallelism"]["expertParallelSize"] = 3
+    scaled["spec"]["parallelism"]["pods"] = 3
     assert cel_rejections(scaled["spec"], stored["spec"]) == []
     assert admission_problems(scaled, stored) == []
+
+
+@pytest.mark.parametrize(
+    "document",
+    [*(yaml.safe_load(e.read_text()) for e in EXAMPLES), MINIMAL],
+    ids=[*(e.name for e in EXAMPLES), "minimal"],
+)
+def test_a_scale_write_is_judged_by_the_api_server_as_the_webhook_would(
+    document: dict[str, Any],
+) -> None:
+    """``/scale`` writes reach no validating webhook registered for the main resource, but the
+    API server validates the object they produce (schema and CEL, transition rules included).
+    For every pod count an HPA or ``kubectl scale`` may write, its verdict is the webhook's:
+    nothing the webhook checks can slip in through ``/scale``."""
+    spec = document["spec"]
+    most = int((spec.get("elastic") or {}).get("maxExpertParallelSize") or 8)
+    accepted = []
+    for pods in range(0, most + 3):
+        scaled = copy.deepcopy(document)
+        scaled["spec"]["parallelism"]["pods"] = pods
+        by_api_server = schema_rejections(scaled) or cel_rejections(scaled["spec"], spec)
+        by_webhook = admission_problems(scaled, document)
+        assert bool(by_api_server) == bool(by_webhook), (pods, by_api_server, by_webhook)
+        if not by_webhook:
+            accepted.append(pods)
+    assert spec["parallelism"]["pods"] in accepted
+    if (spec.get("elastic") or {}).get("enabled"):
+        gpus = spec["parallelism"].get("gpusPerPod", 1)
+        assert {p * gpus for p in accepted} <= set(
+            range(spec["elastic"]["minExpertParallelSize"], most + 1)
+        )
+
+
+def test_the_hpa_example_owns_sizes_the_api_server_accepts(tmp_path: Path) -> None:
+    """examples/autoscaling: a valid MoEDeployment with an external scaler, and an HPA (valid
+    for Kubernetes) on its scale subresource whose every replica count is a pod count the API
+    server accepts, its bounds the elastic range."""
+    from manifest_checks import kubernetes_validate_strict
+
+    path = ROOT / "examples" / "autoscaling" / "qwen3-30b-a3b-hpa.yaml"
+    deployment, hpa = yaml.safe_load_all(path.read_text())
+    assert schema_rejections(deployment) == [] and problems(deployment) == []
+    assert cel_rejections(deployment["spec"]) == []
+    spec = deployment["spec"]
+    assert spec["elastic"]["scaler"] == "external"
+    only_hpa = tmp_path / "hpa.yaml"
+    only_hpa.write_text(yaml.safe_dump(hpa))
+    checked = kubernetes_validate_strict(only_hpa)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        deployment["apiVersion"],
+        deployment["kind"],
+        deployment["metadata"]["name"],
+    )
+    gpus = spec["parallelism"]["gpusPerPod"]
+    low, high = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
+    assert (low * gpus, high * gpus) == (
+        spec["elastic"]["minExpertParallelSize"],
+        spec["elastic"]["maxExpertParallelSize"],
+    )
+    for pods in range(low, high + 1):
+        scaled = copy.deepcopy(deployment)
+        scaled["spec"]["parallelism"]["pods"] = pods
+        assert cel_rejections(scaled["spec"], spec) == [] and problems(scaled) == [], pods

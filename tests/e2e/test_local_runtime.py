@@ -140,7 +140,7 @@ def test_run_serves_the_workload_remaps_and_resizes_with_no_request_lost(tmp_pat
 
 def test_run_rejects_an_invalid_file_with_the_field_named(tmp_path: Path) -> None:
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
-    document["spec"]["parallelism"]["expertParallelSize"] = 0
+    document["spec"]["parallelism"]["pods"] = 0
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(document))
     result = subprocess.run(
@@ -150,4 +150,4 @@ def test_run_rejects_an_invalid_file_with_the_field_named(tmp_path: Path) -> Non
         timeout=60,
     )
     assert result.returncode == 2
-    assert "spec.parallelism.expertParallelSize" in result.stderr
+    assert "spec.parallelism.pods" in result.stderr

@@ -69,7 +69,7 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     document["metadata"]["namespace"] = "default"
     spec = document["spec"]
-    spec["parallelism"] = {"expertParallelSize": 2, "gpusPerPod": 2}  # one pod, two ranks
+    spec["parallelism"] = {"pods": 1, "gpusPerPod": 2}  # one pod, two ranks
     api_port = free_port(consecutive=3)  # the pod's router, then its two ranks' APIs
     spec["serving"] = {"port": api_port, "maxBatchTokens": 128, "maxRunningRequests": 8}
     spec["elastic"] = {"enabled": False}
@@ -227,7 +227,7 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     document["metadata"]["namespace"] = "default"
     spec = document["spec"]
-    spec["parallelism"] = {"expertParallelSize": 2, "gpusPerPod": 1}
+    spec["parallelism"] = {"pods": 2, "gpusPerPod": 1}
     # Elastic on (live resizes), but a load band so wide the policy itself never resizes.
     spec["elastic"] = {
         "enabled": True,

@@ -22,7 +22,7 @@ def test_run_auto_puts_each_rank_on_its_own_gpu(tmp_path: Path) -> None:
     ranks = min(torch.cuda.device_count(), 2)
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     spec = document["spec"]
-    spec["parallelism"] = {"expertParallelSize": ranks, "gpusPerPod": 1}
+    spec["parallelism"] = {"pods": ranks, "gpusPerPod": 1}
     spec["elastic"] = {"enabled": False}
     spec["eplb"]["stepInterval"] = 100  # rebalances move weights on the GPUs too
     path = tmp_path / "gpu.yaml"

@@ -15,9 +15,10 @@ import yaml
 from prometheus_client import REGISTRY
 
 from distributed import free_port
+from hpa import api_call
 from kube_emulator import ClusterEmulator, running_cluster
 from moe_operator.api import GROUP, PLURAL, VERSION
-from moe_operator.k8s import KubeClient
+from moe_operator.k8s import KubeClient, KubeError
 from operator_harness import METRICS_URL, WEBHOOK_URL, eventually, running_operator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,6 +131,7 @@ async def test_create_makes_owned_children_status_and_events(world: World) -> No
             "conditions",
             "observedGeneration",
             "expertParallelSize",
+            "pods",
             "readyRanks",
             "selector",
             "endpoint",
@@ -229,7 +231,7 @@ async def test_spec_update_rolls_pods_and_ep_size_change_is_consistent(world: Wo
             hash_before
         )
 
-        await world.patch_spec({"parallelism": {"expertParallelSize": 4}})
+        await world.patch_spec({"parallelism": {"pods": 4}})
         await eventually(lambda: world.status().get("observedGeneration") == 3, what="gen 3")
         sts = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")
         config = yaml.safe_load(
@@ -253,7 +255,7 @@ async def test_elastic_ep_change_raises_replicas_without_rolling_pods(world: Wor
         await world.kube.create(tiny())
         await eventually(world.children_present, what="children")
         template = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")["spec"]["template"]
-        await world.patch_spec({"parallelism": {"expertParallelSize": 4}})
+        await world.patch_spec({"parallelism": {"pods": 4}})
         await eventually(lambda: world.status().get("observedGeneration") == 2, what="gen 2")
         sts = world.cluster.get("apps/v1", "statefulsets", NS, "tiny")
         assert sts["spec"]["replicas"] == 4
@@ -273,6 +275,94 @@ async def test_scale_subresource_goes_through_the_same_path(world: World) -> Non
             ),
             what="replicas 4",
         )
+
+
+async def run_pods(world: World, name: str = "tiny") -> int:
+    """What the StatefulSet controller does: one ready pod per replica, labelled as the
+    template says; returns the replicas."""
+    sts = world.cluster.get("apps/v1", "statefulsets", NS, name)
+    assert sts is not None
+    replicas = int(sts["spec"]["replicas"])
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    ready = {"conditions": [{"type": "Ready", "status": "True"}]}
+    host = world.kube.api.configuration.host
+    for ordinal in range(replicas):
+        pod_name = f"{name}-{ordinal}"
+        if world.cluster.get("v1", "pods", NS, pod_name) is None:
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name}}
+            pod["metadata"].update(namespace=NS, labels=labels)
+            pods = f"/api/v1/namespaces/{NS}/pods"
+            await api_call(host, "POST", pods, pod)
+            await api_call(host, "PATCH", f"{pods}/{pod_name}/status", {"status": ready})
+    await world.mark_pods_ready(name)
+    return replicas
+
+
+# Per-rank load 400 then 40 tokens/s against a target of 250: ratio 1.6, then 0.16.
+# gpusPerPod 1, 2 pods: ceil(1.6 x 2) = 4 -> max 3; 3 stays 3 (ceil 4.8 -> 3); ceil(0.48) -> min 2.
+# gpusPerPod 4, 1 pod: ceil(1.6) = 2 pods (EP 8); ceil(3.2) -> max 3 (EP 12); ceil(0.48) = 1.
+@pytest.mark.parametrize(("gpus_per_pod", "ep_sizes"), [(1, [3, 3, 2]), (4, [8, 12, 4])])
+async def test_an_hpa_sizes_pods_through_the_scale_subresource(
+    world: World, gpus_per_pod: int, ep_sizes: list[int]
+) -> None:
+    """An HPA (tests/hpa.py: Kubernetes' formula over the pods the scale's selector selects)
+    owns the size (elastic.scaler external): the scale subresource counts pods, so with one or
+    four GPUs a pod its sizes up under load and down when quiet are valid EP sizes (the API
+    server's rules pass), the StatefulSet follows, and the operator writes no size itself."""
+    from hpa import Autoscaler
+    from moe_operator.validation import problems
+
+    document = tiny()
+    g = gpus_per_pod
+    document["spec"]["parallelism"].update(pods=2 if g == 1 else 1, gpusPerPod=g)
+    document["spec"]["elastic"].update(
+        scaler="external", minExpertParallelSize=2 * g if g == 1 else g, maxExpertParallelSize=3 * g
+    )
+    per_rank_target = 250.0
+    hpa = Autoscaler(
+        world.kube,
+        API,
+        "MoEDeployment",
+        NS,
+        "tiny",
+        target=per_rank_target * g,  # tokens/s per pod
+        min_replicas=document["spec"]["elastic"]["minExpertParallelSize"] // g,
+        max_replicas=3,
+    )
+    async with running_operator(world.kubeconfig):
+        await world.kube.create(document)
+        await eventually(lambda: world.status().get("selector"), what="status.selector")
+        load = {"tokens_per_s": 0.0}
+
+        def per_pod(_: str) -> float:  # the load spread evenly over the ranks
+            cr = world.cr() or {}
+            ranks = cr["spec"]["parallelism"]["pods"] * g
+            return load["tokens_per_s"] / ranks * g
+
+        sizes = []
+        for total_per_rank in (400.0, 400.0, 40.0):
+            pods = await run_pods(world)
+            spec_pods = (world.cr() or {})["spec"]["parallelism"]["pods"]
+            load["tokens_per_s"] = total_per_rank * spec_pods * g
+            before, after = await hpa.round(per_pod)
+            cr = world.cr() or {}
+            assert before == pods and cr["spec"]["parallelism"]["pods"] == after
+            assert problems(cr) == [], "the size the HPA wrote is one the API server accepts"
+            sizes.append(after * g)
+            await eventually(
+                lambda a=after: (
+                    world.cluster.get("apps/v1", "statefulsets", NS, "tiny")["spec"]["replicas"]
+                    >= a
+                ),
+                what=f"the StatefulSet at {after} pods",
+            )
+        assert sizes == ep_sizes
+        scale_writers = {
+            agent
+            for verb, group, resource, agent in world.cluster.verbs
+            if resource == f"{PLURAL}/scale" and verb == "patch"
+        }
+        assert scale_writers == {"moe-tests"}, "only the HPA wrote a size"
 
 
 async def test_child_deleted_by_hand_is_restored(world: World) -> None:
@@ -313,15 +403,15 @@ async def test_deleting_the_deployment_removes_its_children(world: World) -> Non
 async def test_invalid_spec_degrades_without_crashing_and_recovers(world: World) -> None:
     bad = tiny()
     bad["metadata"]["name"] = "bad"
-    bad["spec"]["parallelism"]["expertParallelSize"] = 3  # not a multiple of... gpusPerPod 2
-    bad["spec"]["parallelism"]["gpusPerPod"] = 2
+    bad["spec"]["parallelism"]["pods"] = 3  # not a multiple of numNodes 2
+    bad["spec"]["parallelism"]["numNodes"] = 2
     async with running_operator(world.kubeconfig):
         await world.kube.create(bad)
         await world.kube.create(tiny())
         await eventually(lambda: world.status("bad").get("phase") == "Degraded", what="Degraded")
         degraded = world.condition("Degraded", "bad")
         assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
-        assert "spec.parallelism.expertParallelSize" in degraded["message"]
+        assert "spec.parallelism.pods" in degraded["message"]
         assert world.cluster.get("apps/v1", "statefulsets", NS, "bad") is None
         await eventually(
             lambda: [e for e in world.events() if e["reason"] == "InvalidSpec"], what="warning"
@@ -334,7 +424,7 @@ async def test_invalid_spec_degrades_without_crashing_and_recovers(world: World)
         warnings = [e for e in world.events() if e["reason"] == "InvalidSpec"]
         assert len(warnings) == 1
         # Fixing the spec recovers.
-        await world.patch_spec({"parallelism": {"expertParallelSize": 4}}, name="bad")
+        await world.patch_spec({"parallelism": {"pods": 4}}, name="bad")
         await eventually(
             lambda: world.cluster.get("apps/v1", "statefulsets", NS, "bad"), what="bad's sts"
         )
@@ -382,22 +472,23 @@ def _review(operation: str, obj: dict, old: dict | None = None) -> dict:
     }
 
 
+async def webhook_listening(http: aiohttp.ClientSession) -> None:
+    """Wait (10 s at most) until the operator's webhook answers."""
+    url = f"{WEBHOOK_URL}/validate-moedeployment"
+    for _ in range(200):
+        try:
+            async with http.post(url, json=_review("CREATE", tiny())):
+                return
+        except aiohttp.ClientConnectorError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("the webhook did not listen within 10 s")
+
+
 async def test_admission_webhook_rejects_with_the_field_named(world: World) -> None:
     async with running_operator(world.kubeconfig), aiohttp.ClientSession() as http:
         url = f"{WEBHOOK_URL}/validate-moedeployment"
         good = tiny()
-
-        async def listening() -> bool:
-            try:
-                async with http.post(url, json=_review("CREATE", good)):
-                    return True
-            except aiohttp.ClientConnectorError:
-                return False
-
-        for _ in range(200):
-            if await listening():
-                break
-            await asyncio.sleep(0.05)
+        await webhook_listening(http)
         async with http.post(url, json=_review("CREATE", good)) as response:
             assert (await response.json())["response"]["allowed"] is True
         bad = copy.deepcopy(good)
@@ -405,7 +496,7 @@ async def test_admission_webhook_rejects_with_the_field_named(world: World) -> N
         bad["spec"]["parallelism"]["slotsPerRank"] = 5
         bad["spec"]["model"]["numExperts"] = 8
         bad["spec"]["eplb"]["numRedundantExperts"] = 2
-        bad["spec"]["parallelism"]["expertParallelSize"] = 2
+        bad["spec"]["parallelism"]["pods"] = 2
         async with http.post(url, json=_review("CREATE", bad)) as response:
             answer = (await response.json())["response"]
         assert answer["allowed"] is False
@@ -468,7 +559,7 @@ async def test_live_resize_in_progress_resumes_from_the_status_after_a_restart(
     try:
         await world.mark_pods_ready()
         await world.kube.patch(API, "MoEDeployment", NS, "tiny", {"spec": {"replicas": 4}}, "scale")
-        document["spec"]["parallelism"]["expertParallelSize"] = 4
+        document["spec"]["parallelism"]["pods"] = 4
         deployment = MoEDeployment.model_validate(document)
         first = await resize_round(world.kube, deployment, {"expertParallelSize": 2})
         await world.kube.patch_status(NS, "tiny", first.status)
@@ -497,3 +588,43 @@ async def test_live_resize_in_progress_resumes_from_the_status_after_a_restart(
     finally:
         done.set()
         server.shutdown()
+
+
+async def test_an_invalid_object_is_deleted_with_the_webhook_on(world: World) -> None:
+    """An object stored before a rule it breaks existed, in an API server that sends every
+    create and update of a MoEDeployment to the operator's webhook (as the chart registers it):
+    Kopf still adds its finalizer, the operator marks it Degraded, creates and edits that break
+    the rules are refused with the field named, and deleting it releases the finalizer through
+    the webhook: it is gone."""
+    stale = tiny()
+    stale["metadata"]["name"] = "stale"
+    stale["spec"]["elastic"]["maxExpertParallelSize"] = 1  # below the minimum and the size
+    await world.kube.create(stale)  # stored before the webhook (or the rule) existed
+    world.cluster.admission_url = f"{WEBHOOK_URL}/validate-moedeployment"
+    async with running_operator(world.kubeconfig), aiohttp.ClientSession() as http:
+        await webhook_listening(http)
+        await eventually(
+            lambda: ((world.cr("stale") or {}).get("metadata") or {}).get("finalizers"),
+            what="Kopf's finalizer on the invalid object",
+        )
+        await eventually(
+            lambda: world.condition("Degraded", "stale").get("reason") == "InvalidSpec",
+            what="Degraded InvalidSpec",
+        )
+        fresh = copy.deepcopy(stale)
+        fresh["metadata"]["name"] = "fresh"
+        with pytest.raises(KubeError) as refused:
+            await world.kube.create(fresh)
+        assert "spec.elastic: minExpertParallelSize <=" in str(refused.value)
+        assert world.cr("fresh") is None
+        with pytest.raises(KubeError) as refused:
+            await world.kube.patch(API, "MoEDeployment", NS, "stale", {"spec": {"image": "w:2"}})
+        assert "spec.elastic" in str(refused.value)
+        await world.kube.create(tiny())  # a valid one passes
+        path = f"/apis/{API}/namespaces/{NS}/{PLURAL}/stale"
+        async with http.delete(world.kube.api.configuration.host + path) as response:
+            assert response.status == 200
+        await eventually(lambda: world.cr("stale") is None, what="the invalid object gone")
+        operations = world.cluster.admissions
+        assert ("CREATE", False) in operations and ("UPDATE", False) in operations
+        assert ("UPDATE", True) in operations, "Kopf's finalizer patches went through it"

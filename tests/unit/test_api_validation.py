@@ -39,15 +39,13 @@ def test_examples_are_valid(example: Path) -> None:
 def test_validate_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        yaml.safe_dump_all(
-            [edited("spec.parallelism.expertParallelSize", 0), edited("spec.extra", 1)]
-        )
+        yaml.safe_dump_all([edited("spec.parallelism.pods", 0), edited("spec.extra", 1)])
     )
     result = CliRunner().invoke(app, ["validate", str(bad), *map(str, EXAMPLES)])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2
-    assert "(document 1): spec.parallelism.expertParallelSize" in lines[0]
+    assert "(document 1): spec.parallelism.pods" in lines[0]
     assert "(document 2): spec.extra: unknown field" in lines[1]
     assert result.stdout.count(": valid") == len(EXAMPLES)
     ok = CliRunner().invoke(app, ["validate", *map(str, EXAMPLES)])

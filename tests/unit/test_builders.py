@@ -119,7 +119,7 @@ def test_live_resize_changes_only_the_replicas() -> None:
     """With elastic on, an EP size change keeps the pod template and config (no pod rolls)."""
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     small = MoEDeployment.model_validate(document)
-    document["spec"]["parallelism"]["expertParallelSize"] = 4
+    document["spec"]["parallelism"]["pods"] = 4
     big = MoEDeployment.model_validate(document)
     assert small.spec.elastic.enabled
     assert config_hash(small) == config_hash(big)
@@ -131,11 +131,11 @@ def test_live_resize_changes_only_the_replicas() -> None:
 
 def test_render_rejects_an_invalid_file(tmp_path: Path) -> None:
     bad = yaml.safe_load(EXAMPLES[0].read_text())
-    bad["spec"]["parallelism"]["expertParallelSize"] = 0
+    bad["spec"]["parallelism"]["pods"] = 0
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     result = CliRunner().invoke(app, ["render", str(path)])
-    assert result.exit_code == 2 and "spec.parallelism.expertParallelSize" in result.stderr
+    assert result.exit_code == 2 and "spec.parallelism.pods" in result.stderr
 
 
 def test_rank_from_the_pod_ordinal() -> None:

@@ -19,7 +19,7 @@ TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
 
 def deployment(ep: int, gpus_per_pod: int, elastic_max: int | None) -> MoEDeployment:
     document = copy.deepcopy(TINY)
-    document["spec"]["parallelism"] = {"expertParallelSize": ep, "gpusPerPod": gpus_per_pod}
+    document["spec"]["parallelism"] = {"pods": ep // gpus_per_pod, "gpusPerPod": gpus_per_pod}
     if elastic_max is None:
         document["spec"]["elastic"] = {"enabled": False}
     else:
@@ -40,7 +40,7 @@ def test_each_pod_gets_its_own_gpus_up_to_the_elastic_maximum() -> None:
 def test_too_few_gpus_names_the_field_and_both_counts() -> None:
     with pytest.raises(LocalGpuError, match=r"spec\.elastic\.maxExpertParallelSize = 4 .*has 2"):
         local_gpus(deployment(2, 1, 4), ["0", "1"])
-    with pytest.raises(LocalGpuError, match=r"spec\.parallelism\.expertParallelSize = 2 .*has 1"):
+    with pytest.raises(LocalGpuError, match=r"spec\.parallelism\.pods x gpusPerPod = 2 .*has 1"):
         local_gpus(deployment(2, 1, None), ["0"])
 
 

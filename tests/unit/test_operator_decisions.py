@@ -99,7 +99,7 @@ def test_status_degraded_names_reason_and_message() -> None:
 def test_admission_rejects_changes_to_fixed_fields_only() -> None:
     new = copy.deepcopy(TINY)
     new["spec"]["image"] = "other:1"
-    new["spec"]["parallelism"]["expertParallelSize"] = 4
+    new["spec"]["parallelism"]["pods"] = 4
     assert admission_problems(new, TINY) == []
     new["spec"]["model"]["numLayers"] = 3
     new["spec"]["parallelism"]["gpusPerPod"] = 2
@@ -114,7 +114,7 @@ def test_every_elastic_size_must_hold_all_experts() -> None:
 
     document = copy.deepcopy(TINY)
     document["spec"]["parallelism"]["slotsPerRank"] = 4
-    document["spec"]["parallelism"]["expertParallelSize"] = 4
+    document["spec"]["parallelism"]["pods"] = 4
     document["spec"]["elastic"]["minExpertParallelSize"] = 1
     found = problems(document)
     assert found == [
@@ -122,6 +122,7 @@ def test_every_elastic_size_must_hold_all_experts() -> None:
         "experts, fewer than model.numExperts = 16"
     ]
     document["spec"]["parallelism"]["gpusPerPod"] = 4
+    document["spec"]["parallelism"]["pods"] = 1
     document["spec"]["elastic"]["maxExpertParallelSize"] = 4
     document["spec"]["elastic"]["minExpertParallelSize"] = 1
     assert problems(document) == []  # the smallest reachable size is 4: 16 slots

@@ -90,7 +90,7 @@ def test_progress_round_trips_through_the_status() -> None:
 
 def test_desired_pods_keeps_serving_ranks_until_a_scale_down_has_passed_its_request() -> None:
     document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
-    document["spec"]["parallelism"]["expertParallelSize"] = 2
+    document["spec"]["parallelism"]["pods"] = 2
     spec = MoEDeployment.model_validate(document).spec
     assert serving_ep_size(spec, {}) == 2  # a fresh group forms at the elastic minimum
     assert desired_pods(spec, {"expertParallelSize": 4}) == 4, "still serving at 4"

@@ -77,7 +77,14 @@ class ApiModel(WireModel):
 class ParallelismSpec(ApiModel):
     """How the experts are spread: EP ranks, GPUs per pod, slots per rank, nodes."""
 
-    expert_parallel_size: int = Field(ge=1, le=4096, description="EP ranks (GPUs) in total.")
+    pods: int = Field(
+        ge=1,
+        le=4096,
+        description=(
+            "Pods of the group, the scale subresource's replicas (what `kubectl scale` and an "
+            "HPA set); the EP size is pods x gpusPerPod."
+        ),
+    )
     gpus_per_pod: int = Field(1, ge=1, le=16, description="EP ranks (GPUs) in one pod.")
     slots_per_rank: int | None = Field(
         None,
@@ -89,7 +96,17 @@ class ParallelismSpec(ApiModel):
             "size when elastic is on."
         ),
     )
-    num_nodes: int = Field(1, ge=1, le=1024, description="Nodes, for node-aware placement.")
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Nodes the pods span (pods divisible by it), for node-aware placement.",
+    )
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """EP ranks in total: pods x gpusPerPod."""
+        return self.pods * self.gpus_per_pod
 
 
 class CheckpointVolume(ApiModel):
@@ -283,10 +300,6 @@ class MoEDeploymentSpec(ApiModel):
         return -(-physical // reference)
 
     @property
-    def pods(self) -> int:
-        return self.parallelism.expert_parallel_size // self.parallelism.gpus_per_pod
-
-    @property
     def base_ep_size(self) -> int:
         """The EP size written into the pod template and worker config. With elastic on it is
         the elastic minimum, so EP changes never roll pods: the group starts there and is
@@ -319,17 +332,13 @@ class CrossFieldRule:
     check: Callable[[MoEDeploymentSpec], bool]
 
 
+EP_SIZE_CEL = "(self.parallelism.pods * self.parallelism.gpusPerPod)"
+
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
-        "spec.parallelism.expertParallelSize",
-        "must be divisible by spec.parallelism.gpusPerPod",
-        "self.parallelism.expertParallelSize % self.parallelism.gpusPerPod == 0",
-        lambda s: s.parallelism.expert_parallel_size % s.parallelism.gpus_per_pod == 0,
-    ),
-    CrossFieldRule(
         "spec.parallelism.slotsPerRank",
-        "expertParallelSize x slotsPerRank must be >= model.numExperts",
-        "!has(self.parallelism.slotsPerRank) || self.parallelism.expertParallelSize * "
+        "the EP size (pods x gpusPerPod) x slotsPerRank must be >= model.numExperts",
+        f"!has(self.parallelism.slotsPerRank) || {EP_SIZE_CEL} * "
         "self.parallelism.slotsPerRank >= self.model.numExperts",
         lambda s: (
             s.parallelism.slots_per_rank is None
@@ -339,10 +348,10 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     ),
     CrossFieldRule(
         "spec.elastic",
-        "minExpertParallelSize <= parallelism.expertParallelSize <= maxExpertParallelSize",
-        "!self.elastic.enabled || (self.elastic.minExpertParallelSize <= "
-        "self.parallelism.expertParallelSize && self.parallelism.expertParallelSize <= "
-        "self.elastic.maxExpertParallelSize)",
+        "minExpertParallelSize <= the EP size (parallelism.pods x gpusPerPod) <= "
+        "maxExpertParallelSize",
+        f"!self.elastic.enabled || (self.elastic.minExpertParallelSize <= {EP_SIZE_CEL} && "
+        f"{EP_SIZE_CEL} <= self.elastic.maxExpertParallelSize)",
         lambda s: (
             not s.elastic.enabled
             or s.elastic.min_expert_parallel_size
@@ -395,10 +404,10 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         lambda s: bool(s.workload.rate_profile) or s.workload.concurrency is not None,
     ),
     CrossFieldRule(
-        "spec.parallelism.expertParallelSize",
-        "must be divisible by parallelism.numNodes",
-        "self.parallelism.expertParallelSize % self.parallelism.numNodes == 0",
-        lambda s: s.parallelism.expert_parallel_size % s.parallelism.num_nodes == 0,
+        "spec.parallelism.pods",
+        "must be divisible by parallelism.numNodes (every node holds as many pods)",
+        "self.parallelism.pods % self.parallelism.numNodes == 0",
+        lambda s: s.parallelism.pods % s.parallelism.num_nodes == 0,
     ),
 )
 
@@ -453,6 +462,9 @@ class MoEDeploymentStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = Field(None, ge=0)
     expert_parallel_size: int | None = Field(None, ge=0, description="Current EP size.")
+    pods: int | None = Field(
+        None, ge=0, description="Pods of the serving group (the scale subresource's replicas)."
+    )
     ready_ranks: int | None = Field(None, ge=0, description="Ranks whose pods are ready.")
     endpoint: str | None = Field(
         None, description="URL of the OpenAI-compatible API (Service <name>, port http)."

@@ -97,7 +97,7 @@ def local_gpus(deployment: MoEDeployment, visible: list[str]) -> list[list[str]]
     largest EP size the deployment may reach."""
     parallelism, elastic = deployment.spec.parallelism, deployment.spec.elastic
     most = parallelism.expert_parallel_size
-    field = "spec.parallelism.expertParallelSize"
+    field = "spec.parallelism.pods x gpusPerPod"
     if elastic.enabled and (elastic.max_expert_parallel_size or 0) > most:
         most = int(elastic.max_expert_parallel_size or 0)
         field = "spec.elastic.maxExpertParallelSize"
@@ -142,7 +142,8 @@ def visible_gpus() -> list[str]:
 
 def with_ep_size(deployment: MoEDeployment, ep_size: int) -> MoEDeployment:
     document = deployment.model_dump(by_alias=True, exclude_none=True)
-    document["spec"]["parallelism"]["expertParallelSize"] = ep_size
+    parallelism = document["spec"]["parallelism"]
+    parallelism["pods"] = pods_for(ep_size, parallelism.get("gpusPerPod", 1))
     return MoEDeployment.model_validate(document)
 
 
