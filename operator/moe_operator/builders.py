@@ -71,6 +71,7 @@ def worker_config(deployment: MoEDeployment) -> dict[str, Any]:
     return {
         "deployment": deployment.metadata.name,
         "epSize": spec.base_ep_size,
+        "numNodes": spec.parallelism.num_nodes,
         "device": "cuda",
         "model": spec.model.model_dump(by_alias=True, exclude_none=True),
         "eplb": eplb,
@@ -203,6 +204,7 @@ def stateful_set(
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "WORLD_SIZE", "value": str(spec.base_ep_size)},
         {"name": "LOCAL_WORLD_SIZE", "value": str(gpus)},
         {"name": "MASTER_ADDR", "value": f"{name}-0.{name}-ranks.{namespace}.svc"},

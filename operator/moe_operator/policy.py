@@ -81,7 +81,7 @@ class Decision:
 
 
 def _step(spec: MoEDeploymentSpec) -> int:
-    return spec.parallelism.gpus_per_pod * spec.parallelism.num_nodes
+    return spec.parallelism.ep_step
 
 
 def _finished(pending: PendingAction, snapshot: Snapshot, now: float, timeout: float) -> bool:

@@ -99,6 +99,10 @@ def test_children_follow_the_spec(example: Path) -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["WORLD_SIZE"] == str(start_size)
     assert config.slots_per_rank == spec.slots_per_rank
+    # numNodes reaches placement, and each rank learns its node to check it against
+    assert config.num_nodes == spec.parallelism.num_nodes
+    node = next(e for e in container["env"] if e["name"] == "NODE_NAME")
+    assert node["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert (
         selector_string(name)
         == "app.kubernetes.io/name=moe-worker,app.kubernetes.io/instance=" + name

@@ -124,8 +124,13 @@ def test_every_elastic_size_must_hold_all_experts() -> None:
     document["spec"]["parallelism"]["gpusPerPod"] = 4
     document["spec"]["parallelism"]["pods"] = 1
     document["spec"]["elastic"]["maxExpertParallelSize"] = 4
-    document["spec"]["elastic"]["minExpertParallelSize"] = 1
-    assert problems(document) == []  # the smallest reachable size is 4: 16 slots
+    document["spec"]["elastic"]["minExpertParallelSize"] = 4
+    assert problems(document) == []  # the smallest size is 4: 16 slots
+    document["spec"]["elastic"]["minExpertParallelSize"] = 1  # not a whole pod
+    assert problems(document) == [
+        "spec.elastic: minExpertParallelSize and maxExpertParallelSize must be multiples of "
+        "parallelism.gpusPerPod x numNodes (whole pods, as many on every node)"
+    ]
 
 
 def test_an_invalid_object_can_still_lose_its_finalizer() -> None:

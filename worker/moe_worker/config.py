@@ -322,6 +322,13 @@ class WorkerConfig(WireModel):
         "(tests and demos; costs a dense forward per step).",
     )
     ep_size: int = Field(1, gt=0, description="EP ranks.")
+    num_nodes: int = Field(
+        1,
+        gt=0,
+        description="Nodes the ranks span, each holding an equal block of consecutive ranks "
+        "(node-aware placement packs expert groups onto nodes; checked against the ranks' "
+        "NODE_NAME, else placement goes flat).",
+    )
     steps: int = Field(0, ge=0, description="Steps to run; 0 runs until stopped.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
 
@@ -333,6 +340,8 @@ class WorkerConfig(WireModel):
                 f"numExperts + eplb.numRedundantExperts ({physical}) must be divisible by "
                 f"epSize ({self.ep_size})"
             )
+        if self.ep_size % self.num_nodes:
+            raise ValueError(f"numNodes: must divide epSize ({self.ep_size}), got {self.num_nodes}")
         return self
 
     @property

@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 from moe_worker.eplb.communicator import Communicator
 from moe_worker.eplb.executor import Reloader, execute_layer_plan
+from moe_worker.eplb.layout import Layout
 from moe_worker.eplb.planner import plan_layer
 from moe_worker.eplb.policy import Placement, compute_placement
 
@@ -104,10 +105,14 @@ class Topology:
 # --- decisions (pure) -------------------------------------------------------------------------
 
 
-def resize_problem(target: int, world: int, slots_per_rank: int, num_logical: int) -> str | None:
+def resize_problem(
+    target: int, world: int, slots_per_rank: int, num_logical: int, num_nodes: int = 1
+) -> str | None:
     """Why a resize to ``target`` ranks is invalid, or None."""
     if target < 1:
         return f"epSize: must be >= 1, got {target}"
+    if target % num_nodes:
+        return f"epSize: must be a multiple of numNodes = {num_nodes}, got {target}"
     if target * slots_per_rank < num_logical:
         return (
             f"epSize: {target} ranks x {slots_per_rank} slots per rank = "
@@ -124,17 +129,22 @@ def resize_placement(
     slots_per_rank: int,
     target: int,
     policy: str = "incremental",
+    layout: Layout = Layout(),
 ) -> Placement:
     """The placement for ``target`` ranks with the same slots per rank, close to ``current``.
 
-    ``load`` [L, E] is the window's tokens per logical expert (uniform when it is empty).
+    ``load`` [L, E] is the window's tokens per logical expert (uniform when it is empty);
+    ``layout`` as declared (the new ranks' nodes are checked at the next rebalance).
     """
     weight = load if load.sum() > 0 else np.ones_like(load, dtype=np.float64)
+    at = layout.at(target)
     return compute_placement(
         policy,
         weight,
         num_physical=target * slots_per_rank,
         num_gpus=target,
+        num_groups=at.num_groups,
+        num_nodes=at.num_nodes,
         previous=current,
     )
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from moe_worker.config import RankEnv, WorkerConfig
 from moe_worker.eplb.communicator import Communicator, create_communicator, resolve_auto
 from moe_worker.eplb.controller import EPLBController, step_eplb_after
+from moe_worker.eplb.layout import Layout
 from moe_worker.eplb.policy import Placement, default_placement
 from moe_worker.eplb.policy import warm_up as warm_up_policies
 from moe_worker.model.experts import DTYPES, SyntheticSource, WeightSource
@@ -210,6 +211,15 @@ class RankEngine:
     def _build_model(self, load_weights: bool) -> Any:
         raise NotImplementedError
 
+    def _expert_groups(self) -> int:
+        """Expert groups of the model's grouped top-k (1: none)."""
+        return self.config.model.num_expert_groups
+
+    @property
+    def layout(self) -> Layout:
+        """Expert groups and declared nodes, for node-aware placement."""
+        return Layout(self._expert_groups(), self.config.num_nodes)
+
     def step(self) -> Any:
         raise NotImplementedError
 
@@ -221,7 +231,14 @@ class RankEngine:
             self.config, rank, world, self.device, channel_store
         )
         self.eplb = EPLBController(
-            self.config.eplb, rank, world, None, self.device, communicator, control_group
+            self.config.eplb,
+            rank,
+            world,
+            None,
+            self.device,
+            communicator,
+            control_group,
+            layout=self.layout,
         )
         self.eplb.register_model(self.model, self.placement)
 

@@ -172,7 +172,12 @@ class Membership:
             load = engine.eplb.window_logical_load()  # a collective on the old group
         if self.rank == 0:
             new = resize_placement(
-                current, load, engine.config.slots_per_rank, target, engine.config.eplb.policy
+                current,
+                load,
+                engine.config.slots_per_rank,
+                target,
+                engine.config.eplb.policy,
+                engine.layout,
             )
             self.rendezvous.publish(
                 Topology(

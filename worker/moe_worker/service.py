@@ -143,7 +143,7 @@ class WorkerService:
         assert self.membership is not None
         config = self.engine.config
         problem = resize_problem(
-            target, self.world, config.slots_per_rank, config.model.num_experts
+            target, self.world, config.slots_per_rank, config.model.num_experts, config.num_nodes
         )
         if problem is not None:
             return 422, problem

@@ -108,6 +108,11 @@ class ParallelismSpec(ApiModel):
         """EP ranks in total: pods x gpusPerPod."""
         return self.pods * self.gpus_per_pod
 
+    @property
+    def ep_step(self) -> int:
+        """The EP sizes a deployment may take are multiples of this: a pod on every node."""
+        return self.gpus_per_pod * self.num_nodes
+
 
 class CheckpointVolume(ApiModel):
     """Where a checkpoint model's files come from (mounted read-only at model.path)."""
@@ -279,9 +284,9 @@ class MoEDeploymentSpec(ApiModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> MoEDeploymentSpec:
-        for rule in CROSS_FIELD_RULES:
-            if not rule.check(self):
-                raise ValueError(f"{rule.field}: {rule.message}")
+        broken = [f"{r.field}: {r.message}" for r in CROSS_FIELD_RULES if not r.check(self)]
+        if broken:
+            raise ValueError("\n".join(broken))  # one line per rule, as CEL reports them
         return self
 
     @property
@@ -333,6 +338,7 @@ class CrossFieldRule:
 
 
 EP_SIZE_CEL = "(self.parallelism.pods * self.parallelism.gpusPerPod)"
+EP_STEP_CEL = "(self.parallelism.gpusPerPod * self.parallelism.numNodes)"
 
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
@@ -357,6 +363,20 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
             or s.elastic.min_expert_parallel_size
             <= s.parallelism.expert_parallel_size
             <= s.elastic.max_expert_parallel_size
+        ),
+    ),
+    CrossFieldRule(
+        "spec.elastic",
+        "minExpertParallelSize and maxExpertParallelSize must be multiples of "
+        "parallelism.gpusPerPod x numNodes (whole pods, as many on every node)",
+        f"!self.elastic.enabled || (self.elastic.minExpertParallelSize % {EP_STEP_CEL} == 0 "
+        f"&& self.elastic.maxExpertParallelSize % {EP_STEP_CEL} == 0)",
+        lambda s: (
+            not s.elastic.enabled
+            or (
+                s.elastic.min_expert_parallel_size % s.parallelism.ep_step == 0
+                and s.elastic.max_expert_parallel_size % s.parallelism.ep_step == 0
+            )
         ),
     ),
     CrossFieldRule(

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from .communicator import Communicator
 from .executor import Staged, commit_staged, stage_layer_plan
+from .layout import Layout
 from .planner import plan_layer
 from .policy import Placement, compute_placement
 from .rebalance import HasSlots, RebalanceResult, summarize
@@ -51,8 +52,11 @@ class AsyncRebalance:
         device: torch.device,
         fault_hook: FaultHook | None = None,
         target: Placement | None = None,
+        layout: Layout = Layout(),
     ) -> None:
-        """``target``: move to this placement instead of computing one from ``load``."""
+        """``target``: move to this placement instead of computing one from ``load``;
+        ``layout``: expert groups and nodes for node-aware placement."""
+        self.layout = layout
         self.state = state
         self.target = target
         self.layers = layers
@@ -103,6 +107,8 @@ class AsyncRebalance:
             self.load,
             num_physical=self.current.num_physical,
             num_gpus=self.world,
+            num_groups=self.layout.num_groups,
+            num_nodes=self.layout.num_nodes,
             previous=self.current,
         )
         self.new = new

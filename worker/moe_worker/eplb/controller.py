@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from moe_worker.config import EPLBConfig
 
 from .async_worker import AsyncRebalance, FaultHook
 from .communicator import Communicator, create_communicator
+from .layout import Layout, nodes_in_use
 from .policy import Placement
 from .rebalance import RebalanceResult, global_logical_load, rebalance
 from .state import EPLBLayerState, EPLBState
@@ -71,10 +73,15 @@ class EPLBController:
         communicator: Communicator | None = None,
         control_group: dist.ProcessGroup | None = None,
         fault_hook: FaultHook | None = None,
+        layout: Layout = Layout(),
     ) -> None:
         """``communicator`` moves weights (for async: one with its own group and stream);
-        ``control_group`` (gloo) carries the per-step agreement of async rebalances."""
+        ``control_group`` (gloo) carries the per-step agreement of async rebalances;
+        ``layout``: the model's expert groups and the nodes declared (checked against the
+        ranks' NODE_NAME at the first rebalance)."""
         self.config = config
+        self.layout = layout
+        self._checked_layout: Layout | None = None
         self.rank, self.world, self.group = rank, world, group
         self.device = torch.device(device)
         self.communicator = communicator or create_communicator(
@@ -183,6 +190,7 @@ class EPLBController:
                 self.history.append(skipped)
                 results.append(skipped)
                 continue
+            layout = self.placement_layout()
             self._async = AsyncRebalance(
                 registered.state,
                 registered.model.moe_layers,
@@ -196,6 +204,7 @@ class EPLBController:
                 trigger,
                 self.device,
                 self.fault_hook,
+                layout=layout,
             )
         return results
 
@@ -219,6 +228,24 @@ class EPLBController:
             self._async_queue.clear()
         return [result, *self._start_next_async()]
 
+    def placement_layout(self) -> Layout:
+        """The layout placement assumes in this group: the declared one, node-aware only where
+        the ranks' nodes bear it out (``layout.nodes_in_use``). The first call gathers every
+        rank's NODE_NAME (a collective: all ranks call it at the same rebalance)."""
+        if self._checked_layout is None:
+            layout = self.layout.at(self.world)
+            if layout.num_nodes > 1:
+                mine = os.environ.get("NODE_NAME", "")
+                names: list[Any] = [mine] * self.world
+                if self.world > 1:
+                    dist.all_gather_object(names, mine, group=self.group)
+                nodes, why = nodes_in_use(layout.num_nodes, [str(n) for n in names])
+                if why is not None:
+                    log.warning("rank %d: placement goes flat over nodes: %s", self.rank, why)
+                layout = Layout(layout.num_groups, nodes)
+            self._checked_layout = layout
+        return self._checked_layout
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abandon an in-flight async rebalance (all ranks call it at the same step)."""
         self._async_queue.clear()
@@ -240,6 +267,7 @@ class EPLBController:
                 self.group,
                 self.communicator,
                 trigger,
+                self.placement_layout(),
             )
             self.history.append(result)
             log.info(

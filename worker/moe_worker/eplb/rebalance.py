@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .communicator import Communicator
 from .executor import execute_layer_plan
+from .layout import Layout
 from .planner import plan_layer
 from .policy import Placement, compute_placement, layer_balancedness, moved_copies
 from .state import EPLBState
@@ -108,15 +109,23 @@ def rebalance(
     group: dist.ProcessGroup | None,
     communicator: Communicator,
     trigger: str,
+    layout: Layout = Layout(),
 ) -> RebalanceResult:
-    """Recompute the placement from the window and move weights to match (all ranks call it)."""
+    """Recompute the placement from the window and move weights to match (all ranks call it);
+    ``layout``: expert groups and nodes for node-aware placement."""
     started = time.perf_counter()
     load = global_logical_load(state, group, world)
     if load.sum() == 0:
         return RebalanceResult(trigger, "skipped", mapping_generation=state.mapping_generation)
     current = state.placement()
     new = compute_placement(
-        policy, load, num_physical=current.num_physical, num_gpus=world, previous=current
+        policy,
+        load,
+        num_physical=current.num_physical,
+        num_gpus=world,
+        num_groups=layout.num_groups,
+        num_nodes=layout.num_nodes,
+        previous=current,
     )
     received = apply_placement(state, layers, new, rank, world, communicator)
     return summarize(

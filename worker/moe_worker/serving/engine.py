@@ -100,6 +100,11 @@ class ServingEngine(RankEngine):
     def _build_model(self, load_weights: bool) -> EPCausalLM:
         return build_ep_model(self.source, self.placement, self.ep, load_weights=load_weights)
 
+    def _expert_groups(self) -> int:
+        """The checkpoint's grouped top-k groups (DeepSeek-V3's ``n_group``; 1 without)."""
+        text_config = self.source.hf_config.get_text_config()
+        return int(getattr(text_config, "n_group", None) or 1)
+
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         serving = config.serving
