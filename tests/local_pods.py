@@ -47,7 +47,12 @@ def _env(template_env: list[dict[str, Any]], pod: str, namespace: str) -> dict[s
             env[item["name"]] = item["value"]
         else:
             path = item["valueFrom"]["fieldRef"]["fieldPath"]
-            env[item["name"]] = {"metadata.name": pod, "metadata.namespace": namespace}[path]
+            # No node here: an empty NODE_NAME, as outside Kubernetes (the spec's numNodes holds)
+            env[item["name"]] = {
+                "metadata.name": pod,
+                "metadata.namespace": namespace,
+                "spec.nodeName": "",
+            }[path]
     env["MASTER_ADDR"] = "127.0.0.1"
     env["OMP_NUM_THREADS"] = "1"  # several "pods" share this machine's cores
     # A pod's read-only root filesystem needs NUMBA_CACHE_DIR=/tmp/numba; here numba's default

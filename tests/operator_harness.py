@@ -49,10 +49,18 @@ class OperatorProcess:
     """The operator as its image runs it (``kopf run -m moe_operator.handlers``, the chart's
     arguments), in its own process, so a test can kill it as a node failure would."""
 
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log: Path,
+        scope: tuple[str, ...] = ("--all-namespaces",),
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        """``scope``: the chart's namespace arguments (``--all-namespaces`` or one
+        ``--namespace=`` per watched namespace); ``extra_env``: more of the chart's env."""
         from distributed import free_port
 
-        self.kubeconfig, self.log = kubeconfig, log
+        self.kubeconfig, self.log, self.scope = kubeconfig, log, scope
         self.health = f"http://127.0.0.1:{free_port()}/healthz"
         # Its own ports: an in-process operator of an earlier test keeps its metrics server.
         self.env = {
@@ -60,13 +68,14 @@ class OperatorProcess:
             "KUBECONFIG": str(kubeconfig),
             "MOE_OPERATOR_METRICS_PORT": str(free_port()),
             "MOE_OPERATOR_WEBHOOK_PORT": str(free_port()),
+            **(extra_env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
 
     async def start(self, timeout: float = 60) -> None:
         kopf_bin = str(Path(sys.executable).parent / "kopf")
         command = [kopf_bin, "run", "-m", "moe_operator.handlers", "--standalone"]
-        command += ["--all-namespaces", f"--liveness={self.health}"]
+        command += [*self.scope, f"--liveness={self.health}"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 command,

@@ -6,7 +6,9 @@ Environment: ``MOE_OPERATOR_RESYNC_SECONDS`` (period of the reconcile timer, def
 webhook), ``MOE_OPERATOR_WEBHOOK_CERT_DIR`` (``tls.crt``/``tls.key``; unset: plain HTTP, for
 tests only), ``MOE_OPERATOR_METRICS_PORT`` (the operator's own /metrics, default 8080; 0: off),
 ``MOE_OPERATOR_POLICY_SECONDS`` (period of the remap/resize policy round, default 15),
-``MOE_OPERATOR_POD_HOST`` (how ranks are reached, see ``autopilot``).
+``MOE_OPERATOR_POD_HOST`` (how ranks are reached, see ``autopilot``),
+``MOE_OPERATOR_NAMESPACED`` (``true`` with ``--namespace`` arguments: the watched namespaces are
+fixed, so Kopf scans neither namespaces nor CRDs cluster-wide, which a namespaced Role forbids).
 
 Kopf keeps its own bookkeeping in annotations prefixed ``kopf.moe.eplb.dev`` (never in our
 ``status``), and the operator writes ``status`` through the status subresource itself.
@@ -77,6 +79,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300
+    settings.scanning.disabled = os.environ.get("MOE_OPERATOR_NAMESPACED") == "true"
     if WEBHOOK_PORT:
         settings.admission.server = kopf.WebhookServer(
             addr="0.0.0.0",

@@ -123,6 +123,37 @@ def test_rbac_grants_exactly_the_calls_the_operator_makes() -> None:
     assert _granted(namespaced) == _needed(API_CALLS + KOPF_API_CALLS + OWNER_REFERENCE_GRANTS)
 
 
+def test_namespaced_mode_with_a_list_grants_each_namespace_and_nothing_cluster_wide() -> None:
+    """watchNamespaces: a Role and RoleBinding per namespace (the single watchNamespace is
+    added), the operator started with one --namespace each, the webhook limited to them."""
+    extra = ["--set", "watchNamespaces={team-a,team-b}", "--set", "watchNamespace=team-c"]
+    extra += ["--set", "webhook.enabled=true", "--set", "webhook.tls.secretName=tls"]
+    extra += ["--set", "webhook.tls.caBundle=Y2E="]
+    documents = template(extra)
+    kinds = [d["kind"] for d in documents]
+    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    wanted = ["team-a", "team-b", "team-c"]
+    for kind in ("Role", "RoleBinding"):
+        found = sorted(d["metadata"]["namespace"] for d in documents if d["kind"] == kind)
+        assert found == wanted, kind
+    needed = _needed(API_CALLS + KOPF_API_CALLS + OWNER_REFERENCE_GRANTS)
+    for role in (d for d in documents if d["kind"] == "Role"):
+        assert _granted([role]) == needed
+    for binding in (d for d in documents if d["kind"] == "RoleBinding"):
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"][0]["namespace"] == "moe-system"
+    (deployment,) = [d for d in documents if d["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if "namespace" in a] == [f"--namespace={n}" for n in wanted]
+    (webhook,) = [d for d in documents if d["kind"] == "ValidatingWebhookConfiguration"]
+    (expression,) = webhook["webhooks"][0]["namespaceSelector"]["matchExpressions"]
+    assert expression == {
+        "key": "kubernetes.io/metadata.name",
+        "operator": "In",
+        "values": wanted,
+    }
+
+
 def test_dashboards_are_the_generated_ones_and_labelled() -> None:
     for name, content in dashboards.dashboards().items():
         assert (dashboards.OUT_DIR / name).read_text() == dashboards.render(content), (

@@ -628,3 +628,68 @@ async def test_an_invalid_object_is_deleted_with_the_webhook_on(world: World) ->
         operations = world.cluster.admissions
         assert ("CREATE", False) in operations and ("UPDATE", False) in operations
         assert ("UPDATE", True) in operations, "Kopf's finalizer patches went through it"
+
+
+def chart_scope(values: list[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The namespace arguments and the MOE_OPERATOR_NAMESPACED env the chart gives the
+    operator with these ``--set`` values."""
+    import shutil
+    import subprocess
+    import sys
+
+    helm = shutil.which("helm") or str(Path(sys.executable).parent / "helm")
+    sets = [part for value in values for part in ("--set", value)]
+    rendered = subprocess.run(
+        [helm, "template", "moe", str(ROOT / "helm" / "moe-operator"), *sets],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (deployment,) = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    env = {
+        e["name"]: e["value"] for e in container["env"] if e["name"] == "MOE_OPERATOR_NAMESPACED"
+    }
+    return tuple(a for a in args if a.startswith("--namespace") or a == "--all-namespaces"), env
+
+
+async def test_namespaced_mode_serves_only_the_listed_namespaces(
+    world: World, tmp_path: Path
+) -> None:
+    """The operator as the chart starts it with watchNamespaces [team-a, team-b]: deployments
+    there get their children; one in team-c (created first) is left alone."""
+    from operator_harness import OperatorProcess
+
+    scope, env = chart_scope(["watchNamespaces={team-a,team-b}"])
+    assert scope == ("--namespace=team-a", "--namespace=team-b")
+    assert env == {"MOE_OPERATOR_NAMESPACED": "true"}
+    assert chart_scope([]) == (("--all-namespaces",), {})
+    for namespace in ("team-c", "team-a", "team-b"):
+        document = tiny()
+        document["metadata"]["namespace"] = namespace
+        document["spec"]["metrics"] = {"port": free_port() + 10}
+        await world.kube.create(document)
+    operator = OperatorProcess(world.kubeconfig, tmp_path / "operator.log", scope, env)
+    first_call = len(world.cluster.calls)
+    await operator.start()
+    try:
+        for namespace in ("team-a", "team-b"):
+            await eventually(
+                lambda n=namespace: world.cluster.get("apps/v1", "statefulsets", n, "tiny"),
+                timeout=60,
+                what=f"the StatefulSet in {namespace}",
+            )
+            await eventually(
+                lambda n=namespace: (
+                    (world.cluster.get(API, PLURAL, n, "tiny") or {}).get("status") or {}
+                ).get("observedGeneration"),
+                timeout=60,
+                what=f"the status in {namespace}",
+            )
+        assert world.cluster.get("apps/v1", "statefulsets", "team-c", "tiny") is None
+        assert not (world.cluster.get(API, PLURAL, "team-c", "tiny") or {}).get("status")
+        touched = {ns for _, _, ns, _, _ in world.cluster.calls[first_call:]}
+        assert {"team-a", "team-b"} <= touched and "team-c" not in touched
+    finally:
+        operator.stop()

@@ -41,3 +41,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "moe-operator.certManager" -}}
 {{- if .Capabilities.APIVersions.Has "cert-manager.io/v1" -}}true{{- end -}}
 {{- end -}}
+
+{{/* The namespaces the operator watches, as a JSON list (empty: all): watchNamespaces plus the
+     single watchNamespace (kept for values written before the list existed), without repeats. */}}
+{{- define "moe-operator.watchNamespaces" -}}
+{{- $namespaces := concat (.Values.watchNamespaces | default list) (compact (list .Values.watchNamespace)) -}}
+{{- $namespaces | uniq | toJson -}}
+{{- end -}}
