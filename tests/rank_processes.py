@@ -65,8 +65,9 @@ class RankProcesses:
         self.expected_exits: set[int] = set()
         self.starts = 0
 
-    def start(self, rank: int) -> None:
-        """Start ``rank`` with the template's environment (WORLD_SIZE is the initial size)."""
+    def start(self, rank: int, program: list[str] | None = None) -> None:
+        """Start ``rank`` with the template's environment (WORLD_SIZE is the initial size);
+        ``program``: what to run instead of ``python -m moe_worker`` (``--config`` follows)."""
         self.starts += 1
         out = open(self.directory / f"rank{rank}.{self.starts}.out", "wb")  # noqa: SIM115
         err = open(self.directory / f"rank{rank}.{self.starts}.err", "wb")  # noqa: SIM115
@@ -78,7 +79,7 @@ class RankProcesses:
             "OMP_NUM_THREADS": "1",
         }
         self.processes[rank] = subprocess.Popen(
-            [sys.executable, "-m", "moe_worker", "--config", str(self.config_path)],
+            [*(program or [sys.executable, "-m", "moe_worker"]), "--config", str(self.config_path)],
             env=env,
             stdout=out,
             stderr=err,

@@ -85,6 +85,7 @@ INVALID: list[tuple[str, Any, str]] = [
         "spec.parallelism.pods: must be divisible by parallelism.numNodes",
     ),
     ("spec.affinity", {"nodeSelector": {}}, "spec.affinity"),
+    ("spec.control.port", 9400, "spec.control.port: must not be one of the metrics ports"),
     # unknown and missing fields
     ("spec.replicas", 3, "spec.replicas: unknown field"),
     ("spec.eplb.windowsize", 5, "spec.eplb.windowsize: unknown field"),

@@ -85,7 +85,7 @@ def worker_config(deployment: MoEDeployment) -> dict[str, Any]:
             else {"workload": spec.simulator.model_dump(by_alias=True, exclude_none=True)}
         ),
         "metrics": {"port": spec.metrics.port, "perExpert": spec.metrics.per_expert},
-        "control": {"port": spec.metrics.port - 10, "tokenFile": f"{TOKEN_DIR}/token"},
+        "control": {"port": spec.control.port, "tokenFile": f"{TOKEN_DIR}/token"},
     }
 
 

@@ -92,6 +92,8 @@ def plan(
         default_placement,
         layer_balancedness,
         moved_copies,
+        overall_balancedness,
+        worst_layer_balancedness,
     )
 
     if policy not in POLICIES:
@@ -146,10 +148,10 @@ def plan(
         "nodes": nodes,
         "groups": groups,
         "baseline": baseline_name,
-        "balancedness_before": float(before_balance.mean()),
-        "balancedness_after": float(after_balance.mean()),
-        "balancedness_bound": float(bound.mean()),
-        "worst_layer_after": float(after_balance.min()),
+        "balancedness_before": overall_balancedness(before_balance),
+        "balancedness_after": overall_balancedness(after_balance),
+        "balancedness_bound": overall_balancedness(bound),
+        "worst_layer_after": worst_layer_balancedness(after_balance),
         "moved_copies": int(moved.sum()) if moved is not None else None,
         "moved_fraction_max_layer": float((moved / slots).max()) if moved is not None else None,
         "runtime_s": runtime,

@@ -55,6 +55,12 @@ OVERVIEW: tuple[Panel, ...] = (
         legend="{{deployment}}",
     ),
     Panel(
+        "Worst layer's balancedness over time",
+        f"min by (deployment) (moe_balancedness_worst_layer{{{SEL}}})",
+        "percentunit",
+        legend="{{deployment}}",
+    ),
+    Panel(
         "Balancedness per layer",
         f"min by (layer) (moe_layer_balancedness{{{SEL}}})",
         "percentunit",

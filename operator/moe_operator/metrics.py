@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -37,10 +37,13 @@ SPECS: tuple[OperatorMetric, ...] = (
         "moe_operator_actions_total",
         "counter",
         ("namespace", "deployment", "action"),
-        "Actions taken on deployments (remap, scale_up, scale_down).",
+        "Actions the policy took on a deployment (action: remap, resize).",
     ),
     OperatorMetric(
-        "moe_operator_errors_total", "counter", ("reason",), "Errors by reason (ApiError, ...)."
+        "moe_operator_errors_total",
+        "counter",
+        ("reason",),
+        "Errors by reason (ApiError, InvalidSpec, MetricsUnavailable).",
     ),
     OperatorMetric(
         "moe_operator_metrics_available",
@@ -56,12 +59,20 @@ SPECS: tuple[OperatorMetric, ...] = (
     ),
 )
 
-RECONCILES = Counter("moe_operator_reconciles", SPECS[0].help, ["result"])
-RECONCILE_SECONDS = Histogram("moe_operator_reconcile_duration_seconds", SPECS[1].help)
-CHILD_WRITES = Counter("moe_operator_child_writes", SPECS[2].help, ["verb", "kind"])
-ACTIONS = Counter("moe_operator_actions", SPECS[3].help, ["namespace", "deployment", "action"])
-ERRORS = Counter("moe_operator_errors", SPECS[4].help, ["reason"])
-METRICS_AVAILABLE = Gauge(
-    "moe_operator_metrics_available", SPECS[5].help, ["namespace", "deployment"]
-)
-DEGRADED = Gauge("moe_operator_degraded", SPECS[6].help, ["namespace", "deployment"])
+BY_NAME = {spec.name: spec for spec in SPECS}
+
+
+def _series(name: str) -> Any:
+    """The collector of ``name`` as SPECS declares it (help and labels from there)."""
+    spec = BY_NAME[name]
+    kind = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}[spec.kind]
+    return kind(name.removesuffix("_total"), spec.help, list(spec.labels))
+
+
+RECONCILES: Counter = _series("moe_operator_reconciles_total")
+RECONCILE_SECONDS: Histogram = _series("moe_operator_reconcile_duration_seconds")
+CHILD_WRITES: Counter = _series("moe_operator_child_writes_total")
+ACTIONS: Counter = _series("moe_operator_actions_total")
+ERRORS: Counter = _series("moe_operator_errors_total")
+METRICS_AVAILABLE: Gauge = _series("moe_operator_metrics_available")
+DEGRADED: Gauge = _series("moe_operator_degraded")

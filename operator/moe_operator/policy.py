@@ -30,7 +30,9 @@ Verb = Literal["none", "remap", "resize", "unavailable", "wait"]
 class Snapshot:
     """Metrics of one deployment at ``taken_at`` (seconds, same clock as ``now``).
 
-    ``balancedness``: min over layers (None when unknown); ``rank_tokens_per_s``: tokens/s of
+    ``balancedness``: the overall balancedness (``moe_balancedness``: the harmonic mean over
+    layers, ``moe_worker.eplb.policy.overall_balancedness``; None when unknown);
+    ``rank_tokens_per_s``: tokens/s of
     each rank (by rank index); ``rebalancing``: some rank is rebalancing now.
     """
 

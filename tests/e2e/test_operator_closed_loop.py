@@ -79,7 +79,7 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
         "sustainedSeconds": 0,
         "minIntervalSeconds": 3,
     }
-    rank_port = free_port(consecutive=2) + 10  # control port = port - 10
+    rank_port = free_port(consecutive=2)
     async with running_cluster(tmp_path) as (cluster, kubeconfig):
         os.environ["KUBECONFIG"] = str(kubeconfig)
         kube = await KubeClient.connect(user_agent="moe-tests")
@@ -93,6 +93,7 @@ async def test_promql_drives_a_remap_and_missing_metrics_degrade(tmp_path: Path)
             tmp_path, targets, "default", operator=(operator_target, "moe-system")
         )
         spec["metrics"] = {"port": rank_port, "prometheusUrl": prometheus}
+        spec["control"] = {"port": free_port()}
 
         def cr() -> dict:
             return cluster.get(f"{GROUP}/{VERSION}", PLURAL, "default", "tiny") or {}
@@ -237,7 +238,8 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
         "tokensPerRankHigh": 1e12,
     }
     spec["simulator"] = {**SIMULATOR, "stepsPerSecond": 25}
-    spec["metrics"] = {"port": free_port() + 10}  # control port = port - 10
+    spec["metrics"] = {"port": free_port(consecutive=2)}
+    spec["control"] = {"port": free_port()}
     api = f"{GROUP}/{VERSION}"
     async with running_cluster(tmp_path) as (cluster, kubeconfig):
         os.environ["KUBECONFIG"] = str(kubeconfig)

@@ -537,7 +537,7 @@ async def test_live_resize_in_progress_resumes_from_the_status_after_a_restart(
     from moe_worker.server import WorkerStatus, serve_control
 
     document = tiny()
-    document["spec"]["metrics"] = {"port": free_port() + 10}
+    document["spec"]["control"] = {"port": free_port()}
     leader = WorkerStatus(ready=True, state={"epSize": 2})
     leader.resize_check = lambda target: None
     done = threading.Event()
@@ -668,7 +668,7 @@ async def test_namespaced_mode_serves_only_the_listed_namespaces(
     for namespace in ("team-c", "team-a", "team-b"):
         document = tiny()
         document["metadata"]["namespace"] = namespace
-        document["spec"]["metrics"] = {"port": free_port() + 10}
+        document["spec"]["control"] = {"port": free_port()}
         await world.kube.create(document)
     operator = OperatorProcess(world.kubeconfig, tmp_path / "operator.log", scope, env)
     first_call = len(world.cluster.calls)

@@ -8,6 +8,8 @@ step before, during and after each switch.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,7 +132,9 @@ def steps_of(ranks: RankProcesses) -> int:
     return int(ranks.state()["step"])
 
 
-def test_live_resize_two_four_two_keeps_outputs_equal_to_the_reference(tmp_path: Path) -> None:
+def test_live_resizes_two_four_two_three_keep_outputs_equal_and_close_their_channels(
+    tmp_path: Path,
+) -> None:
     ranks = RankProcesses(tmp_path, CONFIG, world=2)
     try:
         ranks.start(0)
@@ -173,13 +177,28 @@ def test_live_resize_two_four_two_keeps_outputs_equal_to_the_reference(tmp_path:
         )
         at_two = steps_of(ranks)
         ranks.wait(lambda: steps_of(ranks) >= at_two + 30, what="30 steps back at EP 2")
+
+        ranks.expected_exits.discard(2)
+        ranks.start(2)  # a third resize: 2 -> 3
+        ranks.wait(lambda: ranks.readyz(2)[1].get("status") == "standby", what="rank 2 again")
+        assert ranks.control("POST", "/v1/ep/resize", {"epSize": 3})[0] == 202
+        state = ranks.wait(
+            lambda: (s := ranks.state())["epSize"] == 3 and s["topologyGeneration"] == 3 and s,
+            what="EP 3 committed",
+        )
+        # Every generation's channels (and each resize's move channels) were closed: only the
+        # current generation's are open after three resizes. 4 generations + 3 moves opened.
+        assert state["eplbChannels"] == {"backend": "torch_gloo", "open": 1, "opened": 7}
+        at_three = steps_of(ranks)
+        ranks.wait(lambda: steps_of(ranks) >= at_three + 30, what="30 steps at EP 3")
     finally:
         ranks.stop()
-    survivors = [ranks.summary(rank) for rank in (0, 1)]
+    survivors = [ranks.summary(rank) for rank in (0, 1, 2)]
     for summary in survivors + retired:
         assert summary["outputMismatches"] == 0, summary
         assert summary["recoveries"] == 0, "no step failed"
-    assert all(s["outputsChecked"] >= 90 and s["epSize"] == 2 for s in survivors)
+    assert all(s["outputsChecked"] >= 90 and s["epSize"] == 3 for s in survivors[:2])
+    assert survivors[2]["outputsChecked"] >= 25 and survivors[2]["epSize"] == 3
     assert all(s["outputsChecked"] >= 25 for s in retired), "the joiners served at EP 4"
 
 
@@ -230,3 +249,34 @@ def test_killed_leader_restarts_and_takes_the_survivor_back(tmp_path: Path) -> N
     assert leader["topologyGeneration"] == 1 and leader["epSize"] == 2
     assert leader["outputMismatches"] == 0 and survivor["outputMismatches"] == 0
     assert leader["outputsChecked"] >= 25 and survivor["outputsChecked"] >= 50
+
+
+def test_a_rank_that_fails_on_its_own_exits_and_the_others_recover(tmp_path: Path) -> None:
+    """Rank 1's step raises an out-of-memory error (not communication): rank 1 says so and exits
+    non-zero without starting the recovery protocol; rank 0 finds it gone at its next collective
+    (within the collective timeout) and recovers once the pod's replacement starts."""
+    faulty = [sys.executable, str(Path(__file__).resolve().parents[1] / "faulty_rank.py"), "40"]
+    ranks = RankProcesses(tmp_path, CONFIG, world=2)
+    try:
+        ranks.start(0)
+        ranks.expected_exits.add(1)
+        ranks.start(1, faulty)
+        process = ranks.processes[1]
+        ranks.wait(lambda: process.poll() is not None, what="rank 1 to exit")
+        exited_at = time.monotonic()
+        assert process.returncode != 0
+        log = ranks.log(1)
+        assert "failed on this rank (OutOfMemoryError" in log, log
+        assert "generation 0 failed" not in log, "no recovery on a false premise"
+        ranks.wait(
+            lambda: ranks.state()["resize"].get("phase") == "recovering",
+            CONFIG["elastic"]["collectiveTimeoutS"] + 10,
+            "rank 0 to notice",
+        )
+        assert time.monotonic() - exited_at <= CONFIG["elastic"]["collectiveTimeoutS"] + 10
+        ranks.expected_exits.discard(1)
+        ranks.start(1)  # the pod restarts it
+        state = ranks.wait(lambda: (s := ranks.state())["recoveries"] == 1 and s, 120, "recovery")
+        assert state["resize"]["lostRanks"] == [1]
+    finally:
+        ranks.stop()

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -60,6 +62,31 @@ class ElasticError(RuntimeError):
 
 class StandbyStopped(Exception):
     """A rank waiting to join was asked to stop (SIGTERM) before any generation took it in."""
+
+
+# Where communication happens: torch.distributed (collectives, gloo and NCCL groups, stores)
+# and this package's weight-exchange communicators (pynccl's own NCCL calls).
+COMMUNICATION_PATHS = (
+    os.path.join("torch", "distributed", ""),
+    os.path.join("moe_worker", "eplb", "communicator", ""),
+)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` came out of communication (a peer died, a collective passed its
+    deadline, the network failed), so the group should recover without the peers that are gone.
+
+    Anything else (out of memory, a bug, a bad input) is this rank's own fault: recovery would
+    wait for a replacement of a rank that is not missing. torch raises ``DistError`` for NCCL,
+    store and network failures but a plain ``RuntimeError`` for gloo's, so the test is the type
+    or where the error was raised (a frame in ``COMMUNICATION_PATHS``).
+    """
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if isinstance(error, dist.DistError):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(path in frame.filename for frame in frames for path in COMMUNICATION_PATHS)
 
 
 @dataclass(frozen=True)
@@ -262,11 +289,8 @@ class Rendezvous:
         """The leader at start: survivors' reports (rank -> report), or {} when none came within
         ``window_s``. Once one came, waits until every other rank reported or has a
         replacement registered (ElasticError past ``replacement_timeout_s``)."""
-        deadline = time.monotonic() + window_s
-        while not self._has("orphans/world"):
-            if time.monotonic() > deadline:
-                return {}
-            time.sleep(0.05)
+        if not self._wait_key("orphans/world", window_s):
+            return {}
         world = int(self.store.get("orphans/world"))
         deadline = time.monotonic() + replacement_timeout_s
         while True:
@@ -299,6 +323,17 @@ class Rendezvous:
     def _has(self, key: str) -> bool:
         return bool(self.store.check([key]))
 
+    def _wait_key(self, key: str, timeout_s: float) -> bool:
+        """Block in the store until ``key`` is set (True) or ``timeout_s`` passes (False); a
+        store that went away raises as before (``dist.DistError``)."""
+        try:
+            self.store.wait([key], timedelta(seconds=max(timeout_s, 0.001)))
+        except dist.DistStoreError as exc:
+            if "timeout" not in str(exc).lower():
+                raise
+            return False
+        return True
+
     def publish(self, topology: Topology) -> None:
         for rank in range(topology.world):
             self.unregister_joiner(rank)
@@ -314,19 +349,25 @@ class Rendezvous:
         return Topology.from_json(self.store.get(f"topology/{generation}"))
 
     def wait_topology(
-        self, after: int, timeout_s: float, stopped: Callable[[], bool] = lambda: False
+        self, after: int, timeout_s: float, stopped: Callable[[], bool] | None = None
     ) -> Topology:
-        """The first generation newer than ``after`` (polls; ElasticError past the deadline,
-        StandbyStopped when ``stopped()`` turns true)."""
+        """The first generation newer than ``after``: waits in the store for its key
+        (ElasticError past the deadline). With ``stopped`` (a rank on standby, which may wait
+        long), looks at its key and at ``stopped()`` every 50 ms instead, raising
+        StandbyStopped when it turns true (a store wait that times out logs a warning)."""
+        key = f"topology/{after + 1}"
+        if stopped is None:
+            if not self._wait_key(key, timeout_s):
+                raise ElasticError(f"no topology generation after {after} within {timeout_s:.0f} s")
+            return self.topology(after + 1)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while not self._has(key):
             if stopped():
                 raise StandbyStopped(f"stopped while waiting for generation {after + 1}")
-            current = self.current_generation()
-            if current is not None and current > after:
-                return self.topology(after + 1)
+            if time.monotonic() > deadline:
+                raise ElasticError(f"no topology generation after {after} within {timeout_s:.0f} s")
             time.sleep(0.05)
-        raise ElasticError(f"no topology generation after {after} within {timeout_s:.0f} s")
+        return self.topology(after + 1)
 
     def group_store(self, generation: int, name: str = "pg") -> dist.Store:
         return dist.PrefixStore(f"gen/{generation}/{name}/", self.store)
@@ -348,12 +389,9 @@ class Rendezvous:
         return self._has(f"flags/{name}")
 
     def wait_flag(self, name: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.has_flag(name):
-                return self.store.get(f"flags/{name}").decode()
-            time.sleep(0.05)
-        raise ElasticError(f"flag {name} was not set within {timeout_s:.0f} s")
+        if not self._wait_key(f"flags/{name}", timeout_s):
+            raise ElasticError(f"flag {name} was not set within {timeout_s:.0f} s")
+        return self.store.get(f"flags/{name}").decode()
 
     def report_failure(self, generation: int, rank: int, step: int, held: np.ndarray) -> None:
         """A survivor of ``generation``: the step it resumes at and its slots' experts [L, S]."""

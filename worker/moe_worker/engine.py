@@ -13,15 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from moe_worker.config import RankEnv, WorkerConfig
-from moe_worker.eplb.communicator import Communicator, create_communicator, resolve_auto
+from moe_worker.config import WorkerConfig
+from moe_worker.eplb.channels import Channels, open_channels
 from moe_worker.eplb.controller import EPLBController, step_eplb_after
 from moe_worker.eplb.layout import Layout
 from moe_worker.eplb.policy import Placement, default_placement
@@ -60,50 +59,6 @@ def check_platform(config: WorkerConfig, device: torch.device) -> None:
             raise ValueError(
                 f"eplb.communicator: {config.eplb.communicator} needs GPUs; use auto or torch_gloo"
             )
-
-
-def make_eplb_channels(
-    config: WorkerConfig,
-    rank: int,
-    world: int,
-    device: torch.device,
-    store: dist.Store | None = None,
-) -> tuple[Communicator, dist.ProcessGroup | None]:
-    """The weight-exchange communicator and the gloo group for async agreement.
-
-    Every rank calls this at start-up with the same config, so groups are created in the same
-    order everywhere. Async rebalances never share the forward pass's communicator: torch_gloo
-    gets its own gloo group, torch_nccl its own NCCL group, pynccl its own NCCL communicator
-    (its id travels through ``store``: the topology generation's, or a TCPStore on
-    MASTER_PORT + 1 when none is given).
-    """
-    eplb = config.eplb
-    name = (
-        resolve_auto(device, eplb.use_async) if eplb.communicator == "auto" else eplb.communicator
-    )
-    if world == 1:
-        return create_communicator(
-            name, device=device, rank=0, world=1, store=dist.HashStore()
-        ), None
-    timeout = timedelta(seconds=eplb.rebalance_timeout_s)
-    control_group = dist.new_group(backend="gloo", timeout=timeout) if eplb.use_async else None
-    if name == "torch_gloo" and (eplb.use_async or device.type == "cuda"):
-        group = dist.new_group(backend="gloo", timeout=timeout)
-        return create_communicator(name, group=group, device=device), control_group
-    if name == "torch_nccl" and eplb.use_async:
-        group = dist.new_group(backend="nccl", timeout=timeout)
-        return create_communicator(name, group=group, device=device), control_group
-    if name == "pynccl":
-        if store is None:
-            env = RankEnv.from_environ(dict(os.environ))
-            store = dist.TCPStore(
-                env.master_addr, env.master_port + 1, world, rank == 0, timeout=timeout
-            )
-        return (
-            create_communicator(name, rank=rank, world=world, store=store, device=device),
-            control_group,
-        )
-    return create_communicator(name, device=device), control_group
 
 
 def initial_placement(
@@ -179,6 +134,7 @@ class RankEngine:
         )
         self.model: Any = self._build_model(load_weights=not joining)
         self.eplb: EPLBController | None = None
+        self.channels: Channels | None = None
         if config.eplb.enabled:
             # Compile the placement kernels in the background while the first steps run.
             threading.Thread(target=warm_up_policies, name="eplb-warm-up", daemon=True).start()
@@ -227,20 +183,26 @@ class RankEngine:
         if not self.config.eplb.enabled:
             return
         rank, world = self.ep.rank, self.ep.size
-        communicator, control_group = make_eplb_channels(
-            self.config, rank, world, self.device, channel_store
-        )
+        self.close_channels()  # a generation's channels end with it (normally closed already)
+        self.channels = open_channels(self.config.eplb, rank, world, self.device, channel_store)
         self.eplb = EPLBController(
             self.config.eplb,
             rank,
             world,
             None,
             self.device,
-            communicator,
-            control_group,
+            self.channels.communicator,
+            self.channels.control_group,
             layout=self.layout,
         )
         self.eplb.register_model(self.model, self.placement)
+
+    def close_channels(self, abort: bool = False) -> None:
+        """Close this generation's EPLB channels (every rank of the group at the same point;
+        ``abort`` after a failure, when a peer may be gone)."""
+        if self.channels is not None:
+            self.channels.close(abort)
+            self.channels = None
 
     @property
     def mapping_generation(self) -> int:

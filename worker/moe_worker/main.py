@@ -40,6 +40,7 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
 
     from moe_worker.elastic import Rendezvous, StandbyStopped
     from moe_worker.engine import resolve_device
+    from moe_worker.eplb.channels import backend_for
     from moe_worker.membership import Membership
     from moe_worker.metrics import WorkerMetrics
     from moe_worker.server import WorkerStatus, read_token, serve_control, serve_metrics
@@ -68,11 +69,12 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
     # In a pod (POD_NAME set) ports count from the pod's first rank; elsewhere from rank 0.
     in_pod = "POD_NAME" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0 if in_pod else env.rank))
+    device = resolve_device(config.device, env.rank)
     if config.metrics.enabled:
         metrics = WorkerMetrics(
             config.deployment,
             env.rank,
-            config.eplb.communicator,
+            backend_for(config.eplb, device),  # the backend in use, not "auto"
             config.eplb.policy,
             config.eplb.use_async,
             config.metrics.per_expert,
@@ -85,7 +87,6 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
                 config.control.port, status, read_token(config.control.token_file), bind_host
             )
         )
-    device = resolve_device(config.device, env.rank)
     rendezvous = Rendezvous(
         env.master_addr, env.master_port, env.rank == 0, config.elastic.join_timeout_s
     )

@@ -28,7 +28,8 @@ from moe_worker.elastic import (
     resize_placement,
 )
 from moe_worker.engine import RankEngine, create_engine
-from moe_worker.eplb.communicator import create_communicator
+from moe_worker.eplb.channels import open_channels
+from moe_worker.eplb.executor import Reloader
 
 log = logging.getLogger("moe_worker.membership")
 
@@ -211,6 +212,7 @@ class Membership:
         if engine.eplb is not None:
             engine.eplb.shutdown(timeout=self.timeout_s)
             engine.eplb = None
+        engine.close_channels(abort=True)  # a peer is gone: wait for nothing of it
         leave_group()
         held = mapped[:, self.rank * slots : (self.rank + 1) * slots]
         wait = self.config.elastic.replacement_timeout_s + self.timeout_s
@@ -267,6 +269,33 @@ class Membership:
 
     # --- the switch ------------------------------------------------------------------------
 
+    def _move(
+        self,
+        engine: RankEngine,
+        old: np.ndarray,
+        new: np.ndarray,
+        slots: int,
+        reloaders: list[Reloader],
+        world: int,
+        generation: int,
+    ) -> None:
+        """Move experts over the configured backend, on channels of their own (synchronous:
+        nothing else runs) over the ``world`` ranks of the transfer group, closed after."""
+        channels = open_channels(
+            engine.config.eplb,
+            self.rank,
+            world,
+            self.device,
+            self.rendezvous.group_store(generation, "move"),
+            use_async=False,
+        )
+        try:
+            move_experts(
+                engine.layer_slots(), old, new, slots, self.rank, channels.communicator, reloaders
+            )
+        finally:
+            channels.close()
+
     def _switch(self, engine: RankEngine, topology: Topology) -> None:
         """Move experts for ``topology`` and install it (every rank of its transfer group)."""
         g = topology.generation
@@ -274,17 +303,15 @@ class Membership:
         old = np.asarray(topology.old_phy2log, dtype=np.int64)
         new = np.asarray(topology.new_phy2log, dtype=np.int64)
         slots = engine.config.slots_per_rank
-        communicator = create_communicator(
-            "torch_nccl" if self.device.type == "cuda" else "torch_gloo", device=self.device
-        )
+        engine.close_channels()  # the old generation's (members of it close them together)
         reloaders = [engine.reload_expert(layer) for layer in range(new.shape[0])]
         if topology.world >= topology.previous_world:
             # Scale-up or recovery: the new group (joiners and replacements included) moves.
             form_group(self.rendezvous, g, self.rank, topology.world, self.device, self.timeout_s)
-            move_experts(engine.layer_slots(), old, new, slots, self.rank, communicator, reloaders)
+            self._move(engine, old, new, slots, reloaders, topology.world, g)
         else:
             # Scale-down: retiring ranks send their experts over the old group, then leave.
-            move_experts(engine.layer_slots(), old, new, slots, self.rank, communicator, reloaders)
+            self._move(engine, old, new, slots, reloaders, topology.previous_world, g)
             if dist.is_initialized():
                 dist.barrier()
             if not topology.includes(self.rank):

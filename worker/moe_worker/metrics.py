@@ -22,6 +22,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from moe_worker.eplb.policy.quality import overall_balancedness, worst_layer_balancedness
+
 VERSION = "0.1.0"
 TRIGGERS = ("interval", "manual", "resize")
 RESULTS = ("ok", "skipped", "aborted", "failed")
@@ -52,8 +54,15 @@ SPECS: tuple[MetricSpec, ...] = (
         "moe_balancedness",
         "gauge",
         (),
-        "Mean over MoE layers of mean rank load / max rank load over the load window "
-        "(all ranks' tokens); 1 is perfect balance.",
+        "Overall balancedness: the harmonic mean over MoE layers of mean rank load / max rank "
+        "load over the load window (all ranks' tokens), the share of a step spent on balanced "
+        "work; 1 is perfect balance.",
+    ),
+    MetricSpec(
+        "moe_balancedness_worst_layer",
+        "gauge",
+        (),
+        "The lowest per-layer balancedness (mean rank load / max rank load) over the window.",
     ),
     MetricSpec(
         "moe_layer_balancedness",
@@ -290,7 +299,8 @@ class WorkerMetrics:
         self._child("moe_mapping_generation").set(mapping_generation)
 
     def set_balancedness(self, per_layer: np.ndarray) -> None:
-        self._child("moe_balancedness").set(float(per_layer.mean()))
+        self._child("moe_balancedness").set(overall_balancedness(per_layer))
+        self._child("moe_balancedness_worst_layer").set(worst_layer_balancedness(per_layer))
         for layer, value in enumerate(per_layer):
             self._child("moe_layer_balancedness", layer=str(layer)).set(float(value))
 

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .elastic import Topology, resize_problem
+from .elastic import Topology, is_peer_failure, resize_problem
 from .engine import RankEngine
+from .eplb.channels import open_count, opened_count
 from .idle import IdleWaker
 from .membership import Membership
 from .metrics import WorkerMetrics
@@ -270,6 +271,7 @@ class WorkerService:
 
     def _publish(self) -> None:
         controller = self.engine.eplb
+        channels = self.engine.channels
         mapping_generation = self.engine.mapping_generation
         generation = 0 if self.membership is None else self.membership.generation
         last = None
@@ -297,6 +299,11 @@ class WorkerService:
             "step": self.engine.step_index,
             "balancedness": balancedness,
             "layerBalancedness": self._last_balancedness,
+            "eplbChannels": {
+                "backend": None if channels is None else channels.backend,
+                "open": open_count(),
+                "opened": opened_count(),
+            },
             "lastRebalance": last,
         }
         with self.status.lock:
@@ -331,8 +338,20 @@ class WorkerService:
                     self.serve_iteration(waker)
                 else:
                     self.step()
-            except RuntimeError as exc:  # gloo/NCCL: a peer died or hung past the deadline
+            except RuntimeError as exc:
                 if self.membership is None or self.world == 1:
+                    raise
+                if not is_peer_failure(exc):
+                    # This rank's own fault: exit (its pod restarts); the others find it gone
+                    # at their next collective and recover with its replacement.
+                    log.error(
+                        "rank %d: step %d failed on this rank (%s: %s), not in communication; "
+                        "exiting",
+                        self.engine.ep.rank,
+                        started_at,
+                        type(exc).__name__,
+                        exc,
+                    )
                     raise
                 self.membership.recover(self.engine, started_at, exc)
                 self.world = self.engine.ep.size

@@ -159,6 +159,17 @@ class MetricsSpec(ApiModel):
     )
 
 
+class ControlSpec(ApiModel):
+    """Rank 0's control API: remap, resize and state, behind the deployment's bearer token."""
+
+    port: int = Field(
+        9390,
+        ge=1024,
+        le=65535,
+        description="Control port of rank 0 (the NetworkPolicy lets only the operator in).",
+    )
+
+
 class ResourceSpec(ApiModel):
     """Per-pod CPU and memory (GPUs come from parallelism.gpusPerPod)."""
 
@@ -251,6 +262,7 @@ class MoEDeploymentSpec(ApiModel):
     remap: RemapPolicy = Field(default_factory=lambda: RemapPolicy())
     elastic: ElasticPolicy = Field(default_factory=lambda: ElasticPolicy())
     metrics: MetricsSpec = Field(default_factory=lambda: MetricsSpec())
+    control: ControlSpec = Field(default_factory=lambda: ControlSpec())
     resources: ResourceSpec = Field(default_factory=lambda: ResourceSpec())
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
@@ -377,6 +389,15 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
                 s.elastic.min_expert_parallel_size % s.parallelism.ep_step == 0
                 and s.elastic.max_expert_parallel_size % s.parallelism.ep_step == 0
             )
+        ),
+    ),
+    CrossFieldRule(
+        "spec.control.port",
+        "must not be one of the metrics ports (metrics.port .. metrics.port + gpusPerPod - 1)",
+        "self.control.port < self.metrics.port || "
+        "self.control.port >= self.metrics.port + self.parallelism.gpusPerPod",
+        lambda s: (
+            not (s.metrics.port <= s.control.port < s.metrics.port + s.parallelism.gpus_per_pod)
         ),
     ),
     CrossFieldRule(

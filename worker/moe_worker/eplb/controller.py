@@ -21,9 +21,10 @@ import torch.distributed as dist
 from moe_worker.config import EPLBConfig
 
 from .async_worker import AsyncRebalance, FaultHook
-from .communicator import Communicator, create_communicator
+from .channels import open_channels
+from .communicator import Communicator
 from .layout import Layout, nodes_in_use
-from .policy import Placement
+from .policy import Placement, overall_balancedness
 from .rebalance import RebalanceResult, global_logical_load, rebalance
 from .state import EPLBLayerState, EPLBState
 
@@ -84,9 +85,12 @@ class EPLBController:
         self._checked_layout: Layout | None = None
         self.rank, self.world, self.group = rank, world, group
         self.device = torch.device(device)
-        self.communicator = communicator or create_communicator(
-            config.communicator, use_async=config.use_async, group=group, device=self.device
-        )
+        self.own_channels = None  # opened here when none are given (tests, tools)
+        if communicator is None:
+            self.own_channels = open_channels(config, rank, world, self.device)
+            communicator = self.own_channels.communicator
+            control_group = self.own_channels.control_group
+        self.communicator = communicator
         self.control_group = control_group
         self.fault_hook = fault_hook
         self._async: AsyncRebalance | None = None
@@ -308,8 +312,8 @@ class EPLBController:
         return measured
 
     def current_balancedness(self, name: str = "main") -> float:
-        """Mean over layers of ``measured_layer_balancedness`` (a collective)."""
-        return float(self.measured_layer_balancedness(name).mean())
+        """``overall_balancedness`` of ``measured_layer_balancedness`` (a collective)."""
+        return overall_balancedness(self.measured_layer_balancedness(name))
 
     def window_logical_load(self, name: str = "main") -> np.ndarray:
         """Tokens per logical expert over the window, all ranks: [L, E] (a collective)."""

@@ -18,7 +18,7 @@ from .communicator import Communicator
 from .executor import execute_layer_plan
 from .layout import Layout
 from .planner import plan_layer
-from .policy import Placement, compute_placement, layer_balancedness, moved_copies
+from .policy import Placement, balancedness, compute_placement, moved_copies
 from .state import EPLBState
 
 
@@ -58,8 +58,8 @@ def summarize(
         duration_s=time.perf_counter() - started,
         bytes_received=bytes_received,
         copies_moved=int(moved_copies(current, applied, world, world).sum()),
-        balancedness_before=float(layer_balancedness(load, current, world).mean()),
-        balancedness_after=float(layer_balancedness(load, applied, world).mean()),
+        balancedness_before=balancedness(load, current, world),
+        balancedness_after=balancedness(load, applied, world),
         mapping_generation=mapping_generation,
         error=error,
     )

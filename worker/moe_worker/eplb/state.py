@@ -52,6 +52,15 @@ class EPLBLayerState:
             if getattr(self, name) is None:
                 raise EPLBStateError(f"EPLB requires {name} in the layer state; it is missing")
 
+    def routing_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log2phy [E, R], replica_count [E]) for routing; EPLBStateError when unset."""
+        if self.log2phy is None or self.replica_count is None:
+            raise EPLBStateError(
+                "EPLB routing needs log2phy and replica_count in the layer state; "
+                "register the model with the EPLB controller first"
+            )
+        return self.log2phy, self.replica_count
+
     def note_step(self, slots: torch.Tensor) -> None:
         """Remember which physical slots [T, k] this step's tokens use (recorded at step end)."""
         self.step_slots = slots

@@ -135,8 +135,7 @@ class ExpertParallelExperts(nn.Module):
         if self.eplb_state is None:
             log2phy, count = self._static_log2phy, self._static_count
         else:
-            assert self.eplb_state.log2phy is not None and self.eplb_state.replica_count is not None
-            log2phy, count = self.eplb_state.log2phy, self.eplb_state.replica_count
+            log2phy, count = self.eplb_state.routing_maps()
         tokens, top_k = ids.shape
         if top_k > self._lanes.shape[0]:
             self._lanes = torch.arange(top_k, device=self.ep.device)

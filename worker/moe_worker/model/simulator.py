@@ -6,14 +6,13 @@ Per step it yields hidden states [T, H] and, per layer, the experts each token i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from moe_worker.config import ModelConfig, WorkloadConfig
+from moe_worker.eplb.loadfile import read_loads
 
 
 @dataclass
@@ -26,16 +25,6 @@ class Batch:
 def _zipf(num_experts: int, exponent: float) -> np.ndarray:
     weights = 1.0 / np.arange(1, num_experts + 1) ** exponent
     return weights / weights.sum()
-
-
-def read_trace(path: str | Path) -> np.ndarray:
-    path = Path(path)
-    if path.suffix == ".npy":
-        data = np.load(path)
-    else:
-        document = json.loads(path.read_text())
-        data = np.asarray(document["counts"] if isinstance(document, dict) else document)
-    return np.asarray(data, dtype=np.float64)
 
 
 class RoutingSimulator:
@@ -59,7 +48,9 @@ class RoutingSimulator:
         self.order = np.stack([rng.permutation(experts) for _ in range(num_layers)])
         if workload.kind == "trace":
             assert workload.trace_path is not None
-            trace = read_trace(workload.trace_path)
+            trace = read_loads(workload.trace_path)
+            if trace.ndim != 2 or not np.isfinite(trace).all() or (trace < 0).any():
+                raise ValueError("workload.tracePath: loads must be finite, >= 0, shape [L, E]")
             if trace.shape[1] != experts:
                 raise ValueError(f"trace has {trace.shape[1]} experts, the model {experts}")
             rows = np.resize(np.arange(trace.shape[0]), num_layers)

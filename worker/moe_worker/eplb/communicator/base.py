@@ -30,6 +30,10 @@ class Communicator(ABC):
         """The CUDA stream transfers run on (None: the current stream, or CPU)."""
         return None
 
+    def close(self, abort: bool = False) -> None:  # noqa: B027 - most hold nothing of their own
+        """Release what the communicator holds itself (groups are its opener's to destroy);
+        ``abort``: a peer may be gone, so wait for nothing."""
+
 
 Factory = Callable[..., Communicator]
 _REGISTRY: dict[str, Factory] = {}

@@ -72,6 +72,7 @@ class NcclLibrary:
                 ctypes.c_void_p,
             ]
         lib.ncclCommDestroy.argtypes = [ctypes.c_void_p]
+        lib.ncclCommAbort.argtypes = [ctypes.c_void_p]
 
     @classmethod
     def get(cls) -> NcclLibrary:
@@ -206,7 +207,8 @@ class PyNcclCommunicator(Communicator):
                 tensor.record_stream(stream)
             stream.synchronize()
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        release = self.library.lib.ncclCommAbort if abort else self.library.lib.ncclCommDestroy
         for comm in self.comms:
-            self.library.check(self.library.lib.ncclCommDestroy(comm))
+            self.library.check(release(comm))
         self.comms = []

@@ -27,6 +27,8 @@ from .quality import (
     layer_balancedness,
     max_load_lower_bound,
     moved_copies,
+    overall_balancedness,
+    worst_layer_balancedness,
 )
 
 # (weight [L, E], num_physical, num_groups, num_nodes, num_gpus, previous, **options) -> Placement
@@ -38,7 +40,6 @@ POLICIES: dict[str, PlacementPolicy] = {
     "deepseek": deepseek_policy,
     "incremental": incremental_policy,
 }
-DEFAULT_POLICY = "balanced"
 
 
 class UnknownPolicyError(KeyError):
@@ -171,7 +172,6 @@ def default_placement(num_layers: int, num_logical: int, num_physical: int) -> P
 
 
 __all__ = [
-    "DEFAULT_POLICY",
     "POLICIES",
     "Placement",
     "PlacementInputError",
@@ -186,6 +186,8 @@ __all__ = [
     "layer_balancedness",
     "max_load_lower_bound",
     "moved_copies",
+    "overall_balancedness",
     "validate_inputs",
     "warm_up",
+    "worst_layer_balancedness",
 ]

@@ -37,9 +37,31 @@ def layer_balancedness(weight: np.ndarray, placement: Placement, num_gpus: int) 
     return _ratio(loads.mean(axis=1), loads.max(axis=1))
 
 
+def overall_balancedness(per_layer: np.ndarray) -> float:
+    """The overall balancedness of a model from its per-layer values ``b_l`` (mean rank load /
+    max rank load of layer ``l``, shape [L]): their harmonic mean, ``L / sum_l (1 / b_l)``.
+
+    A step runs the MoE layers one after another, each waiting for its busiest rank, so its
+    time goes with ``sum_l max_l``. Every token passes every layer, so the layers carry equal
+    work ``W``, and ``max_l = (W / G) / b_l`` on ``G`` ranks: the share of the step spent on
+    balanced work, ``sum_l mean_l / sum_l max_l``, is the harmonic mean. A bad layer pulls it
+    down as far as it slows the step (the arithmetic mean would hide it). 1.0 for no layers.
+    """
+    values = np.asarray(per_layer, dtype=np.float64)
+    if values.size == 0:
+        return 1.0
+    return float(values.size / np.sum(1.0 / np.maximum(values, 1e-12)))
+
+
+def worst_layer_balancedness(per_layer: np.ndarray) -> float:
+    """The lowest per-layer balancedness [L] (1.0 for no layers): the layer to look at."""
+    values = np.asarray(per_layer, dtype=np.float64)
+    return float(values.min()) if values.size else 1.0
+
+
 def balancedness(weight: np.ndarray, placement: Placement, num_gpus: int) -> float:
-    """Overall balancedness: the mean of the per-layer values."""
-    return float(layer_balancedness(weight, placement, num_gpus).mean())
+    """Overall balancedness of ``placement`` for ``weight`` (``overall_balancedness``)."""
+    return overall_balancedness(layer_balancedness(weight, placement, num_gpus))
 
 
 def optimal_replica_counts(
