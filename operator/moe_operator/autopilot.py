@@ -27,8 +27,8 @@ from .builders import control_port
 from .k8s import KubeClient, KubeError
 from .metrics_source import MetricsUnavailable, PrometheusSource, ScrapeSource
 from .policy import Decision, decide, memory_from_status, memory_to_status
-from .resize import Observed as ResizeObserved
 from .resize import (
+    ResizeObservation,
     begin,
     pods_for,
     pods_up,
@@ -180,7 +180,7 @@ async def resize_round(
     ready_replicas = int((sts.get("status") or {}).get("readyReplicas") or 0)
     ready = pods_up(ready_replicas, list((state or {}).get("standbyRanks") or []), gpus)
     action, progress = resize_step(
-        progress, ResizeObserved(ready, serving), gpus, now, phase_timeout_s
+        progress, ResizeObservation(ready, serving), gpus, now, phase_timeout_s
     )
     if action == "set-pods":
         replicas = pods_for(progress.to_ep_size, gpus)

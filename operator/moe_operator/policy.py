@@ -17,7 +17,7 @@ Resizes take precedence over remaps (a resize re-places every expert anyway).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .api.models import MoEDeploymentSpec, PendingActionStatus, PolicyStatus
@@ -51,27 +51,14 @@ class Snapshot:
         return sum(self.rank_tokens_per_s) / len(self.rank_tokens_per_s)
 
 
-@dataclass(frozen=True)
-class PendingAction:
-    """An action started and not yet seen finished (its effect is visible in the metrics)."""
-
-    verb: Literal["remap", "resize"]
-    started_at: float
-    target_ep_size: int = 0
-    from_mapping_generation: int = 0
+# The policy's memory is the status model itself (one definition): what it remembers between
+# rounds, kept in status.policy so an operator restart resumes its timers.
+PolicyMemory = PolicyStatus
+PendingAction = PendingActionStatus
 
 
-@dataclass(frozen=True)
-class PolicyMemory:
-    """What the policy remembers between rounds (kept in status.policy)."""
-
-    below_threshold_since: float | None = None
-    load_high_since: float | None = None
-    load_low_since: float | None = None
-    last_remap_at: float | None = None
-    last_scale_up_at: float | None = None
-    last_scale_down_at: float | None = None
-    pending: PendingAction | None = None
+def _remember(memory: PolicyMemory, **changes: object) -> PolicyMemory:
+    return memory.model_copy(update=changes)
 
 
 @dataclass(frozen=True)
@@ -118,7 +105,7 @@ def decide(
     if memory.pending is not None:
         if not _finished(memory.pending, snapshot, now, action_timeout):
             return Decision("wait", f"{memory.pending.verb} in progress", memory=memory)
-        memory = replace(memory, pending=None)
+        memory = _remember(memory, pending=None)
 
     # Load band (elastic).
     elastic = spec.elastic
@@ -126,7 +113,7 @@ def decide(
     sizes_it = elastic.enabled and elastic.scaler == "operator"  # else an external scaler does
     high = sizes_it and mean is not None and mean > elastic.tokens_per_rank_high
     low = sizes_it and mean is not None and mean < elastic.tokens_per_rank_low
-    memory = replace(
+    memory = _remember(
         memory,
         load_high_since=_since(high, memory.load_high_since, now),
         load_low_since=_since(low, memory.load_low_since, now),
@@ -144,11 +131,11 @@ def decide(
             and cooled
             and target <= elastic.max_expert_parallel_size
         ):
-            memory = replace(
+            memory = _remember(
                 memory,
                 last_scale_up_at=now,
                 load_high_since=None,
-                pending=PendingAction("resize", now, target_ep_size=target),
+                pending=PendingAction(verb="resize", started_at=now, target_ep_size=target),
             )
             return Decision(
                 "resize",
@@ -171,11 +158,11 @@ def decide(
             and target >= elastic.min_expert_parallel_size
             and after <= elastic.tokens_per_rank_high * HYSTERESIS
         ):
-            memory = replace(
+            memory = _remember(
                 memory,
                 last_scale_down_at=now,
                 load_low_since=None,
-                pending=PendingAction("resize", now, target_ep_size=target),
+                pending=PendingAction(verb="resize", started_at=now, target_ep_size=target),
             )
             return Decision(
                 "resize",
@@ -190,19 +177,23 @@ def decide(
     below = (
         snapshot.balancedness is not None and snapshot.balancedness < remap.balancedness_threshold
     )
-    memory = replace(memory, below_threshold_since=_since(below, memory.below_threshold_since, now))
+    memory = _remember(
+        memory, below_threshold_since=_since(below, memory.below_threshold_since, now)
+    )
     if below and memory.below_threshold_since is not None:
         held = now - memory.below_threshold_since
         interval_ok = (
             memory.last_remap_at is None or now - memory.last_remap_at >= remap.min_interval_seconds
         )
         if held >= remap.sustained_seconds and interval_ok:
-            memory = replace(
+            memory = _remember(
                 memory,
                 last_remap_at=now,
                 below_threshold_since=None,
                 pending=PendingAction(
-                    "remap", now, from_mapping_generation=snapshot.mapping_generation
+                    verb="remap",
+                    started_at=now,
+                    from_mapping_generation=snapshot.mapping_generation,
                 ),
             )
             return Decision(
@@ -215,27 +206,11 @@ def decide(
 
 
 def memory_to_status(memory: PolicyMemory) -> dict[str, object]:
-    """The memory as status.policy (the API's ``PolicyStatus``: camelCase, epoch seconds)."""
-    pending = memory.pending
-    status = PolicyStatus(
-        below_threshold_since=memory.below_threshold_since,
-        load_high_since=memory.load_high_since,
-        load_low_since=memory.load_low_since,
-        last_remap_at=memory.last_remap_at,
-        last_scale_up_at=memory.last_scale_up_at,
-        last_scale_down_at=memory.last_scale_down_at,
-        pending=None if pending is None else PendingActionStatus(**asdict(pending)),
-    )
-    # Explicit nulls: a JSON merge patch must clear what the memory forgot.
-    return status.model_dump(by_alias=True)
+    """The memory as status.policy (camelCase, epoch seconds; explicit nulls, so a JSON merge
+    patch clears what the memory forgot)."""
+    return memory.model_dump(by_alias=True)
 
 
 def memory_from_status(status: dict[str, object] | None) -> PolicyMemory:
     """Inverse of ``memory_to_status`` (missing or null fields: nothing remembered)."""
-    parsed = PolicyStatus.model_validate(status or {})
-    fields = parsed.model_dump(exclude={"pending"})
-    pending = parsed.pending
-    return PolicyMemory(
-        **fields,
-        pending=None if pending is None else PendingAction(**pending.model_dump()),
-    )
+    return PolicyMemory.model_validate(status or {})

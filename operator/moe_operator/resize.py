@@ -13,7 +13,7 @@ resumes it) and the local runtime in memory.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .api.models import MoEDeploymentSpec, ResizeStatus
@@ -22,23 +22,12 @@ Phase = Literal["pods-up", "request", "moving", "pods-down"]
 Action = Literal["set-pods", "post-resize", "wait", "done", "failed"]
 
 
-@dataclass(frozen=True)
-class ResizeProgress:
-    """A resize from ``from_ep_size`` to ``to_ep_size`` ranks, in ``phase`` since ``since``."""
-
-    from_ep_size: int
-    to_ep_size: int
-    phase: Phase
-    since: float
-    started_at: float
-
-    @property
-    def up(self) -> bool:
-        return self.to_ep_size > self.from_ep_size
+# The progress is the status model itself (one definition), kept in status.resize.
+ResizeProgress = ResizeStatus
 
 
 @dataclass(frozen=True)
-class Observed:
+class ResizeObservation:
     """``ready_pods``: pods that are up (ready, or every rank on standby; see ``pods_up``);
     ``leader_ep_size``: the EP size the leader reports serving (None when unreachable)."""
 
@@ -66,12 +55,14 @@ def pods_up(ready_pods: int, standby_ranks: list[int], gpus_per_pod: int) -> int
 
 def begin(from_ep_size: int, to_ep_size: int, now: float) -> ResizeProgress:
     phase: Phase = "pods-up" if to_ep_size > from_ep_size else "request"
-    return ResizeProgress(from_ep_size, to_ep_size, phase, now, now)
+    return ResizeProgress(
+        from_ep_size=from_ep_size, to_ep_size=to_ep_size, phase=phase, since=now, started_at=now
+    )
 
 
 def step(
     progress: ResizeProgress,
-    observed: Observed,
+    observed: ResizeObservation,
     gpus_per_pod: int,
     now: float,
     timeout_s: float,
@@ -83,31 +74,26 @@ def step(
         return "failed", progress
     if progress.phase == "pods-up":
         if observed.ready_pods >= target_pods:
-            return "post-resize", replace(progress, phase="moving", since=now)
+            return "post-resize", progress.model_copy(update={"phase": "moving", "since": now})
         return "set-pods", progress
     if progress.phase == "request":
-        return "post-resize", replace(progress, phase="moving", since=now)
+        return "post-resize", progress.model_copy(update={"phase": "moving", "since": now})
     if progress.phase == "moving":
         if observed.leader_ep_size != progress.to_ep_size:
             return "wait", progress
         if progress.up:
             return "done", progress
-        return "set-pods", replace(progress, phase="pods-down", since=now)
+        return "set-pods", progress.model_copy(update={"phase": "pods-down", "since": now})
     # pods-down: the retired ranks have left; the pods above the target go away.
     return "done", progress
 
 
 def progress_from_status(value: dict[str, Any] | None) -> ResizeProgress | None:
-    if not value:
-        return None
-    parsed = ResizeStatus.model_validate(dict(value))
-    return ResizeProgress(**parsed.model_dump())
+    return ResizeProgress.model_validate(dict(value)) if value else None
 
 
 def progress_to_status(progress: ResizeProgress | None) -> dict[str, Any] | None:
-    if progress is None:
-        return None
-    return ResizeStatus(**asdict(progress)).model_dump(by_alias=True)
+    return None if progress is None else progress.model_dump(by_alias=True)
 
 
 def serving_ep_size(spec: MoEDeploymentSpec, status: dict[str, Any]) -> int:

@@ -11,6 +11,8 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
+from .resize import pods_for
+
 METRICS_UNAVAILABLE = "MetricsUnavailable"
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "Rebalancing", "Resizing")
 
@@ -23,7 +25,7 @@ def now_rfc3339(now: datetime.datetime | None = None) -> str:
 def size_status(ep_size: int, gpus_per_pod: int) -> dict[str, int]:
     """The serving size as status records it: EP ranks and pods (the scale subresource's
     status replicas)."""
-    return {"expertParallelSize": ep_size, "pods": -(-ep_size // gpus_per_pod)}
+    return {"expertParallelSize": ep_size, "pods": pods_for(ep_size, gpus_per_pod)}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from moe_operator.api import MoEDeployment
 from moe_operator.resize import (
-    Observed,
+    ResizeObservation,
     begin,
     desired_pods,
     pods_for,
@@ -30,7 +30,7 @@ def run(from_size: int, to_size: int, gpus: int) -> list[tuple[str, str]]:
     pods, leader, ready = pods_for(from_size, gpus), from_size, pods_for(from_size, gpus)
     trace = []
     for t in range(1, 30):
-        action, progress = step(progress, Observed(ready, leader), gpus, float(t), 100.0)
+        action, progress = step(progress, ResizeObservation(ready, leader), gpus, float(t), 100.0)
         trace.append((action, progress.phase))
         if action == "set-pods":
             pods = (
@@ -60,19 +60,21 @@ def test_scale_down_asks_the_leader_before_removing_pods() -> None:
 
 def test_scale_up_waits_for_ready_pods_and_for_the_leader() -> None:
     progress = begin(2, 4, 0.0)
-    action, progress = step(progress, Observed(ready_pods=3, leader_ep_size=2), 1, 1.0, 60.0)
+    action, progress = step(
+        progress, ResizeObservation(ready_pods=3, leader_ep_size=2), 1, 1.0, 60.0
+    )
     assert action == "set-pods" and progress.phase == "pods-up"
-    action, progress = step(progress, Observed(4, 2), 1, 2.0, 60.0)
+    action, progress = step(progress, ResizeObservation(4, 2), 1, 2.0, 60.0)
     assert action == "post-resize" and progress.phase == "moving"
-    action, progress = step(progress, Observed(4, None), 1, 3.0, 60.0)
+    action, progress = step(progress, ResizeObservation(4, None), 1, 3.0, 60.0)
     assert action == "wait", "leader busy resizing"
-    action, _ = step(progress, Observed(4, 4), 1, 4.0, 60.0)
+    action, _ = step(progress, ResizeObservation(4, 4), 1, 4.0, 60.0)
     assert action == "done"
 
 
 def test_a_phase_past_its_deadline_fails() -> None:
     progress = begin(2, 4, 0.0)
-    action, _ = step(progress, Observed(2, 2), 1, 61.0, 60.0)
+    action, _ = step(progress, ResizeObservation(2, 2), 1, 61.0, 60.0)
     assert action == "failed"
 
 

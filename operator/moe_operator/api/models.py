@@ -495,6 +495,11 @@ class ResizeStatus(ApiModel):
     since: float = Field(description="Epoch seconds the phase began.")
     started_at: float = Field(description="Epoch seconds the resize began.")
 
+    @property
+    def up(self) -> bool:
+        """A scale-up (more ranks than it began with)."""
+        return self.to_ep_size > self.from_ep_size
+
 
 class MoEDeploymentStatus(ApiModel):
     """Observed state, written by the operator."""

@@ -37,7 +37,7 @@ from ..api.models import MoEDeployment
 from ..builders import stateful_set, worker_config
 from ..metrics_source import MetricsUnavailable, PrometheusSource, ScrapeSource
 from ..policy import Decision, PolicyMemory, Snapshot, decide
-from ..resize import Observed, ResizeProgress, begin, pods_for
+from ..resize import ResizeObservation, ResizeProgress, begin, pods_for
 from ..resize import step as resize_step
 from .requests import CheckAnswers, RequestDriver, mismatches, reference_answers
 
@@ -320,7 +320,7 @@ async def advance_resize(
     pods: LocalPods, progress: ResizeProgress, now: float
 ) -> tuple[str, ResizeProgress]:
     """One round of the resize protocol; returns the action taken and the new progress."""
-    observed = Observed(pods.ready_pods(), await pods.leader_ep_size())
+    observed = ResizeObservation(pods.ready_pods(), await pods.leader_ep_size())
     action, progress = resize_step(
         progress, observed, pods.gpus_per_pod, now, RESIZE_PHASE_TIMEOUT_S
     )
