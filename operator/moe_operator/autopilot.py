@@ -22,13 +22,13 @@ from typing import Any
 
 import aiohttp
 
+from .actuator import advance_resize, leader_state, remap, serving_size
 from .api.models import GROUP, KIND, VERSION, MoEDeployment
 from .builders import control_port
 from .k8s import KubeClient, KubeError
 from .metrics_source import MetricsUnavailable, PrometheusSource, ScrapeSource
 from .policy import Decision, decide, memory_from_status, memory_to_status
 from .resize import (
-    ResizeObservation,
     begin,
     pods_for,
     pods_up,
@@ -36,7 +36,6 @@ from .resize import (
     progress_to_status,
     serving_ep_size,
 )
-from .resize import step as resize_step
 from .status import size_status
 
 POD_HOST = os.environ.get("MOE_OPERATOR_POD_HOST", "{pod}.{name}-ranks.{namespace}.svc")
@@ -119,25 +118,34 @@ async def call_leader(
         return response.status, await response.json(content_type=None)
 
 
-async def request_remap(kube: KubeClient, deployment: MoEDeployment, reason: str) -> str:
-    """Ask the leader for a rebalance; returns how it answered."""
-    code, body = await call_leader(
-        kube, deployment, "POST", "/v1/eplb/rebalance", {"reason": reason}
-    )
-    if code == 202:
-        return "accepted"
-    if code == 409:
-        return "already running"
-    raise KubeError(code, f"the leader answered {code}: {body}")
+@dataclass
+class KubeGroup:
+    """The deployment's ranks in a cluster (``actuator.Group``): the leader behind the headless
+    Service, the StatefulSet's pods."""
 
+    kube: KubeClient
+    deployment: MoEDeployment
 
-async def leader_state(kube: KubeClient, deployment: MoEDeployment) -> dict[str, Any] | None:
-    """The leader's GET /v1/state, or None when it cannot be reached."""
-    try:
-        code, body = await call_leader(kube, deployment, "GET", "/v1/state")
-    except (aiohttp.ClientError, TimeoutError, ValueError, KubeError):
-        return None
-    return body if code == 200 and isinstance(body, dict) else None
+    async def call_leader(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return await call_leader(self.kube, self.deployment, method, path, body)
+
+    async def _statefulset(self) -> dict[str, Any]:
+        meta = self.deployment.metadata
+        return await self.kube.get("apps/v1", "StatefulSet", meta.namespace, meta.name) or {}
+
+    async def pods_up(self, standby_ranks: list[int]) -> int:
+        sts = await self._statefulset()
+        ready = int((sts.get("status") or {}).get("readyReplicas") or 0)
+        return pods_up(ready, standby_ranks, self.deployment.spec.parallelism.gpus_per_pod)
+
+    async def set_pods(self, count: int) -> None:
+        if ((await self._statefulset()).get("spec") or {}).get("replicas") != count:
+            meta = self.deployment.metadata
+            patch = {"spec": {"replicas": count}}
+            await self.kube.patch("apps/v1", "StatefulSet", meta.namespace, meta.name, patch)
+
+    async def retiring(self, keep: int) -> None:
+        """Nothing to do: the StatefulSet removes the highest ordinals when lowered."""
 
 
 @dataclass
@@ -159,14 +167,14 @@ async def resize_round(
     serves at in ``status.expertParallelSize``; the progress goes to ``status.resize``.
     """
     now = time.time() if now is None else now
-    spec, meta = deployment.spec, deployment.metadata
-    state = await leader_state(kube, deployment)
-    serving = None
-    if state is not None and not state.get("resizing"):
-        serving = int(state["epSize"])
+    spec = deployment.spec
+    gpus = spec.parallelism.gpus_per_pod
+    group = KubeGroup(kube, deployment)
+    state = await leader_state(group)
+    serving = serving_size(state)
     patch: dict[str, Any] = {}
     if serving is not None:
-        patch.update(size_status(serving, spec.parallelism.gpus_per_pod))
+        patch.update(size_status(serving, gpus))
     progress = progress_from_status(status.get("resize"))
     target = spec.parallelism.expert_parallel_size
     event = None
@@ -175,42 +183,15 @@ async def resize_round(
             return ResizeRound(patch)
         progress = begin(serving, target, now)
         event = ("Normal", "Resizing", f"live resize of EP {serving} -> {target} started")
-    sts = await kube.get("apps/v1", "StatefulSet", meta.namespace, meta.name) or {}
-    gpus = spec.parallelism.gpus_per_pod
-    ready_replicas = int((sts.get("status") or {}).get("readyReplicas") or 0)
-    ready = pods_up(ready_replicas, list((state or {}).get("standbyRanks") or []), gpus)
-    action, progress = resize_step(
-        progress, ResizeObservation(ready, serving), gpus, now, phase_timeout_s
-    )
-    if action == "set-pods":
-        replicas = pods_for(progress.to_ep_size, gpus)
-        if (sts.get("spec") or {}).get("replicas") != replicas:
-            await kube.patch(
-                "apps/v1",
-                "StatefulSet",
-                meta.namespace,
-                meta.name,
-                {"spec": {"replicas": replicas}},
-            )
-    elif action == "post-resize":
-        code, body = await call_leader(
-            kube, deployment, "POST", "/v1/ep/resize", {"epSize": progress.to_ep_size}
-        )
-        if code not in (202, 409) and not (code == 422 and "already" in str(body)):
-            action = "failed"
-            event = ("Warning", "ResizeFailed", f"the leader answered {code}: {body}")
+    action, progress, why = await advance_resize(group, progress, gpus, now, phase_timeout_s, state)
     if action == "done":
         patch.update(size_status(progress.to_ep_size, gpus))
         patch["resize"] = None
         event = ("Normal", "Resized", f"EP {progress.from_ep_size} -> {progress.to_ep_size} live")
     elif action == "failed":
         patch["resize"] = None
-        event = event or (
-            "Warning",
-            "ResizeFailed",
-            f"EP {progress.from_ep_size} -> {progress.to_ep_size}: phase {progress.phase} "
-            f"took over {phase_timeout_s:.0f} s; the group keeps serving at its size",
-        )
+        message = f"EP {progress.from_ep_size} -> {progress.to_ep_size}: {why}"
+        event = ("Warning", "ResizeFailed", message)
     else:
         patch["resize"] = progress_to_status(progress)
     return ResizeRound(patch, event)
@@ -244,12 +225,12 @@ async def policy_round(
     event = None
     meta = deployment.metadata
     if decision.verb == "remap":
-        try:
-            answer = await request_remap(kube, deployment, decision.reason)
-            event = ("Normal", "Remap", f"remap requested ({answer}): {decision.reason}")
-        except (aiohttp.ClientError, TimeoutError, KubeError) as exc:
+        answer = await remap(KubeGroup(kube, deployment), decision.reason)
+        if answer.ok:
+            event = ("Normal", "Remap", f"remap requested ({answer.outcome}): {decision.reason}")
+        else:
             patch["policy"] = memory_to_status(memory)  # not done: try again next round
-            event = ("Warning", "RemapFailed", f"{decision.reason}; the leader said: {exc}")
+            event = ("Warning", "RemapFailed", f"{decision.reason}; {answer.outcome}")
     elif decision.verb == "resize":
         gpus_per_pod = deployment.spec.parallelism.gpus_per_pod
         await kube.patch(

@@ -283,8 +283,8 @@ def run_local(
     duration: float | None = typer.Option(
         None,
         "--duration",
-        help="Seconds to run (Ctrl-C stops); default: the workload's durationS + 30 "
-        "(start-up), or 120 for the simulator.",
+        help="Seconds to run (Ctrl-C stops); default: until the workload's durationS + 30 "
+        "after its traffic starts, or 120 for the simulator.",
     ),
     port: int = typer.Option(
         0, "--port", help="Port of the deployment's endpoint (its /v1 API; 0: a free one)."
@@ -320,9 +320,6 @@ def run_local(
     if device not in ("cpu", "cuda", "auto"):
         fail(f"--device: must be cpu, cuda or auto, not {device!r}")
     deployment = load_deployment(file)
-    if duration is None:
-        serving = deployment.spec.simulator is None
-        duration = deployment.spec.workload.duration_s + 30.0 if serving else 120.0
     if device == "auto":
         device, why = choose_device(device, deployment, visible_gpus())
         console.print(f"device: {why}")

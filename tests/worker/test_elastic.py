@@ -27,7 +27,7 @@ from moe_worker.elastic import (
 )
 from moe_worker.eplb.planner import apply_plan_to_contents, plan_layer
 from moe_worker.eplb.policy import Placement, default_placement
-from rank_processes import RankProcesses
+from rank_processes import RankProcesses, http
 
 CONFIG: dict[str, Any] = {
     "deployment": "elastic-test",
@@ -189,6 +189,9 @@ def test_live_resizes_two_four_two_three_keep_outputs_equal_and_close_their_chan
         # Every generation's channels (and each resize's move channels) were closed: only the
         # current generation's are open after three resizes. 4 generations + 3 moves opened.
         assert state["eplbChannels"] == {"backend": "torch_gloo", "open": 1, "opened": 7}
+        # The config says "auto"; the info metric names the backend in use.
+        code, exposition = http("GET", f"http://127.0.0.1:{ranks.metrics_port}/metrics")
+        assert code == 200 and 'communicator="torch_gloo"' in exposition, exposition[:300]
         at_three = steps_of(ranks)
         ranks.wait(lambda: steps_of(ranks) >= at_three + 30, what="30 steps at EP 3")
     finally:

@@ -3,12 +3,14 @@
 The StatefulSet's pods run as local processes started with the command and environment of its
 pod template (one process per pod of ``gpusPerPod`` ranks, everything on 127.0.0.1; CPU and gloo
 unless the deployment asks for GPUs and they exist). Every second the runtime scrapes the ranks
-(or queries ``--prometheus``), runs ``policy.decide`` and acts as the operator does: a remap is
-a POST to the leader's control API; a resize is a live elastic resize through the protocol of
-``resize.py`` (scale up: start the new pods, wait until they are ready on standby, POST
-/v1/ep/resize; scale down: POST first, the retiring ranks hand their experts over and exit, then
-their pods go). Like a kubelet, it restarts a pod whose process dies; the surviving ranks take
-the restarted one back in and restore its experts. It shows a live table and writes a report: a
+(or queries ``--prometheus``), runs ``policy.decide`` and acts through the operator's own
+actions (``actuator.py``, with ``LocalPods`` as the group): a remap is a POST to the leader's
+control API; a resize is a live elastic resize through the protocol of ``resize.py`` (scale up:
+start the new pods, wait until they are ready on standby, POST /v1/ep/resize; scale down: POST
+first, the retiring ranks hand their experts over and exit, then their pods go). A leader that
+does not answer leaves things as they were, to be asked again next round. Like a kubelet, it
+restarts a pod whose process dies; the surviving ranks take the restarted one back in and
+restore its experts. It shows a live table and writes a report: a
 JSON timeline and a PNG plot with the actions marked.
 """
 
@@ -33,12 +35,12 @@ import aiohttp
 import httpx
 import yaml
 
+from ..actuator import advance_resize, remap
 from ..api.models import MoEDeployment
 from ..builders import stateful_set, worker_config
 from ..metrics_source import MetricsUnavailable, PrometheusSource, ScrapeSource
 from ..policy import Decision, PolicyMemory, Snapshot, decide
-from ..resize import ResizeObservation, ResizeProgress, begin, pods_for
-from ..resize import step as resize_step
+from ..resize import ResizeProgress, begin, pods_for
 from .requests import CheckAnswers, RequestDriver, mismatches, reference_answers
 
 RESIZE_PHASE_TIMEOUT_S = 120.0
@@ -235,7 +237,7 @@ class LocalPods:
         )
         self.pods[ordinal] = LocalPod(ordinal, process)
 
-    def set_pods(self, count: int) -> None:
+    def scale_to(self, count: int) -> None:
         """Like a StatefulSet's replicas: start missing ordinals, stop those at or above count."""
         for ordinal in range(count):
             if ordinal not in self.pods:
@@ -283,7 +285,9 @@ class LocalPods:
     def metrics_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{self.metrics_port + r}/metrics" for r in range(self.ep_size)]
 
-    async def control(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    # --- actuator.Group: what the operator's actions need of the pods ---------------------
+
+    async def call_leader(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         url = f"http://127.0.0.1:{self.control_port}{path}"
         headers = {"Authorization": f"Bearer {self.token}"}
         async with (
@@ -292,12 +296,16 @@ class LocalPods:
         ):
             return response.status, await response.json(content_type=None)
 
-    async def leader_ep_size(self) -> int | None:
-        try:
-            code, state = await self.control("GET", "/v1/state")
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        return int(state["epSize"]) if code == 200 and not state.get("resizing") else None
+    async def pods_up(self, standby_ranks: list[int]) -> int:
+        """Each rank's own /readyz says whether it is up (ready or on standby)."""
+        return await asyncio.to_thread(self.ready_pods)
+
+    async def set_pods(self, count: int) -> None:
+        self.scale_to(count)
+
+    async def retiring(self, keep: int) -> None:
+        for ordinal, pod in self.pods.items():
+            pod.retiring = ordinal >= keep
 
     @staticmethod
     def _terminate(pod: LocalPod) -> None:
@@ -314,32 +322,6 @@ class LocalPods:
         for ordinal in sorted(self.pods):
             self._terminate(self.pods[ordinal])
         self.pods.clear()
-
-
-async def advance_resize(
-    pods: LocalPods, progress: ResizeProgress, now: float
-) -> tuple[str, ResizeProgress]:
-    """One round of the resize protocol; returns the action taken and the new progress."""
-    observed = ResizeObservation(pods.ready_pods(), await pods.leader_ep_size())
-    action, progress = resize_step(
-        progress, observed, pods.gpus_per_pod, now, RESIZE_PHASE_TIMEOUT_S
-    )
-    target_pods = pods_for(progress.to_ep_size, pods.gpus_per_pod)
-    if action == "set-pods":
-        if progress.phase == "pods-down":
-            pods.set_pods(target_pods)
-        else:
-            pods.set_pods(max(target_pods, len(pods.pods)))
-    elif action == "post-resize":
-        if not progress.up:
-            for ordinal, pod in pods.pods.items():
-                pod.retiring = ordinal >= target_pods
-        code, body = await pods.control("POST", "/v1/ep/resize", {"epSize": progress.to_ep_size})
-        if code != 202:
-            return f"failed: the leader answered {code} {body}", progress
-    elif action == "done":
-        pods.ep_size = progress.to_ep_size
-    return action, progress
 
 
 # The load generator's figures each timeline point keeps (window_summary's keys)
@@ -408,14 +390,6 @@ class Timeline:
         }
         self.actions.append(action)
         return action
-
-
-def request_outcome(code: int | None, body: Any) -> str:
-    """What the leader said to an action: accepted, or refused with its reason."""
-    if code in (200, 202):
-        return "accepted"
-    why = body.get("error") if isinstance(body, dict) else body
-    return f"refused ({code if code is not None else 'no answer'}): {why}"
 
 
 def settle_remaps(actions: list[dict[str, Any]], snapshot: Snapshot | None, t: float) -> None:
@@ -587,9 +561,15 @@ def table(snapshot: Snapshot | None, decision: Decision, timeline: Timeline) -> 
     return out
 
 
+# Seconds the run goes on after a serving deployment's traffic ends by default (the policy
+# scales back down), and the longest it waits for the endpoint to serve before giving up.
+SETTLE_S = 30.0
+STARTUP_LIMIT_S = 600.0
+
+
 async def run(
     deployment: MoEDeployment,
-    duration: float,
+    duration: float | None,
     report: Path,
     prometheus: str | None = None,
     device: str = "cpu",
@@ -598,6 +578,9 @@ async def run(
     api_port: int = 0,
 ) -> Timeline:
     """Run until ``duration`` seconds pass (or Ctrl-C); returns the timeline (also written).
+    ``duration`` None: a serving deployment runs until ``workload.durationS + SETTLE_S`` after
+    its traffic started, however long the pods took to come up (``STARTUP_LIMIT_S`` at most);
+    the simulator for 120 s.
 
     A serving deployment (no ``spec.simulator``) gets one endpoint on ``api_port`` (0: a free
     port) over its ranks' APIs, and the spec's ``workload`` traffic is sent to it from the
@@ -611,7 +594,7 @@ async def run(
     for old_log in workdir.glob("pod-*.log"):  # a previous run's: its summaries are not ours
         old_log.unlink()
     pods = LocalPods(deployment, workdir, device, check_outputs)
-    pods.set_pods(pods_for(pods.ep_size, pods.gpus_per_pod))
+    pods.scale_to(pods_for(pods.ep_size, pods.gpus_per_pod))
     driver = None
     if pods.serving:
         driver = RequestDriver(
@@ -625,7 +608,13 @@ async def run(
     current = deployment
     timeline = Timeline()
     memory = PolicyMemory()
-    deadline = time.monotonic() + duration
+    started_at = time.monotonic()
+    if duration is not None:
+        deadline = started_at + duration
+    elif driver is not None:
+        deadline = started_at + STARTUP_LIMIT_S  # moved once the traffic starts
+    else:
+        deadline = started_at + 120.0
     resize: ResizeProgress | None = None
 
     def source_for() -> PrometheusSource | ScrapeSource:
@@ -649,12 +638,19 @@ async def run(
                 for event in pods.supervise():
                     timeline.note(event)
                 if resize is not None:
-                    action, resize = await advance_resize(pods, resize, time.time())
-                    if action == "done" or action.startswith("failed"):
-                        timeline.note(f"resize to {resize.to_ep_size}: {action}")
-                        finish_resize(timeline.actions, action, timeline.now())
-                        if action != "done":
-                            pods.set_pods(pods_for(pods.ep_size, pods.gpus_per_pod))
+                    action, resize, why = await advance_resize(
+                        pods, resize, pods.gpus_per_pod, time.time(), RESIZE_PHASE_TIMEOUT_S
+                    )
+                    if action in ("done", "failed"):
+                        outcome = "done" if action == "done" else f"failed: {why}"
+                        timeline.note(f"resize to {resize.to_ep_size}: {outcome}")
+                        finish_resize(timeline.actions, outcome, timeline.now())
+                        if action == "done":
+                            pods.ep_size = resize.to_ep_size
+                        else:  # the group keeps serving at its size, on its pods
+                            kept = pods_for(pods.ep_size, pods.gpus_per_pod)
+                            await pods.retiring(kept)
+                            pods.scale_to(kept)
                         current = with_ep_size(current, pods.ep_size)
                         source = source_for()
                         resize = None
@@ -663,6 +659,9 @@ async def run(
                     started = await driver.tick(timeline.now(), pods.ep_size)
                     if started is not None:
                         timeline.note(started)
+                        if duration is None:
+                            workload = deployment.spec.workload.duration_s
+                            deadline = time.monotonic() + workload + SETTLE_S
                     traffic = driver.recent()
                 try:
                     snapshot = await source.snapshot()
@@ -670,16 +669,15 @@ async def run(
                     snapshot = None
                 settle_remaps(timeline.actions, snapshot, timeline.now())
                 decision = decide(current.spec, memory, snapshot, time.time())
-                memory = decision.memory
+                remembered, memory = memory, decision.memory
                 recorded = timeline.add(snapshot, decision, pods.ep_size, traffic)
                 if decision.verb == "remap" and recorded is not None:
-                    try:
-                        code, body = await pods.control(
-                            "POST", "/v1/eplb/rebalance", {"reason": decision.reason}
-                        )
-                    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                        code, body = None, str(exc) or type(exc).__name__
-                    recorded["outcome"] = request_outcome(code, body)
+                    answer = await remap(pods, decision.reason)
+                    recorded["outcome"] = (
+                        answer.outcome if answer.ok else f"failed: {answer.outcome}"
+                    )
+                    if not answer.ok:
+                        memory = remembered  # not done: the policy asks again next round
                 elif decision.verb == "resize" and recorded is not None:
                     if resize is None:
                         resize = begin(pods.ep_size, decision.target_ep_size, time.time())
