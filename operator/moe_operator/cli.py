@@ -40,7 +40,7 @@ def load_deployment(file: Path) -> Any:
 
     try:
         document = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         fail(f"{file}: cannot read: {exc}")
     found = problems(document)
     if found:
@@ -240,8 +240,19 @@ def validate(
     for file in files:
         try:
             documents = list(yaml.safe_load_all(file.read_text()))
-        except (OSError, yaml.YAMLError) as exc:
-            error_console.print(f"{file}: cannot read: {exc}", markup=False, highlight=False)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            error_console.print(
+                f"{file}: cannot read: {exc}", markup=False, highlight=False, soft_wrap=True
+            )
+            failed = True
+            continue
+        if not any(d is not None for d in documents):
+            error_console.print(
+                f"{file}: no MoEDeployment in it (empty)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
             failed = True
             continue
         for index, document in enumerate(d for d in documents if d is not None):

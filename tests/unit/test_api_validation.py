@@ -50,3 +50,15 @@ def test_validate_command(tmp_path: Path) -> None:
     assert result.stdout.count(": valid") == len(EXAMPLES)
     ok = CliRunner().invoke(app, ["validate", *map(str, EXAMPLES)])
     assert ok.exit_code == 0
+
+
+def test_validate_refuses_empty_and_binary_files_in_one_line(tmp_path: Path) -> None:
+    empty, binary = tmp_path / "empty.yaml", tmp_path / "binary.yaml"
+    empty.write_text("")
+    binary.write_bytes(bytes(range(128, 256)))
+    for path, said in ((empty, "no MoEDeployment in it"), (binary, "cannot read")):
+        result = CliRunner().invoke(app, ["validate", str(path)])
+        assert result.exit_code == 1, result.stderr
+        assert f"{path}: {said}" in result.stderr and "Traceback" not in result.stderr
+        rendered = CliRunner().invoke(app, ["render", str(path)])
+        assert rendered.exit_code == 2 and "Traceback" not in rendered.stderr
