@@ -98,6 +98,11 @@ def plan(
 
     if policy not in POLICIES:
         fail(str(UnknownPolicyError(policy)))
+    for flag, path in (("--out", out), ("--plot", plot)):  # before the work, not after it
+        if path is not None and not path.parent.is_dir():
+            fail(f"{flag}: folder {path.parent} does not exist")
+    if plot is not None and plot.suffix.lower() != ".png":
+        fail(f"--plot: must name a .png file, got {plot.name!r}")
     try:
         weight = loadfile.read_loads(loads)
     except (OSError, ValueError) as exc:

@@ -107,6 +107,16 @@ def test_npy_and_real_trace(tmp_path: Path) -> None:
             "available: balanced",
         ),
         ({"rows": []}, ["--gpus", "2", "--slots", "4"], '"counts" field'),
+        (
+            [[1, 2, 3, 4]],
+            ["--gpus", "2", "--slots", "4", "--out", "/nonexistent-folder/p.json"],
+            "--out: folder /nonexistent-folder does not exist",
+        ),
+        (
+            [[1, 2, 3, 4]],
+            ["--gpus", "2", "--slots", "4", "--plot", "plot.txt"],
+            "--plot: must name a .png file",
+        ),
     ],
 )
 def test_bad_input_one_line_error(
