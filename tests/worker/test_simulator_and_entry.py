@@ -138,16 +138,30 @@ def test_two_worker_processes_run_and_rebalance(tmp_path: Path) -> None:
     assert summaries[0]["balancedness"] > 0.85
 
 
-def test_bad_config_exits_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (
+            "epSize: 0\neplb: {windowSize: -1}\n",
+            "Input should be greater than 0 (and 1 more)",
+        ),
+        ("eplb: {policy: magic}\n", "eplb.policy: Input should be"),
+        ("model: [unclosed\n", "while parsing a flow sequence"),
+    ],
+)
+def test_bad_config_exits_2_with_one_error_line(tmp_path: Path, text: str, said: str) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("epSize: 0\n")
+    path.write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "moe_worker", "--config", str(path)],
         env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"},
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2 and "epSize" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {path}: ") and said in lines[0], lines[0]
+    assert "https://" not in lines[0] and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

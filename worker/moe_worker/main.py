@@ -29,6 +29,20 @@ if TYPE_CHECKING:
     from moe_worker.serving.engine import ServingEngine
 
 
+def config_error(path: str | Path, exc: BaseException) -> str:
+    """One line for a config that cannot be used: the file, the field (camelCase) and the rule
+    (pydantic's first error, and how many more), or what kept the file from being read."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors()
+        first = errors[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return f"{path}: {where}: {message}{more}"
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return f"{path}: {lines[0]}"
+
+
 def load_config(path: str | Path) -> WorkerConfig:
     text = Path(path).read_text()
     data = yaml.safe_load(text) if Path(path).suffix in (".yaml", ".yml") else json.loads(text)
@@ -248,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         env = RankEnv.from_environ(dict(os.environ))
-    except (OSError, ValueError, ValidationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, ValidationError, yaml.YAMLError) as exc:
+        print(f"error: {config_error(args.config, exc)}", file=sys.stderr)
         return 2
     summary = run(config, env, args.steps)
     write_line(json.dumps(summary))
