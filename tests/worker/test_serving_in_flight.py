@@ -235,8 +235,13 @@ def test_a_killed_rank_fails_only_its_own_requests(tmp_path: Path) -> None:
         survivor_outcomes, victim_outcomes = survivor.end(), victim.end()
         assert [o.error for o in survivor_outcomes if o.error] == []
         victim_failures = [o for o in victim_outcomes if o.error is not None]
-        # at most the requests its clients had in flight when it died, and only then
-        assert len(victim_failures) <= 3, [o.error for o in victim_failures]
+        # Only the requests caught by its death: each client's request in flight, and at most
+        # one more per client (a retry that reached the dying process's listen backlog before
+        # the kernel closed it, then reset), all broken off at the transport, none answered
+        # with an error, and all before the replacement served.
+        errors = [o.error or "" for o in victim_failures]
+        assert len(victim_failures) <= 2 * 3, errors
+        assert all(e.startswith(("RemoteProtocolError", "ReadError")) for e in errors), errors
         assert all(killed_at <= o.finished_at < recovered_at for o in victim_failures)
         after = [o for o in victim_outcomes if o.finished_at > recovered_at]
         assert after and all(o.error is None for o in after)
