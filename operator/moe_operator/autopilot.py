@@ -125,13 +125,17 @@ class KubeGroup:
 
     kube: KubeClient
     deployment: MoEDeployment
+    _sts: dict[str, Any] | None = None  # read once per round (a group lives for one round)
 
     async def call_leader(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         return await call_leader(self.kube, self.deployment, method, path, body)
 
     async def _statefulset(self) -> dict[str, Any]:
-        meta = self.deployment.metadata
-        return await self.kube.get("apps/v1", "StatefulSet", meta.namespace, meta.name) or {}
+        if self._sts is None:
+            meta = self.deployment.metadata
+            found = await self.kube.get("apps/v1", "StatefulSet", meta.namespace, meta.name)
+            self._sts = found or {}
+        return self._sts
 
     async def pods_up(self, standby_ranks: list[int]) -> int:
         sts = await self._statefulset()
