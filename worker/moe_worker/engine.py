@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +22,7 @@ from moe_worker.config import WorkerConfig
 from moe_worker.eplb.channels import Channels, open_channels
 from moe_worker.eplb.controller import EPLBController, step_eplb_after
 from moe_worker.eplb.layout import Layout
-from moe_worker.eplb.policy import Placement, default_placement
-from moe_worker.eplb.policy import warm_up as warm_up_policies
+from moe_worker.eplb.policy import Placement, default_placement, start_warm_up
 from moe_worker.model.experts import DTYPES, SyntheticSource, WeightSource
 from moe_worker.model.moe import DenseReference, EPGroup, MoEModel, build_model, set_placement
 from moe_worker.model.simulator import RoutingSimulator
@@ -136,8 +134,7 @@ class RankEngine:
         self.eplb: EPLBController | None = None
         self.channels: Channels | None = None
         if config.eplb.enabled:
-            # Compile the placement kernels in the background while the first steps run.
-            threading.Thread(target=warm_up_policies, name="eplb-warm-up", daemon=True).start()
+            start_warm_up()  # the placement kernels compile while the first steps run
         if not joining:
             self._start_eplb(channel_store)
         self.step_index = 0

@@ -63,16 +63,11 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
     status = WorkerStatus()
     warming = None
     if config.eplb.enabled:
-        # The placement kernels compile (or load from numba's cache) while the model loads,
-        # not when the first rebalance needs them: in a fresh pod that takes seconds.
-        import threading
+        # The placement kernels compile (unless built ahead of time) while the model loads, not
+        # when the first rebalance needs them: in a fresh pod that takes seconds.
+        from moe_worker.eplb.policy import start_warm_up
 
-        from moe_worker.eplb.policy import warm_up
-
-        warming = threading.Thread(
-            target=warm_up, args=(config.eplb.policy,), name="eplb-warm-up", daemon=True
-        )
-        warming.start()
+        warming = start_warm_up()
     # Where the HTTP servers listen: every address unless MOE_BIND_HOST names one (tests run
     # several "pods" on one host, each on its own loopback address).
     bind_host = os.environ.get("MOE_BIND_HOST", "0.0.0.0")

@@ -19,6 +19,7 @@ import numpy as np
 from .balanced import balanced_policy
 from .deepseek import deepseek_policy
 from .incremental import incremental_policy
+from .jit import HAVE_NUMBA, ROW_KERNELS, aot_available
 from .placement import Placement
 from .quality import (
     balancedness,
@@ -155,14 +156,30 @@ def compute_placement(
         return function(array, num_physical, num_groups, num_nodes, num_gpus, previous, **options)
 
 
-def warm_up(policy: str | None = None) -> None:
-    """Compile (or load from numba's cache) the kernels of ``policy`` (every policy when None)
-    on a tiny problem, so the first real rebalance does not wait for the compiler."""
-    weight = np.arange(1, 17, dtype=np.float64).reshape(2, 8)
-    previous = default_placement(2, 8, 12)
-    for name in POLICIES if policy is None else [policy]:
-        compute_placement(name, weight, num_physical=12, num_gpus=4, num_groups=2, num_nodes=2)
-        compute_placement(name, weight, num_physical=12, num_gpus=4, previous=previous)
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the JIT build of every placement kernel. Until it
+    is done a placement runs the AOT build when installed (see ``jit``), so nobody waits."""
+    for kernel in ROW_KERNELS.values():
+        if HAVE_NUMBA:
+            kernel.jit.compile(kernel.signature)
+
+
+_warming: list[threading.Thread] = []
+_warming_lock = threading.Lock()
+
+
+def start_warm_up() -> threading.Thread | None:
+    """Compile the JIT build in a background thread, once per process, unless the AOT build is
+    installed (it serves every placement without compiling, and a compiler competing for the
+    cores of a starting worker would only slow it). Returns the thread (None: nothing to do)."""
+    if not HAVE_NUMBA or aot_available():
+        return None
+    with _warming_lock:
+        if not _warming:
+            thread = threading.Thread(target=warm_up, name="eplb-warm-up", daemon=True)
+            thread.start()
+            _warming.append(thread)
+    return _warming[0]
 
 
 def default_placement(num_layers: int, num_logical: int, num_physical: int) -> Placement:
@@ -188,6 +205,7 @@ __all__ = [
     "moved_copies",
     "overall_balancedness",
     "validate_inputs",
+    "start_warm_up",
     "warm_up",
     "worst_layer_balancedness",
 ]

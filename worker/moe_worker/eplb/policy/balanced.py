@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import njit, njit_parallel, prange
+from .jit import njit, prange, row_kernel
 from .packing import (
     differencing_assign,
     expand_replicas,
@@ -83,7 +83,7 @@ def _tune_pairs_layer(
             break
 
 
-@njit_parallel
+@row_kernel("tune_pairs_rows", "void(f8[:,::1], i8[:,::1], i8, i8)")
 def _tune_pairs_rows(weight, counts, max_per_expert, max_rounds):  # type: ignore[no-untyped-def]
     for row in prange(weight.shape[0]):
         _tune_pairs_layer(weight[row], counts[row], max_per_expert, max_rounds)
@@ -181,7 +181,7 @@ def _node_aware_layer(
     return on_node
 
 
-@njit_parallel
+@row_kernel("node_aware_rows", "i8[:,:,::1](f8[:,::1], i8[:,::1], i8, i8, i8, i8)")
 def _node_aware_rows(weight, home_node, num_physical, num_nodes, gpus_per_node, num_candidates):  # type: ignore[no-untyped-def]
     on_node = np.empty((weight.shape[0], weight.shape[1], num_nodes), dtype=np.int64)
     for row in prange(weight.shape[0]):

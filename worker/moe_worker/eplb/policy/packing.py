@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .jit import njit, njit_parallel, prange
+from .jit import njit, prange, row_kernel
 
 
 def greedy_pack(item_weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +47,7 @@ def greedy_pack(item_weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     return pack_of, position
 
 
-@njit_parallel
+@row_kernel("expand_rows", "Tuple((f8[:,::1], i8[:,::1]))(f8[:,::1], i8[:,::1], i8)")
 def _expand_rows(per_replica: np.ndarray, multiplicity: np.ndarray, num_items: int):  # type: ignore[no-untyped-def]
     num_rows, num_experts = per_replica.shape
     size = np.empty((num_rows, num_items))
@@ -116,7 +116,7 @@ def _differencing_layer(item_size: np.ndarray, num_bins: int) -> np.ndarray:
     return item_bin
 
 
-@njit_parallel
+@row_kernel("differencing_rows", "i8[:,:,::1](f8[:,::1], i8)")
 def _differencing_rows(item_size: np.ndarray, num_bins: int) -> np.ndarray:
     num_rows, num_items = item_size.shape
     slots = num_items // num_bins
@@ -234,7 +234,7 @@ def _repair_layer(
                 _swap_slots(size, expert, held, node_held, node_of_gpu, g, s, best_gpu, best_slot)
 
 
-@njit_parallel
+@row_kernel("repair_rows", "void(f8[:,:,::1], i8[:,:,::1], i8[::1], i8[:,::1], i8, i8)")
 def _repair_rows(size, expert, node_of_gpu, home_node, num_logical, num_nodes):  # type: ignore[no-untyped-def]
     for row in prange(size.shape[0]):
         _repair_layer(size[row], expert[row], node_of_gpu, home_node[row], num_logical, num_nodes)
@@ -338,7 +338,10 @@ def _refine_layer(
     return moves
 
 
-@njit_parallel
+@row_kernel(
+    "refine_rows",
+    "i8[::1](f8[:,:,::1], i8[:,:,::1], i8[::1], i8[:,::1], b1[:,:,::1], f8[::1], i8[::1], i8, i8)",
+)
 def _refine_rows(
     size, expert, node_of_gpu, home_node, origin, target_max, move_budget, num_logical, num_nodes
 ):  # type: ignore[no-untyped-def]  # noqa: E501
