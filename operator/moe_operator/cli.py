@@ -19,6 +19,10 @@ from rich.table import Table
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # Plain help: rich's would take "[layers, experts]" for markup and print "<bool>" after
+    # flags, which take no value.
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
     help="moe-eplb: Mixture-of-Experts expert-parallel load balancing, from planner to operator.",
 )
 console = Console()
@@ -29,6 +33,20 @@ def fail(message: str) -> NoReturn:
     """Print a one-line error naming the problem and exit with status 2."""
     error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def note(message: str) -> None:
+    """An informational line on stderr (stdout stays the command's output)."""
+    error_console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def require_extras(command: str) -> None:
+    """Exit 2 naming the pip extra ``command`` needs when its modules are not installed."""
+    from moe_operator.extras import missing_extras_message
+
+    message = missing_extras_message(command)
+    if message is not None:
+        fail(message)
 
 
 def load_deployment(file: Path) -> Any:
@@ -204,6 +222,7 @@ def worker(
     steps: int | None = typer.Option(None, "--steps", help="Override the config's steps."),
 ) -> None:
     """Run one EP rank (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment)."""
+    require_extras("worker")
     from moe_worker.main import main as worker_main
 
     argv = ["--config", str(config)] + ([] if steps is None else ["--steps", str(steps)])
@@ -222,6 +241,9 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="Seed of the random placement."),
 ) -> None:
     """Apply every MoE layer of a checkpoint under EP to the input; write the outputs."""
+    require_extras("verify")
+    if not output_path.parent.is_dir():  # before the work, not after it
+        fail(f"--output: folder {output_path.parent} does not exist")
     from moe_worker.model.hf_source import CheckpointError
     from moe_worker.verify import verify as run_verify
 
@@ -239,7 +261,7 @@ def validate(
     """Check MoEDeployment files; one line per problem, naming the field path."""
     import yaml
 
-    from moe_operator.validation import problems
+    from moe_operator.validation import assumptions, problems
 
     failed = False
     for file in files:
@@ -247,13 +269,13 @@ def validate(
             documents = list(yaml.safe_load_all(file.read_text()))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             error_console.print(
-                f"{file}: cannot read: {exc}", markup=False, highlight=False, soft_wrap=True
+                f"error: {file}: cannot read: {exc}", markup=False, highlight=False, soft_wrap=True
             )
             failed = True
             continue
         if not any(d is not None for d in documents):
             error_console.print(
-                f"{file}: no MoEDeployment in it (empty)",
+                f"error: {file}: no MoEDeployment in it (empty)",
                 markup=False,
                 highlight=False,
                 soft_wrap=True,
@@ -265,12 +287,14 @@ def validate(
             where = f"{file}" + (f" (document {index + 1})" if len(documents) > 1 else "")
             for problem in found:
                 error_console.print(
-                    f"{where}: {problem}", markup=False, highlight=False, soft_wrap=True
+                    f"error: {where}: {problem}", markup=False, highlight=False, soft_wrap=True
                 )
             if found:
                 failed = True
             else:
                 console.print(f"{where}: valid", markup=False, highlight=False)
+                for line in assumptions(document):
+                    note(f"{where}: {line}")
     if failed:
         raise typer.Exit(code=1)
 
@@ -286,8 +310,11 @@ def render(
     import yaml
 
     from moe_operator.builders import children
+    from moe_operator.validation import assumptions
 
     deployment = load_deployment(file)
+    for line in assumptions(deployment.model_dump(by_alias=True, exclude_unset=True)):
+        note(f"{file}: {line}")
     # The operator generates the control token once; a fresh one stands in for it here.
     manifests = children(deployment, secrets.token_urlsafe(32), with_pod_monitor=pod_monitor)
     sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
@@ -324,6 +351,7 @@ def run_local(
     ),
 ) -> None:
     """Run FILE on this machine: ranks as local processes, the operator's policy loop."""
+    require_extras("run")
     import asyncio
 
     from moe_operator.runtime.local import LocalGpuError, choose_device, visible_gpus
@@ -347,6 +375,14 @@ def run_local(
         )
     except LocalGpuError as exc:
         fail(str(exc))
+    if timeline.failure is not None:
+        first, *rest = timeline.failure.splitlines()
+        error_console.print(
+            f"error: {file}: {first}", markup=False, highlight=False, soft_wrap=True
+        )
+        for line in rest:
+            error_console.print(line, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
     remaps = sum(a["action"] == "remap" for a in timeline.actions)
     resizes = sum(a["action"] == "resize" for a in timeline.actions)
     console.print(
@@ -388,6 +424,7 @@ def serve(
     ),
 ) -> None:
     """Serve MODEL_DIR at http://127.0.0.1:PORT/v1 (OpenAI-compatible), EPLB on."""
+    require_extras("serve")
     import signal
     import threading
 
@@ -498,6 +535,7 @@ def bench_serve(
 ) -> None:
     """Load-test an OpenAI-compatible endpoint (this project's, vLLM, SGLang): streamed
     completions, a live table, and a JSON report of req/s, tokens/s, TTFT, ITL, failures."""
+    require_extras("bench-serve")
     import asyncio
 
     import httpx
@@ -582,7 +620,20 @@ def crd() -> None:
 
 
 def main() -> None:
-    app()
+    """The console script: the commands, and a missing optional dependency as one error line
+    naming the extra that installs it (instead of a traceback)."""
+    from moe_operator.extras import extra_for_module, install_hint
+
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        extra = extra_for_module(exc.name)
+        if extra is None:
+            raise
+        error_console.print(
+            f"error: {exc}: {install_hint((extra,))}", markup=False, highlight=False
+        )
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

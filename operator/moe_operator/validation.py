@@ -68,6 +68,46 @@ def problems(document: Any) -> list[str]:
     return semantic_problems(deployment)
 
 
+# The model's shape: a synthetic model's size, and what a checkpoint's placement is sized by.
+SHAPE_FIELDS = ("numLayers", "hiddenSize", "numExperts", "topK", "intermediateSize")
+
+
+def assumptions(document: dict[str, Any]) -> list[str]:
+    """What a valid MoEDeployment leaves to defaults that a reader would take for required, and
+    what the operator derives differently from what was written; one line each, naming the
+    field. (Shown by ``validate`` and ``render``: a default is never silent.)"""
+    spec = MoEDeployment.model_validate(document).spec
+    model = spec.model.model_dump(by_alias=True)
+    given = _lookup(document, ("spec", "model"))
+    notes = []
+    shape = ", ".join(f"{name} {model[name]}" for name in SHAPE_FIELDS)
+    if not isinstance(given, dict):
+        notes.append(
+            f"spec.model: not given; assumed a synthetic {spec.model.family} model with "
+            f"seeded random weights: {shape}"
+        )
+    else:
+        # A checkpoint's own config gives its sizes; the placement is sized by these two.
+        fields = SHAPE_FIELDS if spec.model.source == "synthetic" else ("numExperts", "topK")
+        absent = [name for name in fields if name not in given]
+        if absent:
+            notes.append(
+                "spec.model: defaults assumed for what is not given: "
+                + ", ".join(f"{name} {model[name]}" for name in absent)
+            )
+    asked = spec.eplb.num_redundant_experts
+    physical = spec.slots_per_rank * spec.base_ep_size
+    used = physical - spec.model.num_experts
+    if spec.parallelism.slots_per_rank is None and used != asked:
+        notes.append(
+            f"spec.eplb.numRedundantExperts: {asked} asked, {used} used: the EP size "
+            f"{spec.base_ep_size} does not divide {spec.model.num_experts} experts + {asked}, so "
+            f"each rank gets {spec.slots_per_rank} slots ({physical} in all); give a count "
+            "that divides, or parallelism.slotsPerRank"
+        )
+    return notes
+
+
 def _lookup(document: Any, path: tuple[str, ...]) -> Any:
     node = document
     for part in path:

@@ -22,7 +22,11 @@ class WireModel(BaseModel):
     """camelCase aliases, unknown fields rejected, population by either name."""
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        strict=True,
     )
 
 

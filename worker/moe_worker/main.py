@@ -260,7 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ValidationError, yaml.YAMLError) as exc:
         print(f"error: {config_error(args.config, exc)}", file=sys.stderr)
         return 2
-    summary = run(config, env, args.steps)
+    from moe_worker.model.hf_source import CheckpointError
+
+    try:
+        summary = run(config, env, args.steps)
+    except CheckpointError as exc:  # the model's files: one line, not a traceback
+        print(f"error: {args.config}: model.path: {exc}", file=sys.stderr)
+        return 2
     write_line(json.dumps(summary))
     return 0
 

@@ -141,9 +141,17 @@ def verify(
         raise ValueError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     source = CheckpointSource(checkpoint)  # fail early on a bad checkpoint
     hidden_size = int(source.hf_config.get_text_config().hidden_size)
-    hidden = np.load(input_path)
+    try:
+        hidden = np.load(input_path)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"--input {input_path}: not a readable .npy array ({exc})") from None
     if hidden.ndim != 2 or hidden.shape[1] != hidden_size:
         raise ValueError(f"--input must be [tokens, {hidden_size}], got shape {hidden.shape}")
+    if not np.issubdtype(hidden.dtype, np.floating):
+        raise ValueError(f"--input must hold floating-point hidden states, not {hidden.dtype}")
+    if not np.isfinite(hidden).all():
+        bad = int((~np.isfinite(hidden)).sum())
+        raise ValueError(f"--input must be finite: {bad} values are NaN or infinite")
     store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = (

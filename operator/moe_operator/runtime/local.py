@@ -154,6 +154,27 @@ class LocalPod:
     ordinal: int
     process: subprocess.Popen[bytes]
     retiring: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+
+
+# A pod whose process exits with an error this many times in a row, each within
+# CRASH_LIFETIME_S of its start, is crash-looping (Kubernetes' CrashLoopBackOff): the run ends.
+CRASH_LIMIT = 3
+CRASH_LIFETIME_S = 60.0
+
+
+def crash_looping(exits: list[dict[str, Any]], ordinal: int) -> bool:
+    """Whether pod ``ordinal``'s last CRASH_LIMIT exits were all errors soon after its start.
+    ``exits``: {"pod", "code", "lived_s"} per exit, oldest first."""
+    own = [e for e in exits if e["pod"] == ordinal][-CRASH_LIMIT:]
+    return len(own) == CRASH_LIMIT and all(
+        e["code"] != 0 and e["lived_s"] < CRASH_LIFETIME_S for e in own
+    )
+
+
+def last_lines(text: str, count: int = 6) -> list[str]:
+    """The last ``count`` non-empty lines of a log (what its process said before it died)."""
+    return [line for line in text.splitlines() if line.strip()][-count:]
 
 
 class LocalPods:
@@ -252,13 +273,30 @@ class LocalPods:
             code = pod.process.poll()
             if code is None:
                 continue
-            self.exits.append({"pod": ordinal, "code": code, "t": time.time()})
+            lived = time.monotonic() - pod.started_at
+            self.exits.append({"pod": ordinal, "code": code, "t": time.time(), "lived_s": lived})
             if code == 0 and pod.retiring:
                 continue  # a retired rank waits for its pod to be removed
+            if crash_looping(self.exits, ordinal):
+                continue  # not restarted: the run ends (see crash_loop)
             events.append(f"pod {ordinal} exited ({code}); restarted")
             self.restarts += 1
             self.start(ordinal)
         return events
+
+    def crash_loop(self) -> str | None:
+        """A crash-looping pod's last exit and its log's last lines (None: none is)."""
+        for ordinal in sorted(self.pods):
+            if crash_looping(self.exits, ordinal):
+                code = [e["code"] for e in self.exits if e["pod"] == ordinal][-1]
+                log = self.workdir / f"pod-{ordinal}.log"
+                said = last_lines(log.read_text(errors="replace")) if log.exists() else []
+                return (
+                    f"pod {ordinal} exited {CRASH_LIMIT} times in a row within "
+                    f"{CRASH_LIFETIME_S:.0f} s of starting (last exit code {code}; log {log}); "
+                    "its last lines:\n" + "\n".join(f"  {line}" for line in said)
+                )
+        return None
 
     def ready_pods(self) -> int:
         """Pods whose every rank is up: ready (admitting) or on standby, waiting to join."""
@@ -348,6 +386,7 @@ class Timeline:
     rank_summaries: list[dict[str, Any]] = field(default_factory=list)
     traffic: dict[str, Any] | None = None  # the load generator's summary of the whole run
     checks: dict[str, Any] | None = None  # answers compared with the single-process reference
+    failure: str | None = None  # why the run ended early (a crash-looping pod)
 
     def note(self, event: str) -> None:
         self.events.append({"t": round(time.time() - self.started, 2), "event": event})
@@ -457,6 +496,7 @@ def write_report(timeline: Timeline, deployment: MoEDeployment, path: Path) -> P
         "ranks": timeline.rank_summaries,
         "traffic": timeline.traffic,
         "checks": timeline.checks,
+        "failure": timeline.failure,
     }
     path.write_text(json.dumps(report, indent=1))
     serving = any(p.get("requests_per_s") is not None for p in timeline.points)
@@ -637,6 +677,10 @@ async def run(
                 await asyncio.sleep(1.0)
                 for event in pods.supervise():
                     timeline.note(event)
+                timeline.failure = pods.crash_loop()
+                if timeline.failure is not None:
+                    timeline.note(timeline.failure.splitlines()[0])
+                    break
                 if resize is not None:
                     action, resize, why = await advance_resize(
                         pods, resize, pods.gpus_per_pod, time.time(), RESIZE_PHASE_TIMEOUT_S
