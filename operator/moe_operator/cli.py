@@ -40,6 +40,12 @@ def note(message: str) -> None:
     error_console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
+def check_output_folder(flag: str, path: Path | None) -> None:
+    """Exit 2 before any work when ``path`` is to be written into a folder that is not there."""
+    if path is not None and not path.parent.is_dir():
+        fail(f"{flag}: folder {path.parent} does not exist")
+
+
 def require_extras(command: str) -> None:
     """Exit 2 naming the pip extra ``command`` needs when its modules are not installed."""
     from moe_operator.extras import missing_extras_message
@@ -116,9 +122,8 @@ def plan(
 
     if policy not in POLICIES:
         fail(str(UnknownPolicyError(policy)))
-    for flag, path in (("--out", out), ("--plot", plot)):  # before the work, not after it
-        if path is not None and not path.parent.is_dir():
-            fail(f"{flag}: folder {path.parent} does not exist")
+    check_output_folder("--out", out)
+    check_output_folder("--plot", plot)
     if plot is not None and plot.suffix.lower() != ".png":
         fail(f"--plot: must name a .png file, got {plot.name!r}")
     try:
@@ -242,8 +247,7 @@ def verify(
 ) -> None:
     """Apply every MoE layer of a checkpoint under EP to the input; write the outputs."""
     require_extras("verify")
-    if not output_path.parent.is_dir():  # before the work, not after it
-        fail(f"--output: folder {output_path.parent} does not exist")
+    check_output_folder("--output", output_path)
     from moe_worker.model.hf_source import CheckpointError
     from moe_worker.verify import verify as run_verify
 
@@ -536,6 +540,7 @@ def bench_serve(
     """Load-test an OpenAI-compatible endpoint (this project's, vLLM, SGLang): streamed
     completions, a live table, and a JSON report of req/s, tokens/s, TTFT, ITL, failures."""
     require_extras("bench-serve")
+    check_output_folder("--out", out)
     import asyncio
 
     import httpx

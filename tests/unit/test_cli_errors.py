@@ -198,6 +198,22 @@ CASES = [
         ("--rate-profile", "SECONDS:REQUESTS_PER_S"),
     ),
     Case(
+        "bench-serve no out folder",
+        lambda t: ["bench-serve", "http://127.0.0.1:9", "--out", str(t / "no" / "r.json")],
+        ("--out", "does not exist"),
+    ),
+    Case(
+        "plan previous garbage",
+        lambda t: plan(t, "--previous", write(t, "p.json", "garbage")),
+        ("--previous",),
+    ),
+    Case("validate folder", lambda t: ["validate", str(t)], ("cannot read",), 1),
+    Case(
+        "plan ragged loads",
+        lambda t: plan(t, loads=write(t, "r.json", '{"counts": [[1, 2], [3]]}')),
+        ("--loads", "rectangular"),
+    ),
+    Case(
         "bench-serve no server",
         lambda t: ["bench-serve", "http://127.0.0.1:9", "--requests", "1", "--concurrency", "1"],
         ("http://127.0.0.1:9",),
