@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 
-from .k8s import KubeError
+from .errors import KubeError
 from .resize import ResizeObservation, ResizeProgress, pods_for
 from .resize import step as resize_step
 

@@ -1,8 +1,8 @@
 """Which pip extras each ``moe-eplb`` subcommand needs, and the one-line hint when one is missing.
 
 The base install (numpy, numba, pydantic, typer...) plans placements, validates and renders
-MoEDeployments; serving needs the ``worker`` extra (torch, transformers...), the local runtime
-the ``operator`` one too (its HTTP client), the in-cluster operator ``operator``.
+MoEDeployments; serving and the local runtime need the ``worker`` extra (torch, transformers,
+the HTTP stack...), the in-cluster operator the ``operator`` one (Kopf, the Kubernetes client).
 """
 
 from __future__ import annotations
@@ -21,16 +21,18 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
         "fastapi",
         "uvicorn",
         "httpx",
+        "aiohttp",
     ),
     "operator": ("kopf", "kubernetes_asyncio", "aiohttp", "prometheus_client"),
 }
 
-COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
-    "worker": ("worker",),
-    "verify": ("worker",),
-    "serve": ("worker",),
-    "run": ("worker", "operator"),
-    "bench-serve": ("worker",),
+# What each command imports beyond the base install, and the extra that installs it.
+COMMAND_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "worker": (EXTRA_MODULES["worker"], "worker"),
+    "verify": (EXTRA_MODULES["worker"], "worker"),
+    "serve": (EXTRA_MODULES["worker"], "worker"),
+    "run": (EXTRA_MODULES["worker"], "worker"),  # the ranks, and the operator's actions
+    "bench-serve": (("httpx",), "worker"),  # only a client
 }
 
 
@@ -38,22 +40,20 @@ def install_hint(extras: tuple[str, ...]) -> str:
     return f"pip install 'moe-eplb[{','.join(extras)}]'"
 
 
-def missing_modules(extras: tuple[str, ...]) -> list[str]:
-    """The modules of ``extras`` that cannot be imported here, in order, without duplicates."""
-    wanted = dict.fromkeys(m for extra in extras for m in EXTRA_MODULES[extra])
-    return [m for m in wanted if importlib.util.find_spec(m) is None]
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    """The ``modules`` that cannot be imported here, in order."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 def missing_extras_message(command: str) -> str | None:
     """One line naming what ``command`` lacks and the pip command that installs it, or None."""
-    extras = COMMAND_EXTRAS.get(command, ())
-    missing = missing_modules(extras)
+    modules, extra = COMMAND_NEEDS.get(command, ((), ""))
+    missing = missing_modules(modules)
     if not missing:
         return None
-    names = " and ".join(extras)
     return (
-        f"moe-eplb {command} needs the {names} extra{'s' if len(extras) > 1 else ''} "
-        f"(missing: {', '.join(missing)}): {install_hint(extras)}"
+        f"moe-eplb {command} needs the {extra} extra (missing: {', '.join(missing)}): "
+        f"{install_hint((extra,))}"
     )
 
 

@@ -18,6 +18,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from .api.models import GROUP, KIND, PLURAL, VERSION
+from .errors import KubeError
 
 PLURALS: dict[str, str] = {
     "ConfigMap": "configmaps",
@@ -48,14 +49,6 @@ API_CALLS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 OWNER_REFERENCE_GRANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (GROUP, f"{PLURAL}/finalizers", ("update",)),
 )
-
-
-class KubeError(Exception):
-    """An API call failed; ``status`` is the HTTP status (0 when no response)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
 
 
 def api_message(reason: str | None, body: Any) -> str:

@@ -55,6 +55,13 @@ def test_operator_never_imports_torch() -> None:
     assert "torch" not in modules
 
 
+def test_the_local_runtime_needs_no_kubernetes_client() -> None:
+    """`moe-eplb run` shares the operator's actions but talks to no API server (a GPU host
+    with the worker extra and aiohttp runs it without kopf or kubernetes_asyncio)."""
+    modules = loaded_modules("moe_operator.runtime.local", "moe_operator.actuator")
+    assert not {"kubernetes_asyncio", "kopf"} & modules
+
+
 def test_operator_plan_command_does_not_import_torch(tmp_path: Path) -> None:
     loads = tmp_path / "loads.json"
     loads.write_text(json.dumps([[5, 1, 1, 1], [1, 1, 1, 9]]))

@@ -266,7 +266,7 @@ def test_verify_rejects_non_finite_input(tmp_path: Path) -> None:
         ("torch", ["worker", "--config", "w.yaml"], "pip install 'moe-eplb[worker]'"),
         ("torch", ["verify", "--checkpoint", ".", "--ep-size", "1", "--input", "i", "--output",
                    "o"], "pip install 'moe-eplb[worker]'"),
-        ("aiohttp", ["run", str(TINY)], "pip install 'moe-eplb[worker,operator]'"),
+        ("aiohttp", ["run", str(TINY)], "pip install 'moe-eplb[worker]'"),
         ("fastapi", ["serve", "."], "pip install 'moe-eplb[worker]'"),
         ("httpx", ["bench-serve", "http://127.0.0.1:9"], "pip install 'moe-eplb[worker]'"),
     ],
@@ -367,3 +367,19 @@ def test_crash_looping(exits: list[tuple[int, float]], looping: bool) -> None:
     records = [{"pod": 0, "code": c, "lived_s": s} for c, s in exits]
     records.insert(1, {"pod": 1, "code": 1, "lived_s": 1.0})  # another pod's exits don't count
     assert crash_looping(records, 0) is looping
+
+
+@pytest.mark.parametrize(
+    ("blocked", "argv", "then"),
+    [
+        ("kopf", ["run", str(TINY), "--duration", "0"], "--duration"),  # no API server here
+        ("torch", ["bench-serve", "http://127.0.0.1:9", "--concurrency", "1"], "127.0.0.1:9"),
+    ],
+)
+def test_commands_ask_only_for_what_they_import(
+    blocked: str, argv: list[str], then: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, blocked, None)
+    code, stderr = invoke(argv)
+    (line,) = error_lines(stderr)
+    assert code == 2 and "pip install" not in line and then in line
