@@ -43,6 +43,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/placement.py
+	$(BIN)/python bench/cold_start.py
 	$(BIN)/python bench/engine.py --shape tiny
 	$(BIN)/python bench/operator.py --count 200
 
