@@ -35,6 +35,12 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 COPY --from=build /wheels /wheels
 RUN pip install --extra-index-url ${TORCH_INDEX} "$(ls /wheels/*.whl)[worker]" && rm -rf /wheels \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin moe-worker
+# The placement kernels compiled ahead of time into the package (a C compiler and Python's
+# headers only for this step): a starting pod places at once instead of compiling for seconds.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev python3-dev \
+    && python -m moe_worker.eplb.policy.aot \
+    && apt-get purge -y gcc libc6-dev python3-dev && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/*
 USER 10001
 EXPOSE 9400 9390 29500
 ENTRYPOINT ["moe-eplb", "worker"]

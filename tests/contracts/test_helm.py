@@ -265,6 +265,7 @@ def test_dockerfile_targets_match_the_chart_and_the_pod_template() -> None:
     worker_lines = "\n".join(stages["worker"])
     assert "torch" not in operator_lines and "[operator]" in operator_lines
     assert "[worker]" in worker_lines
+    assert "python -m moe_worker.eplb.policy.aot" in worker_lines  # the kernels, built ahead
     assert 'ENTRYPOINT ["kopf", "run", "-m", "moe_operator.handlers"]' in operator_lines
     # Users: the chart's runAsUser for the operator, the builders' for the workers.
     deployment = next(d for d in template([]) if d["kind"] == "Deployment")
