@@ -260,7 +260,9 @@ def verify(
 
 @app.command()
 def validate(
-    files: list[Path] = typer.Argument(..., help="MoEDeployment YAML files (multi-document ok)."),
+    files: list[Path] = typer.Argument(
+        ..., metavar="FILE", help="MoEDeployment YAML files (multi-document ok)."
+    ),
 ) -> None:
     """Check MoEDeployment files; one line per problem, naming the field path."""
     import yaml
@@ -305,7 +307,7 @@ def validate(
 
 @app.command()
 def render(
-    file: Path = typer.Argument(..., help="A MoEDeployment YAML file."),
+    file: Path = typer.Argument(..., metavar="FILE", help="A MoEDeployment YAML file."),
     pod_monitor: bool = typer.Option(False, "--pod-monitor", help="Include the PodMonitor."),
 ) -> None:
     """Print the child manifests the operator would create for FILE, as YAML."""
@@ -326,7 +328,7 @@ def render(
 
 @app.command("run")
 def run_local(
-    file: Path = typer.Argument(..., help="A MoEDeployment YAML file."),
+    file: Path = typer.Argument(..., metavar="FILE", help="A MoEDeployment YAML file."),
     duration: float | None = typer.Option(
         None,
         "--duration",
@@ -417,7 +419,9 @@ def run_local(
 
 @app.command()
 def serve(
-    model_dir: Path = typer.Argument(..., help="A transformers checkpoint directory."),
+    model_dir: Path = typer.Argument(
+        ..., metavar="MODEL_DIR", help="A transformers checkpoint directory."
+    ),
     ep_size: int = typer.Option(1, "--ep-size", help="EP ranks (local processes)."),
     port: int = typer.Option(8000, "--port", help="Port of the API (0: a free one)."),
     device: str = typer.Option(
@@ -513,7 +517,9 @@ def parse_rate_profile(text: str) -> list[dict[str, float]]:
 
 @app.command("bench-serve")
 def bench_serve(
-    url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server (.../v1 ok)."),
+    url: str = typer.Argument(
+        ..., metavar="URL", help="Base URL of an OpenAI-compatible server (.../v1 ok)."
+    ),
     model: str | None = typer.Option(None, "--model", help="Model id (default: the first listed)."),
     concurrency: int | None = typer.Option(
         None, "--concurrency", help="Requests in flight at most (closed loop without a rate)."
