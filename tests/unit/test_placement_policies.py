@@ -160,9 +160,13 @@ def test_incremental_from_previous_and_resized(problem: dict, data: st.DataObjec
     resized = dict(problem, weight=drifted, num_gpus=new_gpus, num_physical=new_gpus * slots)
     placement = compute_placement("incremental", previous=previous, **resized)
     check_invariants(placement, resized, allow_duplicates=False)
+    budget = data.draw(st.sampled_from([None, 0.0, 0.05, 0.2]))
+    budgeted = compute_placement("incremental", previous=previous, moved_fraction=budget, **resized)
+    check_invariants(budgeted, resized, allow_duplicates=False)
     if new_gpus == num_gpus:
         stale = layer_balancedness(drifted, previous, num_gpus)
         assert (layer_balancedness(drifted, placement, num_gpus) >= stale - 1e-9).all()
+        assert (layer_balancedness(drifted, budgeted, num_gpus) >= stale - 1e-9).all()
 
 
 def test_balanced_beats_deepseek_on_skewed_loads() -> None:
@@ -231,3 +235,53 @@ def test_zero_load_layers(policy: str) -> None:
     placement = compute_placement(policy, weight, num_physical=12, num_gpus=4)
     assert (placement.replica_count >= 1).all()
     assert np.allclose(layer_balancedness(weight, placement, 4), 1.0)
+
+
+def test_gain_curve_is_a_concave_frontier() -> None:
+    from moe_worker.eplb.policy.incremental import gain_curve
+
+    # moves so far and the peak after each swap; a refund (4 -> 3) and a useless swap (peak up)
+    moves = np.array([2, 4, 3, 6, 8, 10, -1, -1])
+    peak = np.array([9.0, 8.9, 8.0, 8.1, 7.9, 7.8, np.inf, np.inf])
+    frontier_moves, frontier_peak = gain_curve(moves, peak, 10.0)
+    assert frontier_moves[0] == 0 and frontier_peak[0] == 10.0
+    assert (np.diff(frontier_moves) > 0).all() and (np.diff(frontier_peak) < 0).all()
+    slopes = np.diff(1.0 / frontier_peak) / np.diff(frontier_moves)
+    assert (np.diff(slopes) <= 1e-12).all()  # each step buys less per copy than the one before
+    # The refund's peak (8.0) counts at the most copies its path held (4).
+    assert (4, 8.0) in zip(frontier_moves.tolist(), frontier_peak.tolist(), strict=True)
+
+
+def test_spread_budget_spends_where_a_copy_buys_most() -> None:
+    from moe_worker.eplb.policy.incremental import spread_budget
+
+    mean = np.array([1.0, 1.0])
+    curves = [
+        (np.array([0, 2, 4]), np.array([1.25, 1.0, 0.99])),  # +0.2 for 2 copies, then little
+        (np.array([0, 2]), np.array([1.1, 1.05])),  # +0.04 for 2 copies
+    ]
+    assert spread_budget(curves, mean, 2).tolist() == [2, 0]
+    assert spread_budget(curves, mean, 4).tolist() == [2, 2]  # then the second layer's step
+    assert spread_budget(curves, mean, 1).tolist() == [0, 0]  # nothing fits
+    assert spread_budget(curves, mean, 100).tolist() == [4, 2]
+
+
+def test_a_model_wide_budget_buys_more_than_the_same_cap_per_layer() -> None:
+    weight = synthetic_loads(16, 64, seed=3)
+    kwargs = dict(num_physical=72, num_gpus=8)
+    previous = compute_placement("balanced", weight, **kwargs)
+    drifted = weight * np.random.default_rng(4).lognormal(0, 0.05, size=weight.shape)
+    stale = layer_balancedness(drifted, previous, 8)
+    fraction = 0.06
+    per_layer = compute_placement(
+        "incremental", drifted, previous=previous, max_moved_fraction=fraction, **kwargs
+    )
+    spread = compute_placement(
+        "incremental", drifted, previous=previous, moved_fraction=fraction, **kwargs
+    )
+    moved = moved_copies(previous, spread, 8, 8)
+    assert moved.sum() <= np.floor(fraction * 72 * 16)
+    gain_spread = (layer_balancedness(drifted, spread, 8) - stale).mean()
+    gain_per_layer = (layer_balancedness(drifted, per_layer, 8) - stale).mean()
+    assert gain_spread >= gain_per_layer - 1e-12 and gain_spread > 0
+    assert (layer_balancedness(drifted, spread, 8) >= stale - 1e-9).all()

@@ -133,6 +133,29 @@ def _sizes(weight: np.ndarray, counts: np.ndarray, layout: np.ndarray) -> np.nda
     return np.take_along_axis(weight / np.maximum(counts, 1), flat, axis=1).reshape(layout.shape)
 
 
+def _frontiers(
+    size: np.ndarray,
+    expert: np.ndarray,
+    node_of_gpu: np.ndarray,
+    home_node: np.ndarray,
+    target_max: np.ndarray,
+    origin: np.ndarray,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every layer's frontier of (copies moved, heaviest GPU load): the swaps' trace without a
+    budget, on copies of ``size`` and ``expert`` [L, G, S]."""
+    num_layers, num_gpus, slots = size.shape
+    steps = 4 * num_gpus * slots  # more swaps than a layer ever needs to reach its target
+    trace = (np.full((num_layers, steps), -1, dtype=np.int64), np.full((num_layers, steps), np.inf))
+    start_peak = size.sum(axis=2).max(axis=1)
+    refine_by_swaps(
+        size.copy(), expert.copy(), node_of_gpu, home_node, target_max, origin=origin, trace=trace
+    )
+    return [
+        gain_curve(trace[0][row], trace[1][row], float(start_peak[row]))
+        for row in range(num_layers)
+    ]
+
+
 def _without_duplicates(weight: np.ndarray, layout: np.ndarray, num_logical: int) -> np.ndarray:
     """Swap apart two replicas of an expert on one GPU (e.g. from a resize), when possible."""
     num_layers, num_gpus, _ = layout.shape
@@ -142,6 +165,62 @@ def _without_duplicates(weight: np.ndarray, layout: np.ndarray, num_logical: int
     no_home = np.full((num_layers, num_logical), -1, dtype=np.int64)
     repair_duplicates(size, expert, np.zeros(num_gpus, dtype=np.int64), no_home)
     return expert
+
+
+def gain_curve(
+    moves: np.ndarray, peak: np.ndarray, start_peak: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's swap trace -> its concave frontier: (moves [K], peak [K]) from (0, start),
+    each point moving more copies for a lower peak, every step buying less per copy than the
+    one before (the upper hull of balancedness against moves). Trace entries < 0 are unused."""
+    points_moves, points_peak = [0], [start_peak]
+    for used, value in zip(moves.tolist(), peak.tolist(), strict=True):
+        if used < 0:
+            break
+        if value < points_peak[-1] and used > points_moves[-1]:
+            points_moves.append(used)
+            points_peak.append(value)
+        elif value < points_peak[-1]:  # as few moves or fewer (a refund): it replaces the last
+            points_peak[-1] = value
+    hull_moves, hull_value = [points_moves[0]], [1.0 / points_peak[0]]
+    for used, value in zip(points_moves[1:], points_peak[1:], strict=True):
+        inverse = 1.0 / value  # balancedness up to the layer's mean, a constant factor
+        while len(hull_moves) >= 2:
+            slope_last = (hull_value[-1] - hull_value[-2]) / (hull_moves[-1] - hull_moves[-2])
+            slope_new = (inverse - hull_value[-1]) / (used - hull_moves[-1])
+            if slope_new < slope_last:
+                break
+            hull_moves.pop()
+            hull_value.pop()
+        hull_moves.append(used)
+        hull_value.append(inverse)
+    return np.array(hull_moves, dtype=np.int64), 1.0 / np.array(hull_value)
+
+
+def spread_budget(
+    curves: list[tuple[np.ndarray, np.ndarray]], mean: np.ndarray, total: int
+) -> np.ndarray:
+    """Copies to move per layer [L] within ``total``: the steps of every layer's frontier in
+    order of balancedness gained per copy moved, as long as they fit."""
+    steps = []
+    for layer, (moves, peak) in enumerate(curves):
+        value = mean[layer] / peak
+        for k in range(1, moves.size):
+            cost = int(moves[k] - moves[k - 1])
+            steps.append(((value[k] - value[k - 1]) / cost, layer, k, cost))
+    steps.sort(key=lambda step: (-step[0], step[1], step[2]))
+    reached = np.zeros(len(curves), dtype=np.int64)
+    closed = np.zeros(len(curves), dtype=bool)
+    spent = 0
+    for _, layer, k, cost in steps:
+        if closed[layer] or k != reached[layer] + 1:
+            continue
+        if spent + cost > total:
+            closed[layer] = True  # its later steps would come after this one
+            continue
+        spent += cost
+        reached[layer] = k
+    return np.array([curves[layer][0][k] for layer, k in enumerate(reached)], dtype=np.int64)
 
 
 def incremental_policy(
@@ -155,11 +234,14 @@ def incremental_policy(
     recover: float = DEFAULT_RECOVER,
     max_moved_fraction: float | None = None,
     count_margin: float = DEFAULT_COUNT_MARGIN,
+    moved_fraction: float | None = None,
 ) -> Placement:
     """Placement [L, P] close to ``previous`` whose balancedness reaches the target per layer.
 
     ``max_moved_fraction`` caps the copies the swaps may move per layer, as a fraction of the
-    slots (moves forced by a change of GPU count are not counted against it).
+    slots (moves forced by a change of GPU count are not counted against it). ``moved_fraction``
+    is a budget for the whole model instead: that fraction of all L x P copies, spent where a
+    moved copy buys the most balancedness (``spread_budget`` over each layer's swap frontier).
     """
     weight = np.asarray(weight, dtype=np.float64)
     if previous is None:
@@ -209,6 +291,11 @@ def incremental_policy(
     if max_moved_fraction is not None:
         allowance = int(np.floor(max_moved_fraction * num_physical))
         budget = np.maximum(allowance - relabels, 0)
+    if moved_fraction is not None:
+        total = int(np.floor(moved_fraction * num_physical * num_layers)) - int(relabels.sum())
+        frontier = _frontiers(size, expert, node_of_gpu, home_node, target_max, origin)
+        spread = spread_budget(frontier, mean, max(total, 0))
+        budget = spread if budget is None else np.minimum(budget, spread)
     refine_by_swaps(
         size,
         expert,

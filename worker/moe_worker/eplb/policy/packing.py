@@ -263,12 +263,16 @@ def _refine_layer(
     move_budget: int,
     num_logical: int,
     num_nodes: int,
+    trace_moves: np.ndarray,
+    trace_peak: np.ndarray,
 ) -> int:
     """Swap replicas between the heaviest GPU and another until the target or no gain.
 
     ``origin`` [G, E] marks the previous placement's (GPU, expert) pairs: a swap costs one move
     for each replica it brings to a GPU where that expert was not before, and refunds one for
-    each earlier move it undoes. Returns the moves used.
+    each earlier move it undoes. After swap ``t`` (while ``t`` < their length) the moves used
+    so far and the heaviest GPU's load go to ``trace_moves[t]`` and ``trace_peak[t]``. Returns
+    the moves used.
     """
     num_gpus, slots = expert.shape
     held, node_held = _holdings(expert, node_of_gpu, num_logical, num_nodes)
@@ -276,6 +280,7 @@ def _refine_layer(
     for g in range(num_gpus):
         load[g] = size[g].sum()
     moves = 0
+    steps = 0
     while True:
         h = np.argmax(load)
         if load[h] <= target_max:
@@ -335,16 +340,31 @@ def _refine_layer(
         load[h] -= delta
         load[best_gpu] += delta
         moves += best_cost
+        if steps < trace_moves.shape[0]:
+            trace_moves[steps] = moves
+            trace_peak[steps] = load.max()
+        steps += 1
     return moves
 
 
 @row_kernel(
     "refine_rows",
-    "i8[::1](f8[:,:,::1], i8[:,:,::1], i8[::1], i8[:,::1], b1[:,:,::1], f8[::1], i8[::1], i8, i8)",
+    "i8[::1](f8[:,:,::1], i8[:,:,::1], i8[::1], i8[:,::1], b1[:,:,::1], f8[::1], i8[::1], i8, i8,"
+    " i8[:,::1], f8[:,::1])",
 )
 def _refine_rows(
-    size, expert, node_of_gpu, home_node, origin, target_max, move_budget, num_logical, num_nodes
-):  # type: ignore[no-untyped-def]  # noqa: E501
+    size,
+    expert,
+    node_of_gpu,
+    home_node,
+    origin,
+    target_max,
+    move_budget,
+    num_logical,
+    num_nodes,
+    trace_moves,
+    trace_peak,
+):  # type: ignore[no-untyped-def]
     moves = np.zeros(size.shape[0], dtype=np.int64)
     for row in prange(size.shape[0]):
         moves[row] = _refine_layer(
@@ -357,6 +377,8 @@ def _refine_rows(
             move_budget[row],
             num_logical,
             num_nodes,
+            trace_moves[row],
+            trace_peak[row],
         )
     return moves
 
@@ -369,6 +391,7 @@ def refine_by_swaps(
     target_max: np.ndarray,
     origin: np.ndarray | None = None,
     move_budget: np.ndarray | None = None,
+    trace: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Lower each row's heaviest GPU by swapping one of its replicas with another GPU's, in place.
 
@@ -379,6 +402,8 @@ def refine_by_swaps(
     expert's last replica off its home node. A row stops at its target, when no swap helps, or
     when the next swap would exceed ``move_budget`` [X] expert copies moved relative to
     ``origin`` [X, G, E] bool (the previous placement's pairs). Returns moves used per row.
+    ``trace`` (moves [X, T] int64, peak [X, T] float64, filled by the caller with -1 and inf)
+    receives each row's moves so far and heaviest GPU load after each of its first T swaps.
     """
     num_rows, num_gpus, _ = size.shape
     num_logical = max(int(expert.max()) + 1, home_node.shape[1])
@@ -396,4 +421,9 @@ def refine_by_swaps(
         np.asarray(move_budget, dtype=np.int64),
         num_logical,
         int(node_of_gpu.max()) + 1,
+        *(
+            trace
+            if trace is not None
+            else (np.zeros((num_rows, 0), np.int64), np.zeros((num_rows, 0)))
+        ),
     )
