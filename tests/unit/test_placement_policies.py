@@ -285,3 +285,15 @@ def test_a_model_wide_budget_buys_more_than_the_same_cap_per_layer() -> None:
     gain_per_layer = (layer_balancedness(drifted, per_layer, 8) - stale).mean()
     assert gain_spread >= gain_per_layer - 1e-12 and gain_spread > 0
     assert (layer_balancedness(drifted, spread, 8) >= stale - 1e-9).all()
+
+
+def test_a_resize_takes_the_move_budget() -> None:
+    from moe_worker.elastic import resize_placement
+
+    weight = synthetic_loads(8, 32, seed=6)
+    current = compute_placement("balanced", weight, num_physical=40, num_gpus=8)
+    drifted = weight * np.random.default_rng(2).lognormal(0, 0.05, size=weight.shape)
+    free = resize_placement(current, drifted, 5, 8)
+    budgeted = resize_placement(current, drifted, 5, 8, options={"moved_fraction": 0.02})
+    assert moved_copies(current, budgeted, 8, 8).sum() <= np.floor(0.02 * 40 * 8)
+    assert moved_copies(current, budgeted, 8, 8).sum() < moved_copies(current, free, 8, 8).sum()

@@ -154,3 +154,26 @@ def test_a_layer_whose_maps_changed_keeps_its_reading_until_its_window_refills(
     fresh = engine.eplb.measured_layer_balancedness()
     window = state.window_slot_load()[1].double().view(2, -1).sum(dim=1)
     assert fresh[1] == pytest.approx(float(window.mean() / window.max()))
+
+
+def test_the_configured_move_budget_reaches_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """eplb.movedFraction goes to the incremental policy of every rebalance (and nowhere else)."""
+    from moe_worker.eplb import rebalance as rebalance_module
+
+    seen: list[dict] = []
+    real = rebalance_module.compute_placement
+
+    def recording(policy: str, weight: object, **kwargs: object) -> object:
+        seen.append({"policy": policy, **kwargs})
+        return real(policy, weight, **kwargs)
+
+    monkeypatch.setattr(rebalance_module, "compute_placement", recording)
+    engine = TinyEngine(
+        EPLBConfig(window_size=3, step_interval=5, use_async=False, moved_fraction=0.05)
+    )
+    for _ in range(4):
+        engine.step()
+    assert seen and all(call["moved_fraction"] == 0.05 for call in seen)
+    assert EPLBConfig(moved_fraction=0.05).policy_options() == {"moved_fraction": 0.05}
+    assert EPLBConfig(policy="deepseek", moved_fraction=0.05).policy_options() == {}
+    assert EPLBConfig().policy_options() == {}

@@ -5,7 +5,7 @@ Field names are camelCase on the wire (YAML/JSON, the CRD) and snake_case in Pyt
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -49,6 +49,14 @@ class EPLBConfig(WireModel):
     policy: PolicyName = Field(
         "incremental", description="Placement policy for rebalances (a registered name)."
     )
+    moved_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Move budget of a rebalance or resize for the incremental policy: at most "
+        "this fraction of all expert copies, spent where a copy buys the most balancedness "
+        "(other policies re-plan whole); unset: the policy's own target decides.",
+    )
     communicator: CommunicatorName = Field(
         "auto", description="Weight-exchange backend; auto picks by platform and mode."
     )
@@ -60,6 +68,12 @@ class EPLBConfig(WireModel):
         description="Placement to start from (the JSON of `moe-eplb plan --out`, phy2log "
         "[MoE layers, slots]); unset: slot p holds expert p mod numExperts.",
     )
+
+    def policy_options(self) -> dict[str, Any]:
+        """Options of ``compute_placement`` for this config's policy."""
+        if self.policy == "incremental" and self.moved_fraction is not None:
+            return {"moved_fraction": self.moved_fraction}
+        return {}
 
 
 class ModelConfig(WireModel):

@@ -37,10 +37,10 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -157,6 +157,7 @@ def resize_placement(
     target: int,
     policy: str = "incremental",
     layout: Layout = Layout(),
+    options: Mapping[str, Any] | None = None,
 ) -> Placement:
     """The placement for ``target`` ranks with the same slots per rank, close to ``current``.
 
@@ -173,6 +174,7 @@ def resize_placement(
         num_groups=at.num_groups,
         num_nodes=at.num_nodes,
         previous=current,
+        **(options or {}),
     )
 
 

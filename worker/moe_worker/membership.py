@@ -179,6 +179,7 @@ class Membership:
                 target,
                 engine.config.eplb.policy,
                 engine.layout,
+                engine.config.eplb.policy_options(),
             )
             self.rendezvous.publish(
                 Topology(

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,10 +54,13 @@ class AsyncRebalance:
         fault_hook: FaultHook | None = None,
         target: Placement | None = None,
         layout: Layout = Layout(),
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         """``target``: move to this placement instead of computing one from ``load``;
-        ``layout``: expert groups and nodes for node-aware placement."""
+        ``layout``: expert groups and nodes for node-aware placement; ``options``: the
+        policy's."""
         self.layout = layout
+        self.options = dict(options or {})
         self.state = state
         self.target = target
         self.layers = layers
@@ -110,6 +114,7 @@ class AsyncRebalance:
             num_groups=self.layout.num_groups,
             num_nodes=self.layout.num_nodes,
             previous=self.current,
+            **self.options,
         )
         self.new = new
         slots_per_rank = self.current.num_physical // self.world

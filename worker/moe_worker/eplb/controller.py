@@ -209,6 +209,7 @@ class EPLBController:
                 self.device,
                 self.fault_hook,
                 layout=layout,
+                options=self.config.policy_options(),
             )
         return results
 
@@ -272,6 +273,7 @@ class EPLBController:
                 self.communicator,
                 trigger,
                 self.placement_layout(),
+                self.config.policy_options(),
             )
             self.history.append(result)
             log.info(

@@ -7,8 +7,9 @@ same placement and plans (the policies are deterministic) and commits at the sam
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -110,9 +111,10 @@ def rebalance(
     communicator: Communicator,
     trigger: str,
     layout: Layout = Layout(),
+    options: Mapping[str, Any] | None = None,
 ) -> RebalanceResult:
     """Recompute the placement from the window and move weights to match (all ranks call it);
-    ``layout``: expert groups and nodes for node-aware placement."""
+    ``layout``: expert groups and nodes for node-aware placement; ``options``: the policy's."""
     started = time.perf_counter()
     load = global_logical_load(state, group, world)
     if load.sum() == 0:
@@ -126,6 +128,7 @@ def rebalance(
         num_groups=layout.num_groups,
         num_nodes=layout.num_nodes,
         previous=current,
+        **(options or {}),
     )
     received = apply_placement(state, layers, new, rank, world, communicator)
     return summarize(
