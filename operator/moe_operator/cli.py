@@ -29,15 +29,20 @@ console = Console()
 error_console = Console(stderr=True)
 
 
+def say(line: str) -> None:
+    """One line on stderr, as written (no markup, no wrapping): errors and notes go there, so
+    stdout stays the command's output."""
+    error_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def fail(message: str) -> NoReturn:
     """Print a one-line error naming the problem and exit with status 2."""
-    error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    say(f"error: {message}")
     raise typer.Exit(code=2)
 
 
 def note(message: str) -> None:
-    """An informational line on stderr (stdout stays the command's output)."""
-    error_console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)
+    say(f"note: {message}")
 
 
 def check_output_folder(flag: str, path: Path | None) -> None:
@@ -274,27 +279,18 @@ def validate(
         try:
             documents = list(yaml.safe_load_all(file.read_text()))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            error_console.print(
-                f"error: {file}: cannot read: {exc}", markup=False, highlight=False, soft_wrap=True
-            )
+            say(f"error: {file}: cannot read: {exc}")
             failed = True
             continue
         if not any(d is not None for d in documents):
-            error_console.print(
-                f"error: {file}: no MoEDeployment in it (empty)",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
+            say(f"error: {file}: no MoEDeployment in it (empty)")
             failed = True
             continue
         for index, document in enumerate(d for d in documents if d is not None):
             found = problems(document)
             where = f"{file}" + (f" (document {index + 1})" if len(documents) > 1 else "")
             for problem in found:
-                error_console.print(
-                    f"error: {where}: {problem}", markup=False, highlight=False, soft_wrap=True
-                )
+                say(f"error: {where}: {problem}")
             if found:
                 failed = True
             else:
@@ -383,11 +379,9 @@ def run_local(
         fail(str(exc))
     if timeline.failure is not None:
         first, *rest = timeline.failure.splitlines()
-        error_console.print(
-            f"error: {file}: {first}", markup=False, highlight=False, soft_wrap=True
-        )
-        for line in rest:
-            error_console.print(line, markup=False, highlight=False, soft_wrap=True)
+        say(f"error: {file}: {first}")
+        for line in rest:  # the pod's own last lines
+            say(line)
         raise typer.Exit(code=1)
     remaps = sum(a["action"] == "remap" for a in timeline.actions)
     resizes = sum(a["action"] == "resize" for a in timeline.actions)
@@ -641,9 +635,7 @@ def main() -> None:
         extra = extra_for_module(exc.name)
         if extra is None:
             raise
-        error_console.print(
-            f"error: {exc}: {install_hint((extra,))}", markup=False, highlight=False
-        )
+        say(f"error: {exc}: {install_hint(extra)}")
         raise SystemExit(2) from None
 
 

@@ -36,8 +36,8 @@ COMMAND_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def install_hint(extras: tuple[str, ...]) -> str:
-    return f"pip install 'moe-eplb[{','.join(extras)}]'"
+def install_hint(extra: str) -> str:
+    return f"pip install 'moe-eplb[{extra}]'"
 
 
 def missing_modules(modules: tuple[str, ...]) -> list[str]:
@@ -53,7 +53,7 @@ def missing_extras_message(command: str) -> str | None:
         return None
     return (
         f"moe-eplb {command} needs the {extra} extra (missing: {', '.join(missing)}): "
-        f"{install_hint((extra,))}"
+        f"{install_hint(extra)}"
     )
 
 

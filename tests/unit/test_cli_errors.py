@@ -383,3 +383,15 @@ def test_commands_ask_only_for_what_they_import(
     code, stderr = invoke(argv)
     (line,) = error_lines(stderr)
     assert code == 2 and "pip install" not in line and then in line
+
+
+def test_the_extras_named_are_the_packages_extras() -> None:
+    import tomllib
+
+    from moe_operator.extras import COMMAND_NEEDS, EXTRA_MODULES
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert set(EXTRA_MODULES) <= set(declared)
+    assert {extra for _, extra in COMMAND_NEEDS.values()} <= set(declared)

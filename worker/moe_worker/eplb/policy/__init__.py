@@ -159,9 +159,10 @@ def compute_placement(
 def warm_up() -> None:
     """Compile (or load from numba's cache) the JIT build of every placement kernel. Until it
     is done a placement runs the AOT build when installed (see ``jit``), so nobody waits."""
+    if not HAVE_NUMBA:
+        return
     for kernel in ROW_KERNELS.values():
-        if HAVE_NUMBA:
-            kernel.jit.compile(kernel.signature)
+        kernel.jit.compile(kernel.signature)
 
 
 _warming: list[threading.Thread] = []
