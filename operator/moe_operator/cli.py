@@ -424,6 +424,15 @@ def serve(
     config: Path | None = typer.Option(
         None, "--config", help="Worker config in the ConfigMap's schema (eplb.windowSize...)."
     ),
+    draft: Path | None = typer.Option(
+        None,
+        "--draft",
+        metavar="MODEL_DIR",
+        help="A speculative draft checkpoint (same tokenizer); its MoE layers are balanced too.",
+    ),
+    speculative_tokens: int | None = typer.Option(
+        None, "--speculative-tokens", help="Tokens the draft proposes per step (default 3)."
+    ),
 ) -> None:
     """Serve MODEL_DIR at http://127.0.0.1:PORT/v1 (OpenAI-compatible), EPLB on."""
     require_extras("serve")
@@ -443,6 +452,8 @@ def serve(
         fail("--port: must be 0..65535")
     if device not in ("cpu", "cuda", "auto"):
         fail(f"--device: must be cpu, cuda or auto, not {device!r}")
+    if speculative_tokens is not None and draft is None:
+        fail("--speculative-tokens: needs --draft")
     base = None
     if config is not None:
         try:
@@ -469,6 +480,8 @@ def serve(
             gpus[:ep_size] if device == "cuda" else None,
             console.print,
             stop,
+            draft=draft,
+            speculative_tokens=speculative_tokens,
         )
     except ServeError as exc:
         fail(str(exc))

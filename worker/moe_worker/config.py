@@ -14,7 +14,8 @@ from pydantic.alias_generators import to_camel
 # importing the registry here would pull numba into every config reader).
 PolicyName = Literal["balanced", "deepseek", "incremental"]
 CommunicatorName = Literal["auto", "torch_nccl", "torch_gloo", "pynccl"]
-# The keys of moe_worker.model.families.FAMILIES (a contract test keeps them equal).
+# The synthetic families of moe_worker.model.families.FAMILIES (a contract test keeps them
+# equal); checkpoints may also be of the checkpoint-only families there (dense, vision-language).
 FamilyName = Literal["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 
 
@@ -76,8 +77,8 @@ class EPLBConfig(WireModel):
         return {}
 
 
-class ModelConfig(WireModel):
-    """The MoE model: synthetic (seeded random, any size) or an HF-format checkpoint directory."""
+class ModelSpec(WireModel):
+    """An MoE model: synthetic (seeded random, any size) or an HF-format checkpoint directory."""
 
     source: Literal["synthetic", "checkpoint"] = Field("synthetic", description="Weight source.")
     path: str | None = Field(None, description="Checkpoint directory (config.json + safetensors).")
@@ -101,7 +102,7 @@ class ModelConfig(WireModel):
     rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon between layers.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> ModelConfig:
+    def _consistent(self) -> ModelSpec:
         if self.source == "checkpoint" and not self.path:
             raise ValueError("path: required when source is checkpoint")
         if self.source == "synthetic" and self.path:
@@ -116,6 +117,25 @@ class ModelConfig(WireModel):
         if self.top_k > self.topk_groups * per_group:
             raise ValueError("topK must be <= topkGroups x experts per group")
         return self
+
+
+class DraftModelConfig(ModelSpec):
+    """A speculative draft model: proposes ``numSpeculativeTokens`` tokens that the main model
+    verifies in one forward. It shares the main model's tokenizer (same vocabulary); its MoE
+    layers run expert-parallel and EPLB balances them like the main model's."""
+
+    num_speculative_tokens: int = Field(
+        3, ge=1, le=16, description="Tokens the draft proposes per step (k)."
+    )
+
+
+class ModelConfig(ModelSpec):
+    """The served model (for checkpoints: the experts per layer of its MoE layers; a main
+    model without MoE layers needs an MoE draft for EPLB), and an optional draft model."""
+
+    draft: DraftModelConfig | None = Field(
+        None, description="Speculative decoding: the draft model (serving only)."
+    )
 
 
 class WorkloadConfig(WireModel):
@@ -358,6 +378,16 @@ class WorkerConfig(WireModel):
                 f"numExperts + eplb.numRedundantExperts ({physical}) must be divisible by "
                 f"epSize ({self.ep_size})"
             )
+        draft = self.model.draft
+        if draft is not None:
+            draft_physical = draft.num_experts + self.eplb.num_redundant_experts
+            if draft_physical % self.ep_size:
+                raise ValueError(
+                    f"model.draft.numExperts + eplb.numRedundantExperts ({draft_physical}) must "
+                    f"be divisible by epSize ({self.ep_size})"
+                )
+            if not self.serving.enabled:
+                raise ValueError("model.draft: speculative decoding needs serving.enabled: true")
         if self.ep_size % self.num_nodes:
             raise ValueError(f"numNodes: must divide epSize ({self.ep_size}), got {self.num_nodes}")
         return self

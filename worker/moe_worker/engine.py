@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from moe_worker.config import WorkerConfig
 from moe_worker.eplb.channels import Channels, open_channels
-from moe_worker.eplb.controller import EPLBController, step_eplb_after
+from moe_worker.eplb.controller import EPLBController, EPLBRegistrationError, step_eplb_after
 from moe_worker.eplb.layout import Layout
 from moe_worker.eplb.policy import Placement, default_placement, start_warm_up
 from moe_worker.model.experts import DTYPES, SyntheticSource, WeightSource
@@ -192,7 +192,24 @@ class RankEngine:
             self.channels.control_group,
             layout=self.layout,
         )
-        self.eplb.register_model(self.model, self.placement)
+        models = self._eplb_models()
+        if not models:
+            raise EPLBRegistrationError(
+                "EPLB is enabled but neither the main model nor its draft has MoE layers"
+            )
+        for name, model, placement in models:
+            self.eplb.register_model(model, placement, name=name)
+
+    def _eplb_models(self) -> list[tuple[str, Any, Placement]]:
+        """(name, model, placement) of each model EPLB balances; the first is the primary
+        (its mapping generation and placement are the engine's)."""
+        return [("main", self.model, self.placement)]
+
+    @property
+    def primary_model(self) -> str:
+        """The name of the model whose mapping generation and placement the engine reports."""
+        assert self.eplb is not None
+        return next(iter(self.eplb.models))
 
     def close_channels(self, abort: bool = False) -> None:
         """Close this generation's EPLB channels (every rank of the group at the same point;
@@ -205,10 +222,12 @@ class RankEngine:
     def mapping_generation(self) -> int:
         if self.eplb is None:
             return 0
-        return self.eplb.models["main"].state.mapping_generation
+        return self.eplb.models[self.primary_model].state.mapping_generation
 
     def current_placement(self) -> Placement:
-        return self.placement if self.eplb is None else self.eplb.models["main"].state.placement()
+        if self.eplb is None:
+            return self.placement
+        return self.eplb.models[self.primary_model].state.placement()
 
     def install(
         self,
@@ -226,7 +245,7 @@ class RankEngine:
         set_placement(self.model.moe_layers, placement)
         self._start_eplb(channel_store)
         if self.eplb is not None:
-            self.eplb.models["main"].state.mapping_generation = mapping_generation
+            self.eplb.models[self.primary_model].state.mapping_generation = mapping_generation
 
     def layer_slots(self) -> list[dict[str, torch.Tensor]]:
         """Each layer's slot weights (name -> [S, ...]), updated in place by moves."""

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from moe_worker.eplb.policy import Placement, compute_placement, default_placement
 from moe_worker.model.ep_experts import EPGroup
 from moe_worker.model.hf_model import EPCausalLM, build_ep_model
-from moe_worker.model.hf_source import CheckpointSource
+from moe_worker.model.hf_source import CheckpointError, CheckpointSource
 
 PLACEMENTS = ("random", "balanced")
 
@@ -89,6 +89,8 @@ def _rank_main(
     try:
         source = CheckpointSource(checkpoint)
         layers, experts = len(source.moe_decoder_layers), source.num_experts
+        if not layers:
+            raise CheckpointError(f"{checkpoint}: the model has no MoE layers to verify")
         num_physical = world * (-(-experts // world) + 1)
         hidden = torch.from_numpy(np.load(input_path)).to(source.dtype)
         mine = hidden[np.array_split(np.arange(hidden.shape[0]), world)[rank]]

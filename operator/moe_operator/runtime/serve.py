@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import httpx
 import yaml
 
 from moe_operator.runtime.local import free_ports
-from moe_worker.config import FamilyName, WorkerConfig
-from moe_worker.model.families import TOKENIZER_FILES
+from moe_worker.config import WorkerConfig
+from moe_worker.model.families import FAMILIES, TOKENIZER_FILES
 
 # Where each family's config.json gives its routed-expert count (either spelling).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -37,37 +37,51 @@ class ServeError(ValueError):
     """A one-line problem with the model directory or the options, naming it."""
 
 
-def read_checkpoint_facts(model_dir: Path) -> dict[str, Any]:
-    """config.json's facts serving needs (model_type, experts), or a one-line ``ServeError``."""
+def read_checkpoint_facts(model_dir: Path, what: str = "MODEL_DIR") -> dict[str, Any]:
+    """config.json's facts serving needs (model_type; experts per MoE layer, None for a dense
+    model), or a one-line ``ServeError`` naming ``what`` (the argument or option)."""
     if not model_dir.exists():
-        raise ServeError(f"MODEL_DIR {model_dir}: no such directory")
+        raise ServeError(f"{what} {model_dir}: no such directory")
     if not model_dir.is_dir():
-        raise ServeError(f"MODEL_DIR {model_dir}: not a directory")
+        raise ServeError(f"{what} {model_dir}: not a directory")
     config_file = model_dir / "config.json"
     if not config_file.is_file():
-        raise ServeError(f"MODEL_DIR {model_dir}: no config.json (not a transformers checkpoint)")
+        raise ServeError(f"{what} {model_dir}: no config.json (not a transformers checkpoint)")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ServeError(f"MODEL_DIR {model_dir}: config.json is not JSON: {exc.msg}") from None
-    supported = get_args(FamilyName)
+        raise ServeError(f"{what} {model_dir}: config.json is not JSON: {exc.msg}") from None
     model_type = config.get("model_type")
-    if model_type not in supported:
+    if model_type not in FAMILIES:
         raise ServeError(
-            f"MODEL_DIR {model_dir}: model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(supported)}"
+            f"{what} {model_dir}: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(sorted(FAMILIES))}"
         )
-    experts = next((config[k] for k in EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
-    if experts is None:
-        raise ServeError(
-            f"MODEL_DIR {model_dir}: config.json gives no expert count "
-            f"({' or '.join(EXPERT_COUNT_KEYS)})"
-        )
+    # vision-language wrappers keep the language model's sizes in text_config
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    experts = next((text[k] for k in EXPERT_COUNT_KEYS if isinstance(text.get(k), int)), None)
     if not list(model_dir.glob("*.safetensors")):
-        raise ServeError(f"MODEL_DIR {model_dir}: no .safetensors weights")
+        raise ServeError(f"{what} {model_dir}: no .safetensors weights")
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise ServeError(f"MODEL_DIR {model_dir}: no tokenizer (tokenizer.json) beside the weights")
+        raise ServeError(f"{what} {model_dir}: no tokenizer (tokenizer.json) beside the weights")
     return {"model_type": model_type, "num_experts": experts}
+
+
+def checkpoint_experts(model_dir: Path, draft: Path | None) -> tuple[int, int | None]:
+    """(experts per MoE layer of the main model, of the draft): the main model may be dense
+    when an MoE draft is given (its slot arithmetic is then the draft's: EPLB balances the
+    draft alone); a one-line ``ServeError`` when neither has MoE layers."""
+    main = read_checkpoint_facts(model_dir)["num_experts"]
+    draft_experts = (
+        None if draft is None else read_checkpoint_facts(draft, "--draft")["num_experts"]
+    )
+    if main is None and draft_experts is None:
+        keys = " or ".join(EXPERT_COUNT_KEYS)
+        raise ServeError(
+            f"MODEL_DIR {model_dir}: config.json gives no expert count ({keys}); a dense model "
+            "needs an MoE draft (--draft)"
+        )
+    return (main if main is not None else draft_experts), draft_experts  # type: ignore[return-value]
 
 
 def serve_worker_config(
@@ -77,14 +91,18 @@ def serve_worker_config(
     device: str,
     base: dict[str, Any] | None,
     ports: dict[str, int],
+    draft: dict[str, Any] | None = None,
 ) -> WorkerConfig:
     """The ranks' worker config: ``base`` (the ConfigMap's schema) with the checkpoint, EP size,
-    device and local ports filled in. Redundant experts default to one slot per rank (rounded so
-    every rank holds the same number of slots)."""
+    device and local ports filled in (and ``draft``: a speculative draft checkpoint's
+    ``model.draft`` fields). Redundant experts default to one slot per rank (rounded so every
+    rank holds the same number of slots)."""
     document: dict[str, Any] = dict(base or {})
     model = dict(document.get("model") or {})
     model.update({"source": "checkpoint", "path": str(model_dir), "numExperts": num_experts})
     model.pop("numLayers", None)
+    if draft is not None:
+        model["draft"] = {**(model.get("draft") or {}), **draft}
     document["model"] = model
     eplb = dict(document.get("eplb") or {})
     if "numRedundantExperts" not in eplb and "num_redundant_experts" not in eplb:
@@ -198,16 +216,27 @@ def serve(
     progress: Callable[[str], None],
     stop: threading.Event,
     ready_timeout_s: float = 600.0,
+    draft: Path | None = None,
+    speculative_tokens: int | None = None,
 ) -> list[int | None]:
-    """Serve until ``stop`` is set; returns the ranks' exit codes."""
+    """Serve until ``stop`` is set; returns the ranks' exit codes. ``draft``: a speculative
+    draft checkpoint (``speculative_tokens`` per step)."""
     from moe_worker.asgi import start_server
     from moe_worker.serving.router import router_app
 
     facts = read_checkpoint_facts(model_dir)
+    num_experts, draft_experts = checkpoint_experts(model_dir, draft)
+    draft_fields: dict[str, Any] | None = None
+    if draft is not None:
+        draft_fields = {"source": "checkpoint", "path": str(draft)}
+        if draft_experts is not None:
+            draft_fields["numExperts"] = draft_experts
+        if speculative_tokens is not None:
+            draft_fields["numSpeculativeTokens"] = speculative_tokens
     first = free_ports(2 * ep_size + 3)
     ports = {"api": first, "metrics": first + ep_size, "control": first + 2 * ep_size}
     config = serve_worker_config(
-        model_dir, ep_size, facts["num_experts"], device, base_config, ports
+        model_dir, ep_size, num_experts, device, base_config, ports, draft_fields
     )
     token = os.environ.get("MOE_CONTROL_TOKEN") or secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="moe-serve-") as workdir:

@@ -1,5 +1,8 @@
 """A whole causal LM built with transformers' own classes, its routed experts expert-parallel.
 
+A vision-language wrapper (e.g. Qwen3-VL-MoE) is built by its own class too, without its
+vision tower: it serves text through the wrapper's language model and LM head.
+
 The seam: every sparse MoE block of a supported family holds its routed experts in
 ``mlp.experts`` and calls ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``
 after its own router. ``build_ep_model`` builds the model on the meta device, swaps each
@@ -11,7 +14,8 @@ ever holds the full expert set; routing is the family's own by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +24,7 @@ from torch import nn
 from moe_worker.eplb.policy import Placement
 
 from .ep_experts import EPGroup, ExpertParallelExperts, load_slots
-from .hf_source import CheckpointError, ModelSource
+from .hf_source import CheckpointError, ModelSource, decoder_prefix, meta_model
 
 
 @dataclass
@@ -31,16 +35,53 @@ class EPCausalLM:
     registers); ``decoder_layers``: the decoder index of each.
     """
 
-    model: Any  # transformers PreTrainedModel (…ForCausalLM)
+    model: Any  # transformers PreTrainedModel (…ForCausalLM, or a vision-language wrapper)
     moe_layers: list[ExpertParallelExperts]
     decoder_layers: list[int]
     hidden_size: int
     dtype: torch.dtype
     device: torch.device
+    wrapped: bool = False  # a vision-language wrapper: text runs through its language model
+    cache_arg: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # transformers renamed the cache argument (past_key_values -> cache) during 5.x
+        parameters = inspect.signature(self.model.get_decoder().forward).parameters
+        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
     @property
     def config(self) -> Any:
         return self.model.config
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Any,
+        cache: Any,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits [1, len(rows), V] at token rows ``rows`` of a packed step: ``input_ids`` and
+        ``position_ids`` [1, T], ``attention_mask`` [1, 1, T, K] (or one per layer type)."""
+        cache_kwargs = {self.cache_arg: cache}
+        if not self.wrapped:
+            output = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                use_cache=True,
+                logits_to_keep=rows,
+                **cache_kwargs,
+            )
+            return output.logits  # type: ignore[no-any-return]
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            **cache_kwargs,
+        ).last_hidden_state
+        return self.model.get_output_embeddings()(hidden[:, rows])  # type: ignore[no-any-return]
 
     def idle_pass(self) -> None:
         """This rank has no tokens this step: take part in every MoE layer's all-to-alls."""
@@ -74,9 +115,26 @@ def _rebuild_buffer_modules(model: nn.Module, device: torch.device) -> None:
         setattr(parent, child, fresh)
 
 
-def _tied(config: Any) -> bool:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return bool(getattr(text, "tie_word_embeddings", False))
+def _drop_non_text_modules(model: nn.Module) -> bool:
+    """In a vision-language wrapper, replace every module off the path to its language model
+    (the vision tower) by an empty one: text serving never runs it. Returns whether ``model``
+    is such a wrapper (its decoder is not ``model.model``)."""
+    path = decoder_prefix(model)
+    if path == "model":
+        return False
+    parent_name, _, _ = path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    keep = path.split(".")[len(parent_name.split(".")) if parent_name else 0]
+    for name, _ in list(parent.named_children()):
+        if name != keep:
+            setattr(parent, name, nn.Module())
+    return True
+
+
+def _tied(model: Any) -> bool:
+    """Whether the LM head shares the input embedding's weight (as transformers tied them)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is embedding.weight
 
 
 def build_ep_model(
@@ -91,13 +149,9 @@ def build_ep_model(
     ``load_weights=False`` (a rank joining a running group) leaves the slots zeroed; the
     elastic resize fills them from the ranks that hold the experts.
     """
-    from transformers import AutoModelForCausalLM
-
     config = source.hf_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=source.dtype, attn_implementation=attn_implementation
-        )
+    model = meta_model(config, dtype=source.dtype, attn_implementation=attn_implementation)
+    wrapped = _drop_non_text_modules(model)
     blocks = moe_blocks(model)
     if [index for index, _ in blocks] != source.moe_decoder_layers:
         raise CheckpointError("the model's MoE layers differ from the source's")
@@ -107,8 +161,8 @@ def build_ep_model(
     for _, block in blocks:  # the family's activation (e.g. silu), kept for our experts
         activations.append(getattr(block.experts, "act_fn"))  # noqa: B009 - untyped module
         block.experts = nn.Module()  # drop the meta expert tensors before materialising
+    tied = _tied(model)
     model.to_empty(device=ep.device)
-    tied = _tied(model.config)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if tied and name == "lm_head.weight":
@@ -142,4 +196,5 @@ def build_ep_model(
         hidden_size=int(model.config.get_text_config().hidden_size),
         dtype=source.dtype,
         device=ep.device,
+        wrapped=wrapped,
     )

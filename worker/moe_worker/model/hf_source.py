@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from moe_worker.config import ModelConfig
+from moe_worker.config import ModelSpec
 
 from .ep_experts import EXPERT_TENSORS
 from .experts import DTYPES, seeded_generator
@@ -35,8 +35,9 @@ class ModelSource(Protocol):
     hf_config: Any  # transformers PretrainedConfig
     family: Family
     dtype: torch.dtype
-    moe_decoder_layers: list[int]  # decoder index of every MoE layer, in order
-    num_experts: int
+    moe_decoder_layers: list[int]  # decoder index of every MoE layer, in order (none: dense)
+    num_experts: int  # routed experts per MoE layer (0: dense)
+    decoder: str  # the decoder's module name (``model``, or ``model.language_model``)
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor: ...
 
@@ -45,18 +46,43 @@ class ModelSource(Protocol):
     def tokenizer(self) -> Any: ...
 
 
-def _moe_structure(hf_config: Any) -> tuple[list[int], int]:
-    """(decoder index of each MoE layer, routed experts per layer), read off a meta model."""
-    from transformers import AutoModelForCausalLM
+def model_class(hf_config: Any) -> Any:
+    """transformers' auto class that builds ``hf_config``'s model with an LM head: a causal LM,
+    or a vision-language wrapper (image-text-to-text) around an MoE language model."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(hf_config) in auto._model_mapping:
+            return auto
+    raise CheckpointError(f"{hf_config.model_type}: transformers builds no language model of it")
+
+
+def meta_model(hf_config: Any, **kwargs: Any) -> Any:
+    """``hf_config``'s whole model on the meta device (no memory)."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+        return model_class(hf_config).from_config(hf_config, **kwargs)
+
+
+def decoder_prefix(model: Any) -> str:
+    """The module name of ``model``'s decoder (``model`` for a causal LM,
+    ``model.language_model`` for a vision-language wrapper)."""
+    decoder = model.get_decoder()
+    for name, module in model.named_modules():
+        if module is decoder:
+            return name
+    raise CheckpointError(f"{type(model).__name__}: its decoder is not one of its modules")
+
+
+def _moe_structure(hf_config: Any) -> tuple[list[int], int, str]:
+    """(decoder index of each MoE layer, routed experts per layer, decoder module name), read
+    off a meta model; no MoE layers (a dense model): ([], 0, name)."""
+    model = meta_model(hf_config)
     layers = model.get_decoder().layers
     moe = [i for i, layer in enumerate(layers) if hasattr(getattr(layer, "mlp", None), "experts")]
     if not moe:
-        raise CheckpointError(f"{hf_config.model_type} model has no MoE layers")
+        return [], 0, decoder_prefix(model)
     experts = layers[moe[0]].mlp.experts
-    return moe, int(experts.gate_up_proj.shape[0])
+    return moe, int(experts.gate_up_proj.shape[0]), decoder_prefix(model)
 
 
 def _resolve_dtype(requested: str | None, hf_config: Any) -> torch.dtype:
@@ -86,7 +112,7 @@ class CheckpointSource:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{self.path}: config.json: {exc}") from None
         self.dtype = _resolve_dtype(dtype, self.hf_config)
-        self.moe_decoder_layers, self.num_experts = _moe_structure(self.hf_config)
+        self.moe_decoder_layers, self.num_experts, self.decoder = _moe_structure(self.hf_config)
         self._files = self._index()
         self._handles: dict[Path, Any] = {}
         self.tensors_read: list[str] = []  # names read so far (tests check what a rank reads)
@@ -136,16 +162,19 @@ class CheckpointSource:
         return value.to(self.dtype)
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        block = f"model.layers.{self.moe_decoder_layers[layer]}.mlp.experts"
+        block = f"{self.decoder}.layers.{self.moe_decoder_layers[layer]}.mlp.experts"
         fused = self._find(f"{block}.gate_up_proj")
         if fused is not None:
             down = self._find(f"{block}.down_proj")
             if down is None:
                 raise CheckpointError(f"{self.path}: missing tensor {block}.down_proj")
             self.tensors_read.append(f"{fused}[{expert}]")
-            gate_up = self._handle(fused).get_slice(fused)[expert]  # [2I, H]
+            gate_up = self._handle(fused).get_slice(fused)[expert]  # [2I, H] (or [H, 2I])
+            w_down = self._handle(down).get_slice(down)[expert]  # [H, I] (or [I, H])
+            hidden = int(self.hf_config.get_text_config().hidden_size)
+            if gate_up.shape[-1] != hidden:  # stored input-major (Qwen3-VL-MoE's release)
+                gate_up, w_down = gate_up.transpose(0, 1), w_down.transpose(0, 1)
             w_gate, w_up = gate_up.chunk(2, dim=0)
-            w_down = self._handle(down).get_slice(down)[expert]  # [H, I]
             tensors: tuple[torch.Tensor, ...] = (w_gate, w_up, w_down)
         else:
             tensors = tuple(
@@ -167,7 +196,7 @@ class CheckpointSource:
         return AutoTokenizer.from_pretrained(str(self.path))
 
 
-def synthetic_hf_config(model: ModelConfig, vocab_size: int) -> Any:
+def synthetic_hf_config(model: ModelSpec, vocab_size: int) -> Any:
     """A transformers config of ``model.family`` with ``model``'s sizes (every layer MoE)."""
     from transformers import AutoConfig
 
@@ -230,7 +259,7 @@ def synthetic_hf_config(model: ModelConfig, vocab_size: int) -> Any:
 class SyntheticSource:
     """A seeded random model of ``config.family`` (a ``ModelSource``), byte-level tokenizer."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelSpec) -> None:
         from .tokenizer import byte_level_tokenizer
 
         self.config = config
@@ -242,7 +271,7 @@ class SyntheticSource:
         self.hf_config = synthetic_hf_config(config, padded)
         self.hf_config.bos_token_id = self._tokenizer.bos_token_id
         self.hf_config.eos_token_id = self._tokenizer.eos_token_id
-        self.moe_decoder_layers, self.num_experts = _moe_structure(self.hf_config)
+        self.moe_decoder_layers, self.num_experts, self.decoder = _moe_structure(self.hf_config)
 
     def _randn(self, shape: tuple[int, ...], scale: float, *key: object) -> torch.Tensor:
         values = torch.randn(shape, generator=seeded_generator(self.config.seed, *key)) * scale

@@ -12,7 +12,6 @@ each request's ``sink`` callback, called on the step loop's thread.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -22,15 +21,18 @@ from typing import Any, Protocol
 
 import torch
 
+from moe_worker.config import ModelSpec
 from moe_worker.engine import RankEngine
 from moe_worker.eplb.controller import step_eplb_after
+from moe_worker.eplb.policy import Placement, default_placement
 from moe_worker.model.hf_model import EPCausalLM, build_ep_model
 from moe_worker.model.hf_source import CheckpointSource, ModelSource, SyntheticSource
 
 from .backend import BackendBusy, FinishReason, SamplingParams, TokenOutput
 from .kv_cache import PackedKVCache, PackedStep, SequenceKV, packed_mask, packed_positions
-from .sampling import request_generator, sample_token
+from .sampling import request_generator, sample_token, token_probs
 from .scheduler import Chunk, QueueFull, Scheduler
+from .speculative import Verdict, verify_greedy, verify_sampled
 
 log = logging.getLogger("moe_worker.serving")
 MAX_DEFAULT_LEN = 8192
@@ -49,6 +51,8 @@ class ServingObserver(Protocol):
 
     def serving_load(self, running: int, waiting: int, kv_usage: float) -> None: ...
 
+    def speculated(self, proposed: int, accepted: int) -> None: ...
+
 
 @dataclass
 class Sequence:
@@ -61,6 +65,7 @@ class Sequence:
     sink: Sink
     generator: torch.Generator | None
     kv: SequenceKV = field(default_factory=SequenceKV)
+    draft_kv: SequenceKV = field(default_factory=SequenceKV)  # the draft model's cache
     arrived_at: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None  # its first step
     last_token_at: float | None = None
@@ -70,12 +75,63 @@ class Sequence:
         return len(self.tokens) - self.prompt_len
 
 
-def make_model_source(config: Any) -> ModelSource:
-    """The source ``config.model`` names: a checkpoint directory or a synthetic model."""
-    model = config.model
+def make_model_source(model: ModelSpec) -> ModelSource:
+    """The source ``model`` (``config.model`` or its draft) names: a checkpoint directory or a
+    synthetic model."""
     if model.source == "checkpoint":
+        assert model.path is not None  # the config requires it
         return CheckpointSource(model.path, model.dtype)
     return SyntheticSource(model)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a model's attention masks depend on: its sliding window (if any) and whether it
+    mixes full and sliding-window layers (one mask per layer type)."""
+
+    sliding_window: int | None
+    per_layer_type: bool
+
+    @classmethod
+    def of(cls, text_config: Any) -> AttentionShape:
+        window = getattr(text_config, "sliding_window", None)
+        # Qwen2-MoE stores 0 when sliding windows are off; a window applies only when positive.
+        layer_types = set(getattr(text_config, "layer_types", None) or ())
+        return cls(
+            window if isinstance(window, int) and window > 0 else None,
+            "sliding_attention" in layer_types,
+        )
+
+    def mask(
+        self, layout: PackedStep, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.per_layer_type:
+            return {
+                "full_attention": packed_mask(layout, dtype, device),
+                "sliding_attention": packed_mask(layout, dtype, device, self.sliding_window),
+            }
+        return packed_mask(layout, dtype, device, self.sliding_window)
+
+
+@dataclass
+class Draft:
+    """The speculative draft model of a rank: its source, placement and expert-parallel model,
+    and the tokens it proposes per step (``k``)."""
+
+    source: ModelSource
+    placement: Placement
+    model: EPCausalLM
+    attention: AttentionShape
+    k: int
+
+
+@dataclass
+class Proposal:
+    """What the draft proposed for one sequence this step: tokens and (sampled requests) the
+    draft's distribution behind each."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)
 
 
 def _eos_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:
@@ -92,13 +148,52 @@ class ServingEngine(RankEngine):
     """A rank's model, scheduler and sequences; ``step`` runs one lock-step iteration."""
 
     def _make_source(self) -> ModelSource:
-        return make_model_source(self.config)
+        return make_model_source(self.config.model)
 
     def _model_shape(self) -> tuple[int, int]:
         return len(self.source.moe_decoder_layers), self.source.num_experts
 
     def _build_model(self, load_weights: bool) -> EPCausalLM:
-        return build_ep_model(self.source, self.placement, self.ep, load_weights=load_weights)
+        model = build_ep_model(self.source, self.placement, self.ep, load_weights=load_weights)
+        self.draft = self._build_draft(model, load_weights)
+        return model
+
+    def _build_draft(self, main: EPCausalLM, load_weights: bool) -> Draft | None:
+        """The draft model ``model.draft`` names, its slots by the default placement with the
+        main model's redundant experts per layer; None without one."""
+        spec = self.config.model.draft
+        if spec is None:
+            return None
+        source = make_model_source(spec)
+        vocab = int(source.hf_config.get_text_config().vocab_size)
+        main_vocab = int(main.config.get_text_config().vocab_size)
+        if vocab != main_vocab:
+            raise ValueError(
+                f"model.draft: its vocabulary has {vocab} tokens, the main model's {main_vocab} "
+                "(the draft must share the main model's tokenizer)"
+            )
+        layers, experts = len(source.moe_decoder_layers), source.num_experts
+        physical = experts + self.config.eplb.num_redundant_experts if layers else 0
+        if physical % self.ep.size:
+            raise ValueError(
+                f"model.draft: {experts} experts + eplb.numRedundantExperts "
+                f"({self.config.eplb.num_redundant_experts}) must be divisible by epSize "
+                f"({self.ep.size})"
+            )
+        placement = default_placement(layers, experts, physical)
+        model = build_ep_model(source, placement, self.ep, load_weights=load_weights)
+        text_config = model.config.get_text_config()
+        return Draft(
+            source, placement, model, AttentionShape.of(text_config), spec.num_speculative_tokens
+        )
+
+    def _eplb_models(self) -> list[tuple[str, Any, Placement]]:
+        models = []
+        if self.model.moe_layers:
+            models.append(("main", self.model, self.placement))
+        if self.draft is not None and self.draft.model.moe_layers:
+            models.append(("draft", self.draft.model, self.draft.placement))
+        return models
 
     def _expert_groups(self) -> int:
         """The checkpoint's grouped top-k groups (DeepSeek-V3's ``n_group``; 1 without)."""
@@ -113,11 +208,7 @@ class ServingEngine(RankEngine):
         self.vocab_size = int(text_config.vocab_size)
         limit = int(getattr(text_config, "max_position_embeddings", MAX_DEFAULT_LEN))
         self.max_model_len = serving.max_model_len or min(limit, MAX_DEFAULT_LEN)
-        window = getattr(text_config, "sliding_window", None)
-        # Qwen2-MoE stores 0 when sliding windows are off; a window applies only when positive.
-        self.sliding_window = window if isinstance(window, int) and window > 0 else None
-        # Families that mix full and sliding-window layers take one mask per layer type.
-        self.layer_types = set(getattr(text_config, "layer_types", None) or ())
+        self.attention = AttentionShape.of(text_config)
         self.eos_token_ids = _eos_ids(text_config, self.tokenizer)
         self.scheduler = Scheduler(
             token_budget=serving.max_batch_tokens,
@@ -133,9 +224,8 @@ class ServingEngine(RankEngine):
         self.requests_finished = 0
         self.observer: ServingObserver | None = None  # serving metrics
         self._kv_budget = serving.max_running_requests * self.max_model_len
-        # transformers renamed the cache argument (past_key_values -> cache) during 5.x
-        parameters = inspect.signature(self.model.model.forward).parameters
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.proposed_tokens = 0  # speculative decoding: draft tokens verified
+        self.accepted_tokens = 0  # ... and kept
 
     # --- the API side (any thread) ---------------------------------------------------------
 
@@ -195,6 +285,9 @@ class ServingEngine(RankEngine):
                 self._report_load()
         if not chunks:
             with torch.inference_mode():
+                if self.draft is not None:  # every rank runs k draft forwards and one main
+                    for _ in range(self.draft.k):
+                        self.draft.model.idle_pass()
                 self.model.idle_pass()
             self.step_index += 1
             return 0
@@ -203,34 +296,29 @@ class ServingEngine(RankEngine):
         for sequence in sequences:
             if sequence.scheduled_at is None:
                 sequence.scheduled_at = now
-        tokens: list[int] = []
-        sample_rows: list[int] = []
-        for chunk, sequence in zip(chunks, sequences, strict=True):
-            if sequence.kv.length != chunk.start:
-                raise RuntimeError(
-                    f"request {chunk.request_id}: cache holds {sequence.kv.length} tokens, "
-                    f"chunk starts at {chunk.start}"
-                )
-            tokens.extend(sequence.tokens[chunk.start : chunk.end])
-            if chunk.samples:
-                sample_rows.append(len(tokens) - 1)
-        layout = PackedStep([s.kv for s in sequences], [c.length for c in chunks])
         try:
-            logits = self._forward(tokens, layout, sample_rows)
+            proposals = self._propose(chunks, sequences) if self.draft is not None else {}
+            logits = self._verify_forward(chunks, sequences, proposals)
         except BaseException:  # a peer died mid-step: the step is run again after recovery
             with self.lock:
                 self.scheduler.step_failed()
             raise
-        finished = self._sample_and_emit(chunks, sequences, logits)
+        finished, accepted = self._sample_and_emit(chunks, sequences, logits, proposals)
         with self.lock:
-            self.scheduler.step_done(finished)
+            self.scheduler.step_done(finished, accepted)
             for request_id in finished:
                 self.sequences.pop(request_id, None)
             self.requests_finished += len(finished)
             self._report_load()
         self.step_index += 1
-        self.tokens_processed += len(tokens)
-        return len(tokens)
+        ran = sum(
+            c.length + len(proposals[c.request_id].tokens)
+            if c.request_id in proposals
+            else c.length
+            for c in chunks
+        )
+        self.tokens_processed += ran
+        return ran
 
     def _report_load(self) -> None:
         """Running and waiting requests and KV use to the observer (caller holds the lock)."""
@@ -243,45 +331,173 @@ class ServingEngine(RankEngine):
         if self.observer is not None:
             self.observer.request_finished(reason, now - sequence.arrived_at)
 
-    def _forward(
-        self, tokens: list[int], layout: PackedStep, sample_rows: list[int]
+    def _run(
+        self,
+        model: EPCausalLM,
+        attention: AttentionShape,
+        inputs: list[tuple[SequenceKV, list[int]]],
+        rows: list[int],
     ) -> torch.Tensor:
-        """Logits [len(sample_rows), V] (float32) of the packed step."""
+        """One packed forward of ``model``: each sequence's new ``tokens`` after its cache
+        (committed after). Logits [len(rows), V] float32 at token rows ``rows``."""
         device = self.device
+        layout = PackedStep([kv for kv, _ in inputs], [len(tokens) for _, tokens in inputs])
         cache = PackedKVCache(layout)
+        flat = [token for _, tokens in inputs for token in tokens]
         with torch.inference_mode():
-            output = self.model.model(
-                input_ids=torch.tensor([tokens], dtype=torch.long, device=device),
-                position_ids=packed_positions(layout, device),
-                attention_mask=self._mask(layout),
-                use_cache=True,
-                logits_to_keep=torch.tensor(sample_rows, dtype=torch.long, device=device),
-                **{self._cache_arg: cache},
+            logits = model.logits(
+                torch.tensor([flat], dtype=torch.long, device=device),
+                packed_positions(layout, device),
+                attention.mask(layout, model.dtype, device),
+                cache,
+                torch.tensor(rows, dtype=torch.long, device=device),
             )
         cache.commit()
-        return output.logits[0].float()
+        return logits[0].float()
 
-    def _mask(self, layout: PackedStep) -> torch.Tensor | dict[str, torch.Tensor]:
-        dtype, device = self.model.dtype, self.device
-        if "sliding_attention" in self.layer_types:
-            return {
-                "full_attention": packed_mask(layout, dtype, device),
-                "sliding_attention": packed_mask(layout, dtype, device, self.sliding_window),
-            }
-        return packed_mask(layout, dtype, device, self.sliding_window)
+    def _proposes(self, chunk: Chunk, sequence: Sequence) -> int:
+        """Draft tokens this step proposes for ``sequence``: k for a decode with room for k + 1
+        more tokens, fewer near its end, none for prefill chunks."""
+        assert self.draft is not None
+        if not chunk.samples or sequence.generated == 0:
+            return 0
+        room = min(
+            sequence.params.max_new_tokens - sequence.generated,
+            self.max_model_len - len(sequence.tokens),
+        )
+        return max(0, min(self.draft.k, room - 1))
+
+    def _propose(self, chunks: list[Chunk], sequences: list[Sequence]) -> dict[str, Proposal]:
+        """The draft's k forwards (idle passes where a rank has nothing to run, so every rank
+        runs k): the first catches its cache up (prefill chunks, the tokens the last
+        verification kept) and proposes the first token, each further one the next."""
+        draft = self.draft
+        assert draft is not None
+        wanted = {
+            c.request_id: self._proposes(c, s) for c, s in zip(chunks, sequences, strict=True)
+        }
+        proposals = {rid: Proposal() for rid, n in wanted.items() if n > 0}
+        inputs: list[tuple[SequenceKV, list[int]]] = []
+        rows: list[int] = []
+        sampling: list[Sequence] = []
+        width = 0
+        for chunk, sequence in zip(chunks, sequences, strict=True):
+            kv = sequence.draft_kv
+            kv.length = min(kv.length, chunk.start)  # a failed step may have left it ahead
+            if chunk.request_id in proposals:
+                new = sequence.tokens[kv.length :]
+            elif chunk.start < sequence.prompt_len:
+                new = sequence.tokens[kv.length : chunk.end]
+            else:
+                continue  # a last token: nothing to propose
+            inputs.append((kv, new))
+            width += len(new)
+            if chunk.request_id in proposals:
+                rows.append(width - 1)
+                sampling.append(sequence)
+        for _ in range(draft.k):
+            if not inputs:
+                draft.model.idle_pass()
+            else:
+                logits = self._run(draft.model, draft.attention, inputs, rows)
+                for row, sequence in enumerate(sampling):
+                    self._draft_token(logits[row], sequence, proposals[sequence.request_id])
+            sampling = [
+                s for s in sampling if len(proposals[s.request_id].tokens) < wanted[s.request_id]
+            ]
+            inputs = [(s.draft_kv, proposals[s.request_id].tokens[-1:]) for s in sampling]
+            rows = list(range(len(sampling)))
+        return proposals
+
+    def _draft_token(self, logits: torch.Tensor, sequence: Sequence, proposal: Proposal) -> None:
+        """The draft's next proposal for ``sequence`` from its logits [V]."""
+        params = sequence.params
+        if params.temperature == 0 or sequence.generator is None:
+            proposal.tokens.append(int(torch.argmax(logits).item()))
+            return
+        probs = token_probs(logits, params)
+        proposal.tokens.append(int(torch.multinomial(probs, 1, generator=sequence.generator)))
+        proposal.probs.append(probs)
+
+    def _verify_forward(
+        self, chunks: list[Chunk], sequences: list[Sequence], proposals: dict[str, Proposal]
+    ) -> torch.Tensor:
+        """The main model's forward over the scheduled chunks, each decode followed by its
+        draft proposals. Logits [rows, V]: one row per sampling chunk, k + 1 per proposal."""
+        inputs: list[tuple[SequenceKV, list[int]]] = []
+        rows: list[int] = []
+        width = 0
+        for chunk, sequence in zip(chunks, sequences, strict=True):
+            if sequence.kv.length != chunk.start:
+                raise RuntimeError(
+                    f"request {chunk.request_id}: cache holds {sequence.kv.length} tokens, "
+                    f"chunk starts at {chunk.start}"
+                )
+            proposed = proposals[chunk.request_id].tokens if chunk.request_id in proposals else []
+            new = sequence.tokens[chunk.start : chunk.end] + proposed
+            inputs.append((sequence.kv, new))
+            width += len(new)
+            if chunk.samples:
+                rows.extend(range(width - 1 - len(proposed), width))
+        return self._run(self.model, self.attention, inputs, rows)
 
     def _sample_and_emit(
-        self, chunks: list[Chunk], sequences: list[Sequence], logits: torch.Tensor
-    ) -> set[str]:
+        self,
+        chunks: list[Chunk],
+        sequences: list[Sequence],
+        logits: torch.Tensor,
+        proposals: dict[str, Proposal],
+    ) -> tuple[set[str], dict[str, int]]:
+        """Sample (or verify the proposals of) every sampling chunk and send its tokens.
+        Returns the finished requests and, per request, the proposals kept and sent."""
         finished: set[str] = set()
+        accepted: dict[str, int] = {}
         row = 0
         now = time.monotonic()
         for chunk, sequence in zip(chunks, sequences, strict=True):
             if not chunk.samples:
                 continue
-            token = sample_token(logits[row], sequence.params, sequence.generator)
-            row += 1
+            proposal = proposals.get(chunk.request_id)
+            if proposal is None:
+                verdict = Verdict(
+                    [sample_token(logits[row], sequence.params, sequence.generator)], 0
+                )
+                row += 1
+            else:
+                verdict = self._verify(
+                    logits[row : row + len(proposal.tokens) + 1], sequence, proposal
+                )
+                row += len(proposal.tokens) + 1
+                # the cache keeps the last known token and the kept proposals
+                sequence.kv.length = chunk.end + verdict.accepted
+                sequence.draft_kv.length = min(sequence.draft_kv.length, sequence.kv.length)
+            sent, ended = self._emit(sequence, verdict.tokens, now)
+            if proposal is not None:
+                self.proposed_tokens += len(proposal.tokens)
+                self.accepted_tokens += verdict.accepted
+                if self.observer is not None:
+                    self.observer.speculated(len(proposal.tokens), verdict.accepted)
+            accepted[chunk.request_id] = sent - 1
+            if ended is not None:
+                finished.add(sequence.request_id)
+                self._finished(sequence, ended, now)
+        return finished, accepted
+
+    def _verify(self, logits: torch.Tensor, sequence: Sequence, proposal: Proposal) -> Verdict:
+        """Keep a prefix of the proposals (``speculative``); ``logits`` [k + 1, V]."""
+        if sequence.params.temperature == 0 or sequence.generator is None:
+            return verify_greedy(proposal.tokens, logits)
+        return verify_sampled(
+            proposal.tokens, proposal.probs, logits, sequence.params, sequence.generator
+        )
+
+    def _emit(self, sequence: Sequence, tokens: list[int], now: float) -> tuple[int, str | None]:
+        """Append and send ``tokens`` until one ends the request. Returns (tokens sent, the
+        finish reason or None)."""
+        sent = 0
+        for token in tokens:
             sequence.tokens.append(token)
+            sent += 1
             self.generated_tokens += 1
             self._observe_token(sequence, now)
             reason = self._finish_reason(sequence, token)
@@ -289,12 +505,11 @@ class ServingEngine(RankEngine):
             try:
                 sequence.sink(TokenOutput(token, reason))
             except Exception:  # noqa: BLE001 - a broken client must not stop the step loop
-                log.exception("request %s: output sink failed; aborting it", chunk.request_id)
+                log.exception("request %s: output sink failed; aborting it", sequence.request_id)
                 ended = reason or "abort"
             if ended is not None:
-                finished.add(sequence.request_id)
-                self._finished(sequence, ended, now)
-        return finished
+                return sent, ended
+        return sent, None
 
     def _observe_token(self, sequence: Sequence, now: float) -> None:
         if self.observer is not None:

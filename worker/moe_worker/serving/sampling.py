@@ -23,16 +23,23 @@ def request_generator(params: SamplingParams) -> torch.Generator | None:
     return generator
 
 
-def sample_token(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    """One token id from ``logits`` [V] (any float dtype, any device)."""
-    if params.temperature == 0 or generator is None:
-        return int(torch.argmax(logits).item())
+def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled request draws from: softmax(``logits`` [V] / temperature),
+    cut to the top-p nucleus (not renormalised: ``multinomial`` takes weights). [V] float32 CPU.
+    """
     probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         sorted_probs = torch.where(before < params.top_p, sorted_probs, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return probs
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """One token id from ``logits`` [V] (any float dtype, any device)."""
+    if params.temperature == 0 or generator is None:
+        return int(torch.argmax(logits).item())
+    return int(torch.multinomial(token_probs(logits, params), 1, generator=generator).item())

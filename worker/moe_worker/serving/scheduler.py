@@ -21,7 +21,7 @@ preempted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -282,13 +282,17 @@ class Scheduler:
             self._in_flight = chunks
         return list(chunks)
 
-    def step_done(self, finished: Iterable[str] = ()) -> set[str]:
+    def step_done(
+        self, finished: Iterable[str] = (), accepted: Mapping[str, int] | None = None
+    ) -> set[str]:
         """Record that the chunks of the last schedule() ran.
 
         For each chunk, its tokens are now computed; a sampling chunk adds one known token
-        (generated += 1). A sequence leaves the batch (its reservation freed) when it is in
-        ``finished`` (e.g. it sampled a stop token) or its generated count reaches
-        ``max_new_tokens``. Sequences aborted while in flight are dropped, their chunk ignored.
+        (generated += 1), and with speculative decoding the ``accepted[request_id]`` draft
+        tokens kept before it (they are computed too: the verifying forward cached them). A
+        sequence leaves the batch (its reservation freed) when it is in ``finished`` (e.g. it
+        sampled a stop token) or its generated count reaches ``max_new_tokens``. Sequences
+        aborted while in flight are dropped, their chunk ignored.
 
         Returns:
             the request ids that finished this call (both kinds; not the aborted ones).
@@ -321,7 +325,9 @@ class Scheduler:
             seq.computed += chunk.length
             if not chunk.samples:
                 continue
-            seq.generated += 1
+            kept = 0 if accepted is None else accepted.get(chunk.request_id, 0)
+            seq.computed += kept
+            seq.generated += 1 + kept
             if chunk.request_id in done or seq.generated >= seq.max_new_tokens:
                 self._remove_running(seq)
                 left.add(chunk.request_id)

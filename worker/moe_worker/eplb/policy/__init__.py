@@ -184,7 +184,10 @@ def start_warm_up() -> threading.Thread | None:
 
 
 def default_placement(num_layers: int, num_logical: int, num_physical: int) -> Placement:
-    """What an engine without EPLB runs: slot p holds expert p mod E in every layer."""
+    """What an engine without EPLB runs: slot p holds expert p mod E in every layer (no layers:
+    an empty placement, a model without MoE layers)."""
+    if num_layers == 0:
+        return Placement.from_phy2log(np.zeros((0, num_physical), dtype=np.int64), num_logical)
     phy2log = np.tile(np.arange(num_physical) % num_logical, (num_layers, 1))
     return Placement.from_phy2log(phy2log, num_logical)
 
