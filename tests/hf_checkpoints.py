@@ -96,21 +96,57 @@ SPECIFIC: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4,
     },
 }
+# Checkpoint-only families: a dense main model (for an MoE draft) and a vision-language
+# wrapper of an MoE language model (built by AutoModelForImageTextToText).
+DENSE = "qwen3"
+VISION_LANGUAGE = "qwen3_vl_moe"
+SPECIFIC[DENSE] = {"num_hidden_layers": 2, "intermediate_size": 40, "head_dim": 8}
+SPECIFIC[VISION_LANGUAGE] = {
+    "num_hidden_layers": 3,
+    "num_experts": E,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 16,
+    "intermediate_size": 40,
+    "head_dim": 8,
+    "mlp_only_layers": [0],
+    "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True},
+}
+VISION = {
+    "depth": 1,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_heads": 2,
+    "out_hidden_size": 32,
+    "deepstack_visual_indexes": [0],
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
 MOE_LAYERS = {
     "mixtral": [0, 1],
     "qwen2_moe": [0, 2],
     "qwen3_moe": [1, 2],
     "deepseek_v2": [1, 2],
     "deepseek_v3": [1, 2],
+    DENSE: [],
+    VISION_LANGUAGE: [1, 2],
 }
 
 
 def tiny_model(family: str, seed: int = 0) -> Any:
-    """A transformers causal LM of ``family`` with spread random weights (float32)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A transformers causal LM of ``family`` (a vision-language wrapper for
+    ``VISION_LANGUAGE``) with spread random weights (float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    config = AutoConfig.for_model(family, **{**COMMON, **SPECIFIC[family]})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == VISION_LANGUAGE:
+        text = {**COMMON, **SPECIFIC[family]}
+        config = AutoConfig.for_model(
+            family, text_config=text, vision_config=VISION, tie_word_embeddings=False
+        )
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    else:
+        config = AutoConfig.for_model(family, **{**COMMON, **SPECIFIC[family]})
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():

@@ -40,10 +40,11 @@ class ServeProcess:
         workdir: Path,
         timeout_s: float = 300.0,
         device: str = "cpu",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.lines: list[str] = []
         args = [sys.executable, "-m", "moe_operator.cli", "serve", str(model_dir)]
-        args += ["--ep-size", str(ep_size), "--port", "0", "--device", device]
+        args += ["--ep-size", str(ep_size), "--port", "0", "--device", device, *extra_args]
         if config is not None:
             config_file = workdir / "serve-config.yaml"
             config_file.write_text(yaml.safe_dump(config))

@@ -49,10 +49,10 @@ OVERVIEW: tuple[Panel, ...] = (
         "Balancedness", f"min by (deployment) (moe_balancedness{{{SEL}}})", "percentunit", "stat"
     ),
     Panel(
-        "Balancedness over time",
-        f"min by (deployment) (moe_balancedness{{{SEL}}})",
+        "Balancedness over time (main model, draft)",
+        f"min by (deployment, model) (moe_balancedness{{{SEL}}})",
         "percentunit",
-        legend="{{deployment}}",
+        legend="{{deployment}} {{model}}",
     ),
     Panel(
         "Worst layer's balancedness over time",
@@ -62,10 +62,10 @@ OVERVIEW: tuple[Panel, ...] = (
     ),
     Panel(
         "Balancedness per layer",
-        f"min by (layer) (moe_layer_balancedness{{{SEL}}})",
+        f"min by (model, layer) (moe_layer_balancedness{{{SEL}}})",
         "percentunit",
         "heatmap",
-        "{{layer}}",
+        "{{model}} {{layer}}",
     ),
     Panel(
         "Per-rank load (token-expert pairs/s)",
@@ -96,9 +96,9 @@ OVERVIEW: tuple[Panel, ...] = (
     ),
     Panel(
         "Rebalances by trigger and result",
-        f'sum by (trigger, result) (increase(moe_rebalances_total{{{SEL}, rank="0"}}[1h]))',
+        f'sum by (model, trigger, result) (increase(moe_rebalances_total{{{SEL}, rank="0"}}[1h]))',
         "short",
-        legend="{{trigger}} {{result}}",
+        legend="{{model}} {{trigger}} {{result}}",
     ),
     Panel(
         "Rebalance duration p90",
@@ -115,10 +115,10 @@ OVERVIEW: tuple[Panel, ...] = (
     ),
     Panel(
         "Expert copies moved",
-        "sum by (deployment) "
+        "sum by (deployment, model) "
         f'(increase(moe_rebalance_moved_expert_copies_total{{{SEL}, rank="0"}}[1h]))',
         "short",
-        legend="{{deployment}}",
+        legend="{{deployment}} {{model}}",
     ),
     Panel(
         "Rebalancing now",
@@ -215,6 +215,28 @@ SERVING: tuple[Panel, ...] = (
     Panel(
         "KV-cache use (max rank)",
         f"max by (deployment) (moe_kv_cache_usage_perc{{{SEL}}})",
+        "percentunit",
+        legend="{{deployment}}",
+    ),
+    # speculative decoding (model.draft)
+    Panel(
+        "Draft acceptance rate",
+        "sum by (deployment) (rate(moe_spec_decode_num_accepted_tokens_total"
+        f"{{{SEL}}}[$__rate_interval])) / sum by (deployment) "
+        f"(rate(moe_spec_decode_num_draft_tokens_total{{{SEL}}}[$__rate_interval]))",
+        "percentunit",
+        legend="{{deployment}}",
+    ),
+    Panel(
+        "Tokens per step of a sequence (speculative)",
+        "1 + sum by (deployment) (rate(moe_spec_decode_num_accepted_tokens_total"
+        f"{{{SEL}}}[$__rate_interval])) / sum by (deployment) "
+        f"(rate(moe_spec_decode_num_drafts_total{{{SEL}}}[$__rate_interval]))",
+        legend="{{deployment}}",
+    ),
+    Panel(
+        "Draft model balancedness",
+        f'min by (deployment) (moe_balancedness{{{SEL}, model="draft"}})',
         "percentunit",
         legend="{{deployment}}",
     ),

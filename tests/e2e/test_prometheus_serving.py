@@ -1,6 +1,7 @@
 """Real Prometheus (Debian's) scrapes two ranks of `moe-eplb serve` while the load generator
-drives them: every panel of the "MoE EPLB serving" dashboard and the time-to-first-token alert's
-expression return data from it."""
+drives them: every panel of the "MoE EPLB serving" dashboard (the speculative-decoding ones too:
+the ranks serve with an MoE draft model) and the time-to-first-token alert's expression return
+data from it."""
 
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ def alert_expression(name: str) -> str:
 
 def test_every_serving_panel_and_the_ttft_alert_return_data(tmp_path: Path) -> None:
     model_dir = save_checkpoint(tmp_path / "qwen3", "qwen3_moe")
+    draft_dir = save_checkpoint(tmp_path / "draft", "qwen3_moe", seed=1)
     config = {"deployment": "served", "serving": {"maxModelLen": 128}}
-    with ServeProcess(model_dir, 2, config, tmp_path) as server:
+    draft = ("--draft", str(draft_dir))
+    with ServeProcess(model_dir, 2, config, tmp_path, extra_args=draft) as server:
         targets = [url.removeprefix("http://") for url in server.rank_urls]
         assert len(targets) == 2
         prometheus, base = start_prometheus(tmp_path, targets, "e2e")

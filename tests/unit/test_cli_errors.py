@@ -65,6 +65,17 @@ def loads_file(tmp: Path, values: np.ndarray | None = None) -> str:
     return str(path)
 
 
+def checkpoint_dir(tmp: Path) -> str:
+    """A directory that passes serve's checks of MODEL_DIR (config, weights, tokenizer files
+    present; they are not read before the draft's checks)."""
+    model = tmp / "model"
+    model.mkdir()
+    write(model, "config.json", '{"model_type": "qwen3_moe", "num_experts": 8}')
+    write(model, "model.safetensors", "")
+    write(model, "tokenizer.json", "{}")
+    return str(model)
+
+
 def plan(tmp: Path, *extra: str, loads: str | None = None) -> list[str]:
     base = ["plan", "--loads", loads or loads_file(tmp), "--gpus", "2", "--slots", "8"]
     return [*base, *extra]
@@ -181,6 +192,16 @@ CASES = [
     # serve
     Case("serve no model", lambda t: ["serve", str(t / "none")], ("none",)),
     Case("serve ep size", lambda t: ["serve", str(t), "--ep-size", "0"], ("--ep-size", ">= 1")),
+    Case(
+        "serve speculative without draft",
+        lambda t: ["serve", str(t), "--speculative-tokens", "2"],
+        ("--speculative-tokens", "--draft"),
+    ),
+    Case(
+        "serve draft missing",
+        lambda t: ["serve", checkpoint_dir(t), "--draft", str(t / "nodraft")],
+        ("--draft", "nodraft", "no such directory"),
+    ),
     Case(
         "serve bad config",
         lambda t: ["serve", str(t), "--config", write(t, "c.yaml", "- 1\n")],

@@ -231,7 +231,11 @@ def test_serve_rejects_bad_model_dirs_in_one_line(
     llama = shutil.copytree(checkpoints["mixtral"], tmp_path / "llama")
     config = json.loads((llama / "config.json").read_text())
     (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    assert "'llama' is not supported; supported: mixtral, qwen2_moe" in error(llama)
+    assert "'llama' is not supported; supported: deepseek_v2, deepseek_v3, mixtral" in error(llama)
+    dense = shutil.copytree(checkpoints["mixtral"], tmp_path / "dense")
+    config.pop("num_local_experts")
+    (dense / "config.json").write_text(json.dumps({**config, "model_type": "qwen3"}))
+    assert "no expert count" in error(dense) and "needs an MoE draft (--draft)" in error(dense)
     bare = shutil.copytree(checkpoints["mixtral"], tmp_path / "bare")
     for file in bare.glob("tokenizer*"):
         file.unlink()

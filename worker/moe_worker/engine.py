@@ -209,7 +209,7 @@ class RankEngine:
     def primary_model(self) -> str:
         """The name of the model whose mapping generation and placement the engine reports."""
         assert self.eplb is not None
-        return next(iter(self.eplb.models))
+        return self.eplb.primary
 
     def close_channels(self, abort: bool = False) -> None:
         """Close this generation's EPLB channels (every rank of the group at the same point;

@@ -87,6 +87,7 @@ def run(config: WorkerConfig, env: RankEnv, steps: int | None = None) -> dict[st
             config.eplb.policy,
             config.eplb.use_async,
             config.metrics.per_expert,
+            ("main", "draft") if config.model.draft is not None else ("main",),
         )
         port = config.metrics.port + local_rank if config.metrics.port else 0
         servers.append(serve_metrics(port, metrics.exposition, status, bind_host))

@@ -38,6 +38,11 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                    40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)  # fmt: skip
 FINISH_REASONS = ("stop", "length", "abort", "error")
+SPEC_DECODE = (
+    "moe_spec_decode_num_drafts_total",
+    "moe_spec_decode_num_draft_tokens_total",
+    "moe_spec_decode_num_accepted_tokens_total",
+)
 
 
 @dataclass(frozen=True)
@@ -53,21 +58,21 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "moe_balancedness",
         "gauge",
-        (),
-        "Overall balancedness: the harmonic mean over MoE layers of mean rank load / max rank "
-        "load over the load window (all ranks' tokens), the share of a step spent on balanced "
-        "work; 1 is perfect balance.",
+        ("model",),
+        "Overall balancedness of a model (main, or the speculative draft): the harmonic mean "
+        "over MoE layers of mean rank load / max rank load over the load window (all ranks' "
+        "tokens), the share of a step spent on balanced work; 1 is perfect balance.",
     ),
     MetricSpec(
         "moe_balancedness_worst_layer",
         "gauge",
-        (),
+        ("model",),
         "The lowest per-layer balancedness (mean rank load / max rank load) over the window.",
     ),
     MetricSpec(
         "moe_layer_balancedness",
         "gauge",
-        ("layer",),
+        ("model", "layer"),
         "Mean rank load / max rank load of one MoE layer over the load window.",
     ),
     MetricSpec(
@@ -92,8 +97,8 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "moe_rebalances_total",
         "counter",
-        ("trigger", "result"),
-        "Rebalances by trigger (interval, manual, resize) and result "
+        ("model", "trigger", "result"),
+        "Rebalances of a model (main, draft) by trigger (interval, manual, resize) and result "
         "(ok, skipped, aborted, failed).",
     ),
     MetricSpec(
@@ -112,8 +117,9 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "moe_rebalance_moved_expert_copies_total",
         "counter",
-        (),
-        "Expert copies moved by rebalances (new (layer, rank, expert) pairs), all ranks.",
+        ("model",),
+        "Expert copies of a model moved by rebalances (new (layer, rank, expert) pairs), all "
+        "ranks.",
     ),
     MetricSpec(
         "moe_rebalancing",
@@ -193,11 +199,31 @@ SPECS: tuple[MetricSpec, ...] = (
         "Requests ended, by reason: stop (a stop or end-of-sequence token), length "
         "(max_tokens or the model length), abort (the client left), error (the rank failed).",
     ),
+    # speculative decoding (model.draft), with vLLM's meanings
+    MetricSpec(
+        "moe_spec_decode_num_drafts_total",
+        "counter",
+        (),
+        "Draft proposals verified by the main model (one per sequence and step).",
+    ),
+    MetricSpec(
+        "moe_spec_decode_num_draft_tokens_total",
+        "counter",
+        (),
+        "Tokens the draft proposed; acceptance rate = accepted / draft tokens.",
+    ),
+    MetricSpec(
+        "moe_spec_decode_num_accepted_tokens_total",
+        "counter",
+        (),
+        "Proposed tokens the main model kept; tokens per step of a sequence = 1 + accepted / "
+        "drafts.",
+    ),
     MetricSpec(
         "moe_expert_load_tokens",
         "gauge",
-        ("layer", "expert"),
-        "Tokens routed to a logical expert over the load window, all ranks (leader only; "
+        ("model", "layer", "expert"),
+        "Tokens routed to a model's logical expert over the load window, all ranks (leader only; "
         "only with metrics.perExpert).",
     ),
 )
@@ -223,7 +249,9 @@ class WorkerMetrics:
         policy: str,
         use_async: bool,
         per_expert: bool = False,
+        models: tuple[str, ...] = ("main",),
     ) -> None:
+        """``models``: the models EPLB balances (main and/or draft) whose series start at 0."""
         self.registry = CollectorRegistry()
         self.base = {"deployment": deployment, "rank": str(rank)}
         self.per_expert = per_expert and rank == 0
@@ -255,9 +283,12 @@ class WorkerMetrics:
                 "version": VERSION,
             }
         )
-        for trigger in TRIGGERS:
-            for result in RESULTS:
-                self._child("moe_rebalances_total", trigger=trigger, result=result)
+        self.models = models
+        for model in models:
+            for trigger in TRIGGERS:
+                for result in RESULTS:
+                    self._child("moe_rebalances_total", model=model, trigger=trigger, result=result)
+            self._child("moe_rebalance_moved_expert_copies_total", model=model)
         for reason in FINISH_REASONS:
             self._child("moe_request_success_total", finished_reason=reason)
         for name in (
@@ -265,9 +296,9 @@ class WorkerMetrics:
             "moe_tokens_processed_total",
             "moe_steps_total",
             "moe_rebalance_transferred_bytes_total",
-            "moe_rebalance_moved_expert_copies_total",
             "moe_prompt_tokens_total",
             "moe_generation_tokens_total",
+            *(SPEC_DECODE if "draft" in models else ()),
         ):
             self._child(name)
         self._child("moe_rebalancing").set(0)
@@ -282,13 +313,19 @@ class WorkerMetrics:
         self._child("moe_step_duration_seconds").observe(seconds)
 
     def observe_rebalance(
-        self, trigger: str, result: str, seconds: float, bytes_received: int, copies_moved: int
+        self,
+        trigger: str,
+        result: str,
+        seconds: float,
+        bytes_received: int,
+        copies_moved: int,
+        model: str = "main",
     ) -> None:
-        self._child("moe_rebalances_total", trigger=trigger, result=result).inc()
+        self._child("moe_rebalances_total", model=model, trigger=trigger, result=result).inc()
         if result == "ok":
             self._child("moe_rebalance_duration_seconds").observe(seconds)
             self._child("moe_rebalance_transferred_bytes_total").inc(bytes_received)
-            self._child("moe_rebalance_moved_expert_copies_total").inc(copies_moved)
+            self._child("moe_rebalance_moved_expert_copies_total", model=model).inc(copies_moved)
 
     def set_rebalancing(self, active: bool) -> None:
         self._child("moe_rebalancing").set(1 if active else 0)
@@ -298,21 +335,22 @@ class WorkerMetrics:
         self._child("moe_topology_generation").set(topology_generation)
         self._child("moe_mapping_generation").set(mapping_generation)
 
-    def set_balancedness(self, per_layer: np.ndarray) -> None:
-        self._child("moe_balancedness").set(overall_balancedness(per_layer))
-        self._child("moe_balancedness_worst_layer").set(worst_layer_balancedness(per_layer))
+    def set_balancedness(self, per_layer: np.ndarray, model: str = "main") -> None:
+        self._child("moe_balancedness", model=model).set(overall_balancedness(per_layer))
+        worst = worst_layer_balancedness(per_layer)
+        self._child("moe_balancedness_worst_layer", model=model).set(worst)
         for layer, value in enumerate(per_layer):
-            self._child("moe_layer_balancedness", layer=str(layer)).set(float(value))
+            self._child("moe_layer_balancedness", model=model, layer=str(layer)).set(float(value))
 
-    def set_expert_load(self, load: np.ndarray) -> None:
-        """Window load per logical expert [L, E] (leader, per-expert series on)."""
+    def set_expert_load(self, load: np.ndarray, model: str = "main") -> None:
+        """Window load per logical expert [L, E] of ``model`` (leader, per-expert series on)."""
         if not self.per_expert:
             return
         for layer in range(load.shape[0]):
             for expert in range(load.shape[1]):
-                self._child("moe_expert_load_tokens", layer=str(layer), expert=str(expert)).set(
-                    float(load[layer, expert])
-                )
+                self._child(
+                    "moe_expert_load_tokens", model=model, layer=str(layer), expert=str(expert)
+                ).set(float(load[layer, expert]))
 
     # --- serving (ServingObserver) ---------------------------------------------------------
 
@@ -334,6 +372,11 @@ class WorkerMetrics:
         self._child("moe_num_requests_running").set(running)
         self._child("moe_num_requests_waiting").set(waiting)
         self._child("moe_kv_cache_usage_perc").set(kv_usage)
+
+    def speculated(self, proposed: int, accepted: int) -> None:
+        self._child("moe_spec_decode_num_drafts_total").inc()
+        self._child("moe_spec_decode_num_draft_tokens_total").inc(proposed)
+        self._child("moe_spec_decode_num_accepted_tokens_total").inc(accepted)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

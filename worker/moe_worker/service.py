@@ -69,7 +69,8 @@ class WorkerService:
             if membership.last_switch is not None:  # it joined a running group: say how
                 self._on_phase("committed", membership.last_switch)
         self._seen_rebalances = 0
-        self._last_balancedness: list[float] = []
+        self._last_balancedness: list[float] = []  # the primary model's, per layer
+        self._model_balancedness: dict[str, list[float]] = {}  # every registered model's
         self._pending_target = 0  # a resize agreed on, waiting for leaving ranks to drain
         self._drain_deadline = 0.0
         self._publish()
@@ -173,6 +174,7 @@ class WorkerService:
             self.status.resizing = False
             self.status.leaving = self.membership.retired
         self._last_balancedness = []
+        self._model_balancedness = {}
 
     def _on_phase(self, phase: str, topology: Topology | None) -> None:
         with self.status.lock:
@@ -204,6 +206,7 @@ class WorkerService:
                     result.duration_s,
                     result.bytes_received,
                     result.copies_moved,
+                    result.model,
                 )
         self._seen_rebalances = len(controller.history)
         with self.status.lock:
@@ -261,13 +264,14 @@ class WorkerService:
         controller = self.engine.eplb
         if controller is None:
             return
-        per_layer = controller.measured_layer_balancedness()
-        self._last_balancedness = [float(v) for v in per_layer]
-        if self.metrics is not None:
-            self.metrics.set_balancedness(per_layer)
-            if self.engine.config.metrics.per_expert:
-                load = controller.window_logical_load()  # collective: every rank calls it
-                self.metrics.set_expert_load(load)
+        for name in controller.models:  # collectives: every rank calls them, in this order
+            per_layer = controller.measured_layer_balancedness(name)
+            self._model_balancedness[name] = [float(v) for v in per_layer]
+            if self.metrics is not None:
+                self.metrics.set_balancedness(per_layer, name)
+                if self.engine.config.metrics.per_expert:
+                    self.metrics.set_expert_load(controller.window_logical_load(name), name)
+        self._last_balancedness = self._model_balancedness[controller.primary]
 
     def _publish(self) -> None:
         controller = self.engine.eplb
@@ -305,6 +309,17 @@ class WorkerService:
                 "opened": opened_count(),
             },
             "lastRebalance": last,
+            "models": {
+                name: {
+                    "mappingGeneration": registered.state.mapping_generation,
+                    "layerBalancedness": self._model_balancedness.get(name),
+                }
+                for name, registered in (controller.models if controller else {}).items()
+            },
+            "speculative": {
+                "proposedTokens": getattr(self.engine, "proposed_tokens", 0),
+                "acceptedTokens": getattr(self.engine, "accepted_tokens", 0),
+            },
         }
         with self.status.lock:
             self.status.state = state

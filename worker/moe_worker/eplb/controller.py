@@ -7,6 +7,7 @@ soon as the window has filled once) or when asked, and logs balancedness.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -94,6 +95,7 @@ class EPLBController:
         self.control_group = control_group
         self.fault_hook = fault_hook
         self._async: AsyncRebalance | None = None
+        self._async_model = ""  # the model the in-flight async rebalance moves
         self._async_queue: list[tuple[str, str]] = []
         self.models: dict[str, RegisteredModel] = {}
         self.step_count = 0
@@ -189,12 +191,16 @@ class EPLBController:
             load = global_logical_load(registered.state, self.group, self.world)
             if load.sum() == 0:
                 skipped = RebalanceResult(
-                    trigger, "skipped", mapping_generation=registered.state.mapping_generation
+                    trigger,
+                    "skipped",
+                    mapping_generation=registered.state.mapping_generation,
+                    model=name,
                 )
                 self.history.append(skipped)
                 results.append(skipped)
                 continue
             layout = self.placement_layout()
+            self._async_model = name
             self._async = AsyncRebalance(
                 registered.state,
                 registered.model.moe_layers,
@@ -218,11 +224,13 @@ class EPLBController:
         result = self._async.poll()
         if result is None:
             return []
+        result = dataclasses.replace(result, model=self._async_model)
         self._async = None
         self.history.append(result)
         log.info(
-            "async rebalance (%s): %s, balancedness %.4f -> %.4f, %d copies moved%s",
+            "async rebalance (%s) of %s: %s, balancedness %.4f -> %.4f, %d copies moved%s",
             result.trigger,
+            result.model,
             result.result,
             result.balancedness_before,
             result.balancedness_after,
@@ -256,7 +264,7 @@ class EPLBController:
         self._async_queue.clear()
         if self._async is not None:
             result = self._async._abandon("shutting down")
-            self.history.append(result)
+            self.history.append(dataclasses.replace(result, model=self._async_model))
             self._async.wait_stopped(timeout)
             self._async = None
 
@@ -275,6 +283,7 @@ class EPLBController:
                 self.placement_layout(),
                 self.config.policy_options(),
             )
+            result = dataclasses.replace(result, model=registered.name)
             self.history.append(result)
             log.info(
                 "rebalance %s (%s) of %s: %s, balancedness %.4f -> %.4f, %d copies moved",
@@ -288,15 +297,17 @@ class EPLBController:
             )
         return result
 
-    def measured_layer_balancedness(self, name: str = "main") -> np.ndarray:
+    def measured_layer_balancedness(self, name: str | None = None) -> np.ndarray:
         """Per layer [L], over the window and all ranks' tokens: mean / max rank load.
 
         A layer whose window was cleared (its maps changed) fewer than ``reading_min_steps``
         steps ago keeps its last measured value: a nearly empty window says little yet (an empty
         one would read 1.0, a perfect balance never measured; a few steps of served requests
         read the few requests' own skew). A
-        collective: every rank must call it at the same step.
+        collective: every rank must call it at the same step. ``name``: the registered model
+        (default: the first, the main model when it has MoE layers).
         """
+        name = name or self.primary
         state = self.models[name].state
         slot_load = state.window_slot_load().double()
         if self.world > 1:
@@ -313,13 +324,18 @@ class EPLBController:
         self._last_measured[name] = measured
         return measured
 
-    def current_balancedness(self, name: str = "main") -> float:
+    def current_balancedness(self, name: str | None = None) -> float:
         """``overall_balancedness`` of ``measured_layer_balancedness`` (a collective)."""
         return overall_balancedness(self.measured_layer_balancedness(name))
 
-    def window_logical_load(self, name: str = "main") -> np.ndarray:
+    def window_logical_load(self, name: str | None = None) -> np.ndarray:
         """Tokens per logical expert over the window, all ranks: [L, E] (a collective)."""
-        return global_logical_load(self.models[name].state, self.group, self.world)
+        return global_logical_load(self.models[name or self.primary].state, self.group, self.world)
+
+    @property
+    def primary(self) -> str:
+        """The first registered model's name (main, or the draft of a dense main model)."""
+        return next(iter(self.models))
 
     def log_balancedness(self) -> None:
         value = self.current_balancedness()

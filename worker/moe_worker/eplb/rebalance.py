@@ -38,6 +38,7 @@ class RebalanceResult:
     balancedness_after: float = 0.0
     mapping_generation: int = 0
     error: str = ""
+    model: str = "main"  # the registered model (main, draft) it rebalanced
 
 
 def summarize(
