@@ -50,6 +50,8 @@ def test_resize_problem_names_the_field_and_rule() -> None:
     assert "must be >= 1" in (resize_problem(0, 2, 5, 8) or "")
     assert "cannot hold all 8 experts" in (resize_problem(1, 2, 5, 8) or "")
     assert "already 2" in (resize_problem(2, 2, 5, 8) or "")
+    with_draft = resize_problem(4, 2, 5, 8, has_draft=True) or ""
+    assert with_draft.startswith("model.draft: elastic resizes are not supported")
 
 
 @pytest.mark.parametrize("old_world,new_world", [(2, 4), (4, 2), (2, 3), (3, 2)])

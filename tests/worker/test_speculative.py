@@ -293,12 +293,21 @@ def test_a_dense_main_model_serves_and_balances_its_moe_draft_at_ep2(
         assert same_greedy(reference, prompt, want, got) is None
 
 
-def test_a_vision_language_checkpoint_serves_text_at_ep2(
+def test_a_vision_language_checkpoint_serves_text_at_ep2_and_refuses_images(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
     reference = reference_model(checkpoints["vl"])
     with ServeProcess(checkpoints["vl"], 2, None, tmp_path) as server:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             answers = list(pool.map(lambda p: complete_ids(server.url, p, TOKENS), PROMPTS))
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        chat = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": [image]}], "max_tokens": 2},
+            timeout=30,
+        )
+        assert chat.status_code == 400, chat.text
+        assert chat.json()["error"]["param"] == "messages.[0].content", chat.text
+        assert "only text content" in chat.json()["error"]["message"]
     assert server.process.returncode == 0, "\n".join(server.lines[-20:])
     check_greedy(reference, PROMPTS, answers)

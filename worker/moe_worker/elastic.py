@@ -133,9 +133,20 @@ class Topology:
 
 
 def resize_problem(
-    target: int, world: int, slots_per_rank: int, num_logical: int, num_nodes: int = 1
+    target: int,
+    world: int,
+    slots_per_rank: int,
+    num_logical: int,
+    num_nodes: int = 1,
+    has_draft: bool = False,
 ) -> str | None:
-    """Why a resize to ``target`` ranks is invalid, or None."""
+    """Why a resize to ``target`` ranks is invalid, or None. ``has_draft``: a speculative
+    draft model is served (its experts are not resized: the deployment restarts instead)."""
+    if has_draft:
+        return (
+            "model.draft: elastic resizes are not supported with a speculative draft model "
+            "(restart the deployment at the new size)"
+        )
     if target < 1:
         return f"epSize: must be >= 1, got {target}"
     if target % num_nodes:

@@ -145,7 +145,12 @@ class WorkerService:
         assert self.membership is not None
         config = self.engine.config
         problem = resize_problem(
-            target, self.world, config.slots_per_rank, config.model.num_experts, config.num_nodes
+            target,
+            self.world,
+            config.slots_per_rank,
+            config.model.num_experts,
+            config.num_nodes,
+            has_draft=config.model.draft is not None,
         )
         if problem is not None:
             return 422, problem

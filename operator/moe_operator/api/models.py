@@ -425,6 +425,35 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         lambda s: (s.model.source == "checkpoint") == (s.model.path is not None),
     ),
     CrossFieldRule(
+        "spec.model.draft",
+        "elastic resizes are not supported with a speculative draft model: elastic.enabled "
+        "must be false",
+        "!has(self.model.draft) || !self.elastic.enabled",
+        lambda s: s.model.draft is None or not s.elastic.enabled,
+    ),
+    CrossFieldRule(
+        "spec.model.draft",
+        "speculative decoding serves requests: simulator must be unset",
+        "!has(self.model.draft) || !has(self.simulator)",
+        lambda s: s.model.draft is None or s.simulator is None,
+    ),
+    CrossFieldRule(
+        "spec.model.draft.path",
+        "is required when model.draft.source is checkpoint, and only then",
+        "!has(self.model.draft) || "
+        "(self.model.draft.source == 'checkpoint') == has(self.model.draft.path)",
+        lambda s: (
+            s.model.draft is None
+            or (s.model.draft.source == "checkpoint") == (s.model.draft.path is not None)
+        ),
+    ),
+    CrossFieldRule(
+        "spec.model.draft.topK",
+        "must be <= model.draft.numExperts",
+        "!has(self.model.draft) || self.model.draft.topK <= self.model.draft.numExperts",
+        lambda s: s.model.draft is None or s.model.draft.top_k <= s.model.draft.num_experts,
+    ),
+    CrossFieldRule(
         "spec.nodeSelector",
         "every key must be a label key (an optional DNS prefix and /, then a name)",
         f"!has(self.nodeSelector) || self.nodeSelector.all(k, k.matches('{LABEL_KEY_PATTERN}'))",
