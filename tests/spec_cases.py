@@ -87,8 +87,8 @@ INVALID: list[tuple[str, Any, str]] = [
     ("spec.affinity", {"nodeSelector": {}}, "spec.affinity"),
     ("spec.control.port", 9400, "spec.control.port: must not be one of the metrics ports"),
     ("spec.model.draft", {"numExperts": 8}, "spec.model.draft: elastic resizes"),
-    ("spec.model.draft", {"source": "checkpoint"}, "spec.model.draft.path"),
-    ("spec.model.draft", {"topK": 9, "numExperts": 8}, "spec.model.draft.topK"),
+    ("spec.model.draft", {"source": "checkpoint"}, "spec.model.draft"),
+    ("spec.model.draft", {"topK": 9, "numExperts": 8}, "spec.model.draft"),
     # unknown and missing fields
     ("spec.replicas", 3, "spec.replicas: unknown field"),
     ("spec.eplb.windowsize", 5, "spec.eplb.windowsize: unknown field"),
