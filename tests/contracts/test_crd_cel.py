@@ -221,3 +221,40 @@ def test_the_hpa_example_owns_sizes_the_api_server_accepts(tmp_path: Path) -> No
         scaled = copy.deepcopy(deployment)
         scaled["spec"]["parallelism"]["pods"] = pods
         assert cel_rejections(scaled["spec"], spec) == [] and problems(scaled) == [], pods
+
+
+SPECULATIVE = yaml.safe_load((ROOT / "examples" / "speculative.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("draft", "field"),
+    [
+        ({"source": "checkpoint"}, "spec.model.draft.path"),
+        ({"path": "/models/draft"}, "spec.model.draft.path"),
+        ({"topK": 9, "numExperts": 8}, "spec.model.draft.topK"),
+    ],
+)
+def test_each_draft_rule_rejects_alone(draft: dict[str, Any], field: str) -> None:
+    """On the speculative example (elastic off), each of the draft's own rules rejects by
+    itself, in the API server (CEL) and in the models, naming the draft's field."""
+    document = copy.deepcopy(SPECULATIVE)
+    document["spec"]["model"]["draft"] = draft
+    by_cel = cel_rejections(document["spec"])
+    assert [m for m in by_cel if m.startswith(field)] == by_cel, by_cel
+    assert by_cel, "CEL accepts it"
+    assert problems(document), "the models accept it"
+    assert all("spec.model.draft" in p for p in problems(document)), problems(document)
+
+
+def test_a_draft_refuses_elastic_resizes_and_the_simulator() -> None:
+    for edit, field in (
+        (
+            {"elastic": {"enabled": True, "minExpertParallelSize": 2, "maxExpertParallelSize": 4}},
+            "spec.model.draft: elastic resizes",
+        ),
+        ({"simulator": {"tokensPerStep": 8}}, "spec.model.draft: speculative decoding serves"),
+    ):
+        document = copy.deepcopy(SPECULATIVE)
+        document["spec"].update(edit)
+        assert any(m.startswith(field) for m in cel_rejections(document["spec"])), field
+        assert any(p.startswith(field) for p in problems(document)), problems(document)

@@ -104,14 +104,19 @@ def test_greedy_verification_keeps_the_main_models_argmax_path() -> None:
     assert (first.tokens, first.accepted) == ([3], 0)
 
 
-def test_rejection_sampling_emits_the_main_models_distribution() -> None:
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_rejection_sampling_emits_the_main_models_distribution(top_p: float) -> None:
     """Whatever the draft proposes (drawn from its own distribution q), the first emitted
-    token is distributed as the main model's p: the empirical frequencies of 40000 seeded
-    trials lie within 0.01 of p in every token (and far from q)."""
-    params = SamplingParams(max_new_tokens=4, temperature=0.7, top_p=1.0)
+    token is distributed as the main model's p (after temperature and top-p, whose cut leaves
+    zeros in both): the empirical frequencies of 40000 seeded trials lie within 0.01 of p in
+    every token (and far from q)."""
+    params = SamplingParams(max_new_tokens=4, temperature=0.7, top_p=top_p)
     target_logits = torch.tensor([[2.0, 0.5, 0.0, -1.0, 1.0, 0.3], [0.0] * 6, [0.0] * 6])
     draft_logits = torch.tensor([-1.0, 2.0, 1.0, 0.5, -0.5, 0.0])
     p, q = token_probs(target_logits[0], params), token_probs(draft_logits, params)
+    p, q = p / p.sum(), q / q.sum()
+    if top_p < 1:
+        assert (p == 0).any() and (q == 0).any()  # the nucleus cut something in both
     generator = torch.Generator().manual_seed(0)
     counts = torch.zeros(6)
     trials = 40000
@@ -148,6 +153,76 @@ def test_a_draft_equal_to_the_main_model_has_every_proposal_accepted(
         sampled.step()
     assert len(tokens) == TOKENS and all(0 <= t < 320 for t in tokens)
     assert sampled.accepted_tokens == sampled.proposed_tokens > 0
+
+
+def test_a_stop_token_among_kept_proposals_ends_the_request_there(
+    checkpoints: dict[str, Path],
+) -> None:
+    """Verification may keep several proposals at once; a stop token among them ends the
+    request at that token, the rest unsent."""
+    reference = reference_model(checkpoints["main"])
+    want = reference_greedy(reference, PROMPTS[0], TOKENS)
+    index = next(i for i in range(5, TOKENS) if want[i] not in want[:i])
+    engine = engine_for(checkpoints["main"], checkpoints["main"], k=4)
+    outputs: list[Any] = []
+    params = SamplingParams(
+        max_new_tokens=TOKENS, temperature=0, ignore_eos=True, stop_token_ids=(want[index],)
+    )
+    engine.submit("r", PROMPTS[0], params, outputs.append)
+    while engine.has_work():
+        engine.step()
+    assert [o.token_id for o in outputs] == want[: index + 1]
+    assert outputs[-1].finish_reason == "stop"
+    assert engine.requests_finished == 1 and not engine.sequences
+
+
+def test_draft_slots_round_up_to_whole_ranks() -> None:
+    from moe_worker.serving.engine import draft_slots
+
+    assert draft_slots(8, 2, 2) == 10
+    assert draft_slots(8, 4, 3) == 12
+    assert draft_slots(7, 4, 3) == 12  # 11 rounded up: every rank holds 4
+    assert draft_slots(60, 0, 8) == 64
+
+
+def test_a_draft_model_refuses_recovery_naming_it() -> None:
+    """A dead rank's replacement would not carry the draft's experts: with a draft the ranks
+    exit (ElasticError) and the deployment restarts."""
+    from types import SimpleNamespace
+
+    from moe_worker.elastic import ElasticError
+    from moe_worker.membership import Membership
+
+    config = WorkerConfig.model_validate(
+        {"model": {"draft": {"numExperts": 8}}, "serving": {"enabled": True}}
+    )
+    membership = object.__new__(Membership)  # recover() decides before touching its state
+    with pytest.raises(ElasticError, match="model.draft: a dead rank's replacement"):
+        membership.recover(SimpleNamespace(config=config), 0, RuntimeError("peer died"))
+
+
+def test_input_major_fused_experts_read_as_the_model_lays_them_out(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """Qwen3-VL-MoE's release stores fused experts input-major ([E, H, 2I], [E, I, H]); read
+    either way, every expert is the same."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moe_worker.model.hf_source import CheckpointSource
+
+    copy = shutil.copytree(checkpoints["vl"], tmp_path / "input-major")
+    tensors = load_file(str(copy / "model.safetensors"))
+    for name in list(tensors):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+    save_file(tensors, str(copy / "model.safetensors"))
+    saved, transposed = CheckpointSource(checkpoints["vl"]), CheckpointSource(copy)
+    for layer in range(2):
+        for expert in (0, E - 1):
+            want, got = saved.expert(layer, expert), transposed.expert(layer, expert)
+            assert all(torch.equal(want[k], got[k]) for k in want), (layer, expert)
 
 
 def test_an_unrelated_draft_leaves_greedy_output_unchanged(checkpoints: dict[str, Path]) -> None:

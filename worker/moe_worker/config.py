@@ -378,16 +378,8 @@ class WorkerConfig(WireModel):
                 f"numExperts + eplb.numRedundantExperts ({physical}) must be divisible by "
                 f"epSize ({self.ep_size})"
             )
-        draft = self.model.draft
-        if draft is not None:
-            draft_physical = draft.num_experts + self.eplb.num_redundant_experts
-            if draft_physical % self.ep_size:
-                raise ValueError(
-                    f"model.draft.numExperts + eplb.numRedundantExperts ({draft_physical}) must "
-                    f"be divisible by epSize ({self.ep_size})"
-                )
-            if not self.serving.enabled:
-                raise ValueError("model.draft: speculative decoding needs serving.enabled: true")
+        if self.model.draft is not None and not self.serving.enabled:
+            raise ValueError("model.draft: speculative decoding needs serving.enabled: true")
         if self.ep_size % self.num_nodes:
             raise ValueError(f"numNodes: must divide epSize ({self.ep_size}), got {self.num_nodes}")
         return self

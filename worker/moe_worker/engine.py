@@ -205,6 +205,10 @@ class RankEngine:
         (its mapping generation and placement are the engine's)."""
         return [("main", self.model, self.placement)]
 
+    def all_moe_layers(self) -> list[Any]:
+        """Every MoE layer this rank runs, of every model (the main model's, a draft's)."""
+        return list(self.model.moe_layers)
+
     @property
     def primary_model(self) -> str:
         """The name of the model whose mapping generation and placement the engine reports."""

@@ -206,6 +206,11 @@ class Membership:
         for a replacement of every rank that did not report and publishes the next generation.
         Raises ElasticError when no replacement comes in time (or the leader is gone).
         """
+        if engine.config.model.draft is not None:
+            raise ElasticError(
+                "model.draft: a dead rank's replacement is not supported with a speculative "
+                f"draft model (the ranks exit and the deployment restarts); the error: {error}"
+            )
         world, slots = engine.ep.size, engine.config.slots_per_rank
         log.warning("rank %d: generation %d failed (%s)", self.rank, self.generation, error)
         self.on_phase("recovering", None)

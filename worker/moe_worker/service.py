@@ -87,7 +87,7 @@ class WorkerService:
 
     def _timed_step(self) -> None:
         started = time.perf_counter()
-        layers = self.engine.model.moe_layers
+        layers = self.engine.all_moe_layers()
         routed_before = sum(layer.computed_pairs for layer in layers)
         tokens_before = self.engine.tokens_processed
         self.engine.step()

@@ -120,9 +120,9 @@ def _drop_non_text_modules(model: nn.Module) -> bool:
     (the vision tower) by an empty one: text serving never runs it. Returns whether ``model``
     is such a wrapper (its decoder is not ``model.model``)."""
     path = decoder_prefix(model)
-    if path == "model":
-        return False
     parent_name, _, _ = path.rpartition(".")
+    if path == "model" or not parent_name:  # a causal LM: its decoder is a direct child
+        return False
     parent = model.get_submodule(parent_name)
     keep = path.split(".")[len(parent_name.split(".")) if parent_name else 0]
     for name, _ in list(parent.named_children()):

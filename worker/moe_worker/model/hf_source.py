@@ -172,7 +172,8 @@ class CheckpointSource:
             gate_up = self._handle(fused).get_slice(fused)[expert]  # [2I, H] (or [H, 2I])
             w_down = self._handle(down).get_slice(down)[expert]  # [H, I] (or [I, H])
             hidden = int(self.hf_config.get_text_config().hidden_size)
-            if gate_up.shape[-1] != hidden:  # stored input-major (Qwen3-VL-MoE's release)
+            # stored input-major (Qwen3-VL-MoE's release): [H, 2I] and [I, H]
+            if gate_up.shape[-1] != hidden or w_down.shape[0] != hidden:
                 gate_up, w_down = gate_up.transpose(0, 1), w_down.transpose(0, 1)
             w_gate, w_up = gate_up.chunk(2, dim=0)
             tensors: tuple[torch.Tensor, ...] = (w_gate, w_up, w_down)

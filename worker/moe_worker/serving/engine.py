@@ -113,6 +113,13 @@ class AttentionShape:
         return packed_mask(layout, dtype, device, self.sliding_window)
 
 
+def draft_slots(experts: int, redundant: int, ep_size: int) -> int:
+    """Physical slots per layer of a draft with ``experts`` experts: ``redundant`` (the main
+    model's) more, rounded up so every one of ``ep_size`` ranks holds as many."""
+    wanted = experts + redundant
+    return wanted + (-wanted) % ep_size
+
+
 @dataclass
 class Draft:
     """The speculative draft model of a rank: its source, placement and expert-parallel model,
@@ -159,8 +166,8 @@ class ServingEngine(RankEngine):
         return model
 
     def _build_draft(self, main: EPCausalLM, load_weights: bool) -> Draft | None:
-        """The draft model ``model.draft`` names, its slots by the default placement with the
-        main model's redundant experts per layer; None without one."""
+        """The draft model ``model.draft`` names (its slots by the default placement,
+        ``_draft_slots`` of them per layer); None without one."""
         spec = self.config.model.draft
         if spec is None:
             return None
@@ -173,19 +180,18 @@ class ServingEngine(RankEngine):
                 "(the draft must share the main model's tokenizer)"
             )
         layers, experts = len(source.moe_decoder_layers), source.num_experts
-        physical = experts + self.config.eplb.num_redundant_experts if layers else 0
-        if physical % self.ep.size:
-            raise ValueError(
-                f"model.draft: {experts} experts + eplb.numRedundantExperts "
-                f"({self.config.eplb.num_redundant_experts}) must be divisible by epSize "
-                f"({self.ep.size})"
-            )
-        placement = default_placement(layers, experts, physical)
+        redundant = self.config.eplb.num_redundant_experts
+        slots = draft_slots(experts, redundant, self.ep.size) if layers else 0
+        placement = default_placement(layers, experts, slots)
         model = build_ep_model(source, placement, self.ep, load_weights=load_weights)
         text_config = model.config.get_text_config()
         return Draft(
             source, placement, model, AttentionShape.of(text_config), spec.num_speculative_tokens
         )
+
+    def all_moe_layers(self) -> list[Any]:
+        draft = [] if self.draft is None else self.draft.model.moe_layers
+        return [*self.model.moe_layers, *draft]
 
     def _eplb_models(self) -> list[tuple[str, Any, Placement]]:
         models = []
