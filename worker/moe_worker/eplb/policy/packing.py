@@ -292,7 +292,10 @@ def _refine_layer(
         reach_cost, reach_peak = 1 << 30, np.inf
         reach_gpu, reach_a, reach_b = -1, -1, -1
         for j in range(num_gpus):
-            if j == h:
+            # A swap with GPU j leaves at best (load[h] + load[j]) / 2: skip j when that is no
+            # better than the best swap found and does not reach the target.
+            bound = 0.5 * (load[h] + load[j])
+            if j == h or (bound >= best and bound > target_max):
                 continue
             cross = node_of_gpu[j] != node_of_gpu[h]
             for a in range(slots):
