@@ -378,6 +378,7 @@ Arrival = tuple[int, int]  # (prompt_len, max_new_tokens)
     max_running=st.integers(1, 5),
     max_waiting=st.integers(0, 6),
     kv=st.one_of(st.none(), st.integers(8, 60)),
+    speculative=st.integers(0, 3),
     data=st.data(),
 )
 def test_random_traffic_invariants(
@@ -385,10 +386,15 @@ def test_random_traffic_invariants(
     max_running: int,
     max_waiting: int,
     kv: int | None,
+    speculative: int,
     data: st.DataObject,
 ) -> None:
+    """Random arrivals, aborts and stops (and, with ``speculative`` draft tokens per decode,
+    random acceptance): the budget, batch, KV and ordering invariants hold at every step."""
     budget = max_running + token_budget_extra
-    sched = Scheduler(budget, max_running, max_waiting, kv_capacity_tokens=kv)
+    sched = Scheduler(
+        budget, max_running, max_waiting, kv_capacity_tokens=kv, speculative_tokens=speculative
+    )
     models: dict[str, Model] = {}
     live: set[str] = set()  # added, not finished, not aborted
     order: list[str] = []  # add order of accepted requests
@@ -439,8 +445,14 @@ def test_random_traffic_invariants(
             assert not sched.has_work
             return
         step = by_id(chunks)
-        # budget, batch size, KV
-        assert 1 <= sum(c.length for c in chunks) <= budget
+        # budget (draft tokens included), batch size, KV
+        assert 1 <= sum(c.length + c.draft_tokens for c in chunks) <= budget
+        for c in chunks:  # drafts only for decodes, within k and the tokens still to come
+            m = models[c.request_id]
+            assert c.draft_tokens == 0 or c.request_id in decoding
+            assert (
+                0 <= c.draft_tokens <= min(speculative, max(0, m.max_new_tokens - m.generated - 1))
+            )
         assert all(c.length >= 1 for c in chunks)
         assert sched.num_running <= max_running
         if kv is not None:
@@ -481,15 +493,20 @@ def test_random_traffic_invariants(
             if allow_chaos and samplers
             else []
         )
-        left = sched.step_done(finished=stop)
+        kept = {
+            c.request_id: data.draw(st.integers(0, c.draft_tokens), label="kept drafts")
+            for c in chunks
+            if c.draft_tokens and c.request_id in live
+        }
+        left = sched.step_done(finished=stop, accepted=kept)
         expected_left = set(stop)
         for c in chunks:
             if c.request_id in aborted:
                 continue
             m = models[c.request_id]
-            m.computed += c.length
+            m.computed += c.length + kept.get(c.request_id, 0)
             if c.samples:
-                m.generated += 1
+                m.generated += 1 + kept.get(c.request_id, 0)
                 if m.generated >= m.max_new_tokens:
                     expected_left.add(c.request_id)
         assert left == expected_left
@@ -541,3 +558,27 @@ def test_a_failed_step_is_scheduled_again_unchanged() -> None:
     assert [c.request_id for c in again] == ["short"] and again[0].start == 0
     with pytest.raises(RuntimeError, match="step_failed"):
         Scheduler(token_budget=8, max_running=4, max_waiting=4).step_failed()
+
+
+def test_draft_tokens_go_to_decodes_first_within_the_budget() -> None:
+    """Two decodes and a waiting prompt, 3 draft tokens per decode: with a budget of 9 both
+    decodes get 3 drafts (8 tokens) and the prompt 1 token; with 6, the first decode gets 3,
+    the second 1, the prompt nothing; never more drafts than tokens still to generate."""
+    for budget, want_drafts, want_prefill in ((9, [3, 3], 1), (6, [3, 1], 0)):
+        sched = Scheduler(budget, max_running=3, max_waiting=2, speculative_tokens=3)
+        for rid in ("a", "b"):
+            sched.add(rid, 1, 10)
+        sched.schedule()
+        sched.step_done()  # both prompts prefilled: each generated one token
+        sched.add("c", 5, 4)
+        chunks = sched.schedule()
+        assert [c.draft_tokens for c in chunks[:2]] == want_drafts
+        assert sum(c.length for c in chunks[2:]) == want_prefill
+        sched.step_done(accepted={"a": 2})
+        assert sched.sequence("a").generated == 4 and sched.sequence("a").computed == 4
+    short = Scheduler(8, max_running=1, max_waiting=1, speculative_tokens=3)
+    short.add("s", 2, 3)
+    short.schedule()
+    short.step_done()
+    (chunk,) = short.schedule()
+    assert chunk.draft_tokens == 1  # 2 tokens left to generate: 1 draft + the verified one

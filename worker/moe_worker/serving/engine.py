@@ -220,6 +220,7 @@ class ServingEngine(RankEngine):
             token_budget=serving.max_batch_tokens,
             max_running=serving.max_running_requests,
             max_waiting=serving.max_waiting_requests,
+            speculative_tokens=0 if self.draft is None else self.draft.k,
         )
         self.sequences: dict[str, Sequence] = {}
         self.lock = threading.Lock()  # guards scheduler, sequences and the abort list
@@ -362,16 +363,13 @@ class ServingEngine(RankEngine):
         return logits[0].float()
 
     def _proposes(self, chunk: Chunk, sequence: Sequence) -> int:
-        """Draft tokens this step proposes for ``sequence``: k for a decode with room for k + 1
-        more tokens, fewer near its end, none for prefill chunks."""
-        assert self.draft is not None
+        """Draft tokens this step proposes for ``sequence``: what the scheduler granted the
+        decode (at most k, within the step budget and ``max_tokens``), fewer near the model
+        length; none for prefill chunks."""
         if not chunk.samples or sequence.generated == 0:
             return 0
-        room = min(
-            sequence.params.max_new_tokens - sequence.generated,
-            self.max_model_len - len(sequence.tokens),
-        )
-        return max(0, min(self.draft.k, room - 1))
+        room = self.max_model_len - len(sequence.tokens)
+        return max(0, min(chunk.draft_tokens, room - 1))
 
     def _propose(self, chunks: list[Chunk], sequences: list[Sequence]) -> dict[str, Proposal]:
         """The draft's k forwards (idle passes where a rank has nothing to run, so every rank

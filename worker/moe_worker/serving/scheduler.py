@@ -8,7 +8,10 @@ together, samples a next token for every chunk with ``samples=True``, and report
 A step is filled in this order, under ``token_budget`` tokens:
 
 1. every running sequence past its prompt gets a one-token decode chunk (admission order);
-   since ``token_budget >= max_running`` these always fit, so decodes are never starved;
+   since ``token_budget >= max_running`` these always fit, so decodes are never starved; with
+   speculative decoding each also gets up to ``speculative_tokens`` draft tokens (verified in
+   the same forward, so they count against the budget) while the budget leaves room for the
+   later decodes' one token each;
 2. running sequences still in prefill get the next piece of their prompt, oldest first
    (chunked prefill: a long prompt is split over several steps);
 3. waiting sequences are admitted strictly FIFO while there is a free slot, budget left and
@@ -22,7 +25,7 @@ preempted.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 SequenceState = Literal["waiting", "prefill", "decode"]
@@ -48,6 +51,7 @@ class Chunk:
     start: int
     length: int
     samples: bool
+    draft_tokens: int = 0  # speculative decoding: the draft tokens this decode may verify
 
     @property
     def end(self) -> int:
@@ -117,6 +121,7 @@ class Scheduler:
         kv_capacity_tokens: if set, the KV tokens a rank may hold: a waiting sequence is
             admitted only while the running sequences' reservations plus its own fit, and a
             request whose own reservation exceeds it is rejected by ``add``.
+        speculative_tokens: draft tokens a decode may verify per step (0: no draft model).
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class Scheduler:
         max_running: int,
         max_waiting: int,
         kv_capacity_tokens: int | None = None,
+        speculative_tokens: int = 0,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
@@ -137,7 +143,10 @@ class Scheduler:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         if kv_capacity_tokens is not None and kv_capacity_tokens < 1:
             raise ValueError(f"kv_capacity_tokens must be >= 1, got {kv_capacity_tokens}")
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
         self.token_budget = token_budget
+        self.speculative_tokens = speculative_tokens
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.kv_capacity_tokens = kv_capacity_tokens
@@ -250,12 +259,17 @@ class Scheduler:
             raise RuntimeError("schedule() called again before step_done() of the last step")
         chunks: list[Chunk] = []
         budget = self.token_budget
-        # 1. decodes: one token each; they fit because token_budget >= max_running.
-        for seq in self._running.values():
-            if not seq.in_prefill:
-                chunk = seq.next_chunk(1)
-                chunks.append(chunk)
-                budget -= chunk.length
+        # 1. decodes: one token each (they fit because token_budget >= max_running), and
+        # draft tokens while the budget keeps one token for each later decode.
+        decoding = [seq for seq in self._running.values() if not seq.in_prefill]
+        spare = budget - len(decoding)
+        for seq in decoding:
+            room = seq.max_new_tokens - seq.generated - 1  # tokens after this step's first
+            drafts = max(0, min(self.speculative_tokens, spare, room))
+            chunk = replace(seq.next_chunk(1), draft_tokens=drafts)
+            chunks.append(chunk)
+            spare -= drafts
+            budget -= chunk.length + drafts
         # 2. running prefills, oldest first.
         for seq in self._running.values():
             if budget == 0:
