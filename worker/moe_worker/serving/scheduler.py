@@ -10,8 +10,8 @@ A step is filled in this order, under ``token_budget`` tokens:
 1. every running sequence past its prompt gets a one-token decode chunk (admission order);
    since ``token_budget >= max_running`` these always fit, so decodes are never starved; with
    speculative decoding each also gets up to ``speculative_tokens`` draft tokens (verified in
-   the same forward, so they count against the budget) while the budget leaves room for the
-   later decodes' one token each;
+   the same forward, so they count against the budget) from what is left after one token for
+   every running sequence;
 2. running sequences still in prefill get the next piece of their prompt, oldest first
    (chunked prefill: a long prompt is split over several steps);
 3. waiting sequences are admitted strictly FIFO while there is a free slot, budget left and
@@ -260,9 +260,10 @@ class Scheduler:
         chunks: list[Chunk] = []
         budget = self.token_budget
         # 1. decodes: one token each (they fit because token_budget >= max_running), and
-        # draft tokens while the budget keeps one token for each later decode.
+        # draft tokens from what the budget leaves after one token for every running sequence
+        # (a running prefill is never starved).
         decoding = [seq for seq in self._running.values() if not seq.in_prefill]
-        spare = budget - len(decoding)
+        spare = budget - len(self._running)
         for seq in decoding:
             room = seq.max_new_tokens - seq.generated - 1  # tokens after this step's first
             drafts = max(0, min(self.speculative_tokens, spare, room))
