@@ -101,14 +101,8 @@ SPECIFIC: dict[str, dict[str, Any]] = {
 DENSE = "qwen3"
 VISION_LANGUAGE = "qwen3_vl_moe"
 SPECIFIC[DENSE] = {"num_hidden_layers": 2, "intermediate_size": 40, "head_dim": 8}
-SPECIFIC[VISION_LANGUAGE] = {
-    "num_hidden_layers": 3,
-    "num_experts": E,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 16,
-    "intermediate_size": 40,
-    "head_dim": 8,
-    "mlp_only_layers": [0],
+SPECIFIC[VISION_LANGUAGE] = {  # Qwen3-MoE's language model with multimodal rotary sections
+    **{k: v for k, v in SPECIFIC["qwen3_moe"].items() if k != "norm_topk_prob"},
     "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True},
 }
 VISION = {

@@ -122,6 +122,24 @@ def random_placement_file(path: Path, layers: int, experts: int, slots: int, see
     return path
 
 
+def random_placement_config(
+    path: Path, layers: int, experts: int, slots: int, seed: int, **eplb: Any
+) -> dict[str, Any]:
+    """A serve ``--config`` starting from a random placement written to ``path`` (no periodic
+    rebalance; a 16-token step budget, 8 requests running), ``eplb`` fields added."""
+    placement = random_placement_file(path, layers, experts, slots, seed)
+    return {
+        "eplb": {
+            "numRedundantExperts": slots - experts,
+            "initialPlacementFile": str(placement),
+            "windowSize": 1000,
+            "stepInterval": 100000,
+            **eplb,
+        },
+        "serving": {"maxBatchTokens": 16, "maxRunningRequests": 8},
+    }
+
+
 def generate_in_process(
     engine: Any, prompts: list[list[int]], max_new_tokens: int
 ) -> list[list[int]]:

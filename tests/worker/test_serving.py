@@ -21,7 +21,7 @@ from hf_checkpoints import FAMILIES, MOE_LAYERS, E, save_checkpoint
 from serving_harness import (
     ServeProcess,
     complete_ids,
-    random_placement_file,
+    random_placement_config,
     reference_greedy,
     same_greedy,
     wait_for,
@@ -67,20 +67,14 @@ def test_greedy_generations_equal_transformers(
 
     model_dir = checkpoints[family]
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    slots = E + 2 * ep_size
-    placement = random_placement_file(
-        tmp_path / "placement.json", len(MOE_LAYERS[family]), E, slots, seed=ep_size
+    config = random_placement_config(
+        tmp_path / "placement.json",
+        len(MOE_LAYERS[family]),
+        E,
+        E + 2 * ep_size,
+        seed=ep_size,
+        policy="balanced",
     )
-    config = {
-        "eplb": {
-            "numRedundantExperts": slots - E,
-            "initialPlacementFile": str(placement),
-            "windowSize": 1000,
-            "stepInterval": 100000,
-            "policy": "balanced",
-        },
-        "serving": {"maxBatchTokens": 16, "maxRunningRequests": 8},
-    }
     with ServeProcess(model_dir, ep_size, config, tmp_path) as server:
         first = prompts(seed=ep_size)
         with ThreadPoolExecutor(len(first)) as pool:

@@ -29,7 +29,7 @@ from serving_harness import (
     ServeProcess,
     complete_ids,
     generate_in_process,
-    random_placement_file,
+    random_placement_config,
     reference_greedy,
     same_greedy,
     wait_for,
@@ -321,17 +321,7 @@ def test_both_models_rebalance_mid_generation_at_ep2(
     experts move while requests generate, answers stay the main model's greedy ones, and the
     ranks export acceptance and the draft's balancedness."""
     reference = reference_model(checkpoints["main"])
-    slots = E + 4
-    placement = random_placement_file(tmp_path / "placement.json", 2, E, slots, seed=3)
-    config = {
-        "eplb": {
-            "numRedundantExperts": slots - E,
-            "initialPlacementFile": str(placement),
-            "windowSize": 1000,
-            "stepInterval": 100000,
-        },
-        "serving": {"maxBatchTokens": 16, "maxRunningRequests": 8},
-    }
+    config = random_placement_config(tmp_path / "placement.json", 2, E, E + 4, seed=3)
     draft = ("--draft", str(checkpoints["unrelated"]), "--speculative-tokens", "2")
     with ServeProcess(checkpoints["main"], 2, config, tmp_path, extra_args=draft) as server:
         answers, state = serve_and_rebalance_mid_generation(server, ["main", "draft"])

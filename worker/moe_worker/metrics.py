@@ -283,7 +283,6 @@ class WorkerMetrics:
                 "version": VERSION,
             }
         )
-        self.models = models
         for model in models:
             for trigger in TRIGGERS:
                 for result in RESULTS:

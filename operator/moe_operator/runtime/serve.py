@@ -67,11 +67,13 @@ def read_checkpoint_facts(model_dir: Path, what: str = "MODEL_DIR") -> dict[str,
     return {"model_type": model_type, "num_experts": experts}
 
 
-def checkpoint_experts(model_dir: Path, draft: Path | None) -> tuple[int, int | None]:
-    """(experts per MoE layer of the main model, of the draft): the main model may be dense
+def checkpoint_experts(
+    model_dir: Path, main: int | None, draft: Path | None
+) -> tuple[int, int | None]:
+    """(experts per MoE layer of the main model, of the draft), given the main model's
+    (``main``, from its facts; None: dense) and the draft's directory: the main model may be dense
     when an MoE draft is given (its slot arithmetic is then the draft's: EPLB balances the
     draft alone); a one-line ``ServeError`` when neither has MoE layers."""
-    main = read_checkpoint_facts(model_dir)["num_experts"]
     draft_experts = (
         None if draft is None else read_checkpoint_facts(draft, "--draft")["num_experts"]
     )
@@ -225,7 +227,7 @@ def serve(
     from moe_worker.serving.router import router_app
 
     facts = read_checkpoint_facts(model_dir)
-    num_experts, draft_experts = checkpoint_experts(model_dir, draft)
+    num_experts, draft_experts = checkpoint_experts(model_dir, facts["num_experts"], draft)
     draft_fields: dict[str, Any] | None = None
     if draft is not None:
         draft_fields = {"source": "checkpoint", "path": str(draft)}

@@ -24,7 +24,7 @@ from torch import nn
 from moe_worker.eplb.policy import Placement
 
 from .ep_experts import EPGroup, ExpertParallelExperts, load_slots
-from .hf_source import CheckpointError, ModelSource, decoder_prefix, meta_model
+from .hf_source import CheckpointError, ModelSource, meta_model
 
 
 @dataclass
@@ -115,11 +115,10 @@ def _rebuild_buffer_modules(model: nn.Module, device: torch.device) -> None:
         setattr(parent, child, fresh)
 
 
-def _drop_non_text_modules(model: nn.Module) -> bool:
+def _drop_non_text_modules(model: nn.Module, path: str) -> bool:
     """In a vision-language wrapper, replace every module off the path to its language model
     (the vision tower) by an empty one: text serving never runs it. Returns whether ``model``
     is such a wrapper (its decoder is not ``model.model``)."""
-    path = decoder_prefix(model)
     parent_name, _, _ = path.rpartition(".")
     if path == "model" or not parent_name:  # a causal LM: its decoder is a direct child
         return False
@@ -151,7 +150,7 @@ def build_ep_model(
     """
     config = source.hf_config
     model = meta_model(config, dtype=source.dtype, attn_implementation=attn_implementation)
-    wrapped = _drop_non_text_modules(model)
+    wrapped = _drop_non_text_modules(model, source.decoder)
     blocks = moe_blocks(model)
     if [index for index, _ in blocks] != source.moe_decoder_layers:
         raise CheckpointError("the model's MoE layers differ from the source's")

@@ -30,7 +30,7 @@ from moe_worker.model.hf_source import CheckpointSource, ModelSource, SyntheticS
 
 from .backend import BackendBusy, FinishReason, SamplingParams, TokenOutput
 from .kv_cache import PackedKVCache, PackedStep, SequenceKV, packed_mask, packed_positions
-from .sampling import request_generator, sample_token, token_probs
+from .sampling import request_generator, sample_token, sample_with_probs
 from .scheduler import Chunk, QueueFull, Scheduler
 from .speculative import Verdict, verify_greedy, verify_sampled
 
@@ -122,10 +122,9 @@ def draft_slots(experts: int, redundant: int, ep_size: int) -> int:
 
 @dataclass
 class Draft:
-    """The speculative draft model of a rank: its source, placement and expert-parallel model,
-    and the tokens it proposes per step (``k``)."""
+    """The speculative draft model of a rank: its placement and expert-parallel model, and the
+    tokens it proposes per step (``k``)."""
 
-    source: ModelSource
     placement: Placement
     model: EPCausalLM
     attention: AttentionShape
@@ -185,9 +184,7 @@ class ServingEngine(RankEngine):
         placement = default_placement(layers, experts, slots)
         model = build_ep_model(source, placement, self.ep, load_weights=load_weights)
         text_config = model.config.get_text_config()
-        return Draft(
-            source, placement, model, AttentionShape.of(text_config), spec.num_speculative_tokens
-        )
+        return Draft(placement, model, AttentionShape.of(text_config), spec.num_speculative_tokens)
 
     def all_moe_layers(self) -> list[Any]:
         draft = [] if self.draft is None else self.draft.model.moe_layers
@@ -318,12 +315,7 @@ class ServingEngine(RankEngine):
             self.requests_finished += len(finished)
             self._report_load()
         self.step_index += 1
-        ran = sum(
-            c.length + len(proposals[c.request_id].tokens)
-            if c.request_id in proposals
-            else c.length
-            for c in chunks
-        )
+        ran = sum(c.length for c in chunks) + sum(len(p.tokens) for p in proposals.values())
         self.tokens_processed += ran
         return ran
 
@@ -415,13 +407,10 @@ class ServingEngine(RankEngine):
 
     def _draft_token(self, logits: torch.Tensor, sequence: Sequence, proposal: Proposal) -> None:
         """The draft's next proposal for ``sequence`` from its logits [V]."""
-        params = sequence.params
-        if params.temperature == 0 or sequence.generator is None:
-            proposal.tokens.append(int(torch.argmax(logits).item()))
-            return
-        probs = token_probs(logits, params)
-        proposal.tokens.append(int(torch.multinomial(probs, 1, generator=sequence.generator)))
-        proposal.probs.append(probs)
+        token, probs = sample_with_probs(logits, sequence.params, sequence.generator)
+        proposal.tokens.append(token)
+        if probs is not None:
+            proposal.probs.append(probs)
 
     def _verify_forward(
         self, chunks: list[Chunk], sequences: list[Sequence], proposals: dict[str, Proposal]
@@ -489,7 +478,7 @@ class ServingEngine(RankEngine):
 
     def _verify(self, logits: torch.Tensor, sequence: Sequence, proposal: Proposal) -> Verdict:
         """Keep a prefix of the proposals (``speculative``); ``logits`` [k + 1, V]."""
-        if sequence.params.temperature == 0 or sequence.generator is None:
+        if sequence.generator is None:  # a greedy request (temperature 0)
             return verify_greedy(proposal.tokens, logits)
         return verify_sampled(
             proposal.tokens, proposal.probs, logits, sequence.params, sequence.generator

@@ -36,10 +36,19 @@ def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def sample_with_probs(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[int, torch.Tensor | None]:
+    """One token id from ``logits`` [V] (any float dtype, any device), and the distribution it
+    was drawn from (``token_probs``; None for greedy)."""
+    if params.temperature == 0 or generator is None:
+        return int(torch.argmax(logits).item()), None
+    probs = token_probs(logits, params)
+    return int(torch.multinomial(probs, 1, generator=generator).item()), probs
+
+
 def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
     """One token id from ``logits`` [V] (any float dtype, any device)."""
-    if params.temperature == 0 or generator is None:
-        return int(torch.argmax(logits).item())
-    return int(torch.multinomial(token_probs(logits, params), 1, generator=generator).item())
+    return sample_with_probs(logits, params, generator)[0]
