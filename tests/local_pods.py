@@ -223,6 +223,14 @@ class LocalPods:
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def try_scrape(self, rank: int) -> str:
+        """``scrape``, or "" while the rank's metrics server is not listening (a pod that is
+        restarting): for conditions polled with a deadline."""
+        try:
+            return self.scrape(rank)
+        except OSError:  # URLError, connection refused or reset
+            return ""
+
     def summaries(self) -> list[dict[str, Any]]:
         """The JSON line every rank process printed when it exited."""
         import json

@@ -312,13 +312,17 @@ async def test_live_resize_through_the_operator_and_a_killed_rank(
                 restarts = pods.restarts
                 pods.kill(killed)
                 await eventually(
-                    lambda: gauge(pods.scrape(survivor), "moe_topology_generation") == generation,
+                    lambda: (
+                        gauge(pods.try_scrape(survivor), "moe_topology_generation") == generation
+                    ),
                     120,
                     f"rank {killed} replaced in generation {generation}",
                 )
-                steps = gauge(pods.scrape(killed), "moe_steps_total") or 0
+                # The survivor's generation can move before the restarted pod listens.
+                first = await eventually(lambda: pods.try_scrape(killed), 60, f"rank {killed} up")
+                steps = gauge(first, "moe_steps_total") or 0
                 await eventually(
-                    lambda: (gauge(pods.scrape(killed), "moe_steps_total") or 0) >= steps + 25,
+                    lambda: (gauge(pods.try_scrape(killed), "moe_steps_total") or 0) >= steps + 25,
                     60,
                     f"the restarted rank {killed} serving",
                 )
