@@ -108,6 +108,12 @@ def plan(
     plot: Path | None = typer.Option(
         None, "--plot", help="PNG: per-GPU load before and after, for the worst layer."
     ),
+    shares: bool = typer.Option(
+        False,
+        "--shares",
+        help="Also fit replica shares (how each expert's tokens split over its replicas) to "
+        "the loads; --out then carries them, and the worker routes by them.",
+    ),
 ) -> None:
     """Compute an expert placement for a load file and report its balance."""
     from moe_worker.eplb import loadfile
@@ -145,6 +151,10 @@ def plan(
     try:
         started = time.perf_counter()
         placement = compute_placement(policy, weight, previous=before, **options)
+        if shares:
+            from moe_worker.eplb.policy.shares import fit_shares
+
+            placement = fit_shares(weight, placement, gpus)
         runtime = time.perf_counter() - started
     except PlacementInputError as exc:
         flag = {
@@ -174,6 +184,7 @@ def plan(
 
     report: dict[str, Any] = {
         "policy": policy,
+        "shares": shares,
         "layers": num_layers,
         "experts": num_logical,
         "slots": slots,

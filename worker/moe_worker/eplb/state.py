@@ -6,6 +6,9 @@ R = P - E + 1 the most replicas an expert can have):
 - ``phy2log``       [L, P]     int64
 - ``log2phy``       [L, E, R]  int64, -1 padded
 - ``replica_count`` [L, E]     int64
+- ``route_table``   [L, E, T]  int64, -1 padded: what routing picks from (``shares.route_tables``:
+                               the expert's slots, or T = ROUTE_TICKETS weighted entries)
+- ``route_length``  [L, E]     int64, the used length of each table
 - ``load_window``   [W, L, P]  int64, tokens routed to each slot in each of the last W steps
 
 A layer's state (``EPLBLayerState``) holds views (slices) of these, so updating the global
@@ -20,8 +23,16 @@ import numpy as np
 import torch
 
 from .policy import Placement
+from .policy.shares import ROUTE_TICKETS, route_tables, shares_from_tables
 
-LAYER_TENSORS = ("phy2log", "log2phy", "replica_count", "load_window")
+LAYER_TENSORS = (
+    "phy2log",
+    "log2phy",
+    "replica_count",
+    "route_table",
+    "route_length",
+    "load_window",
+)
 
 
 class EPLBStateError(ValueError):
@@ -35,6 +46,8 @@ class EPLBLayerState:
     phy2log: torch.Tensor | None = None  # [P]
     log2phy: torch.Tensor | None = None  # [E, R]
     replica_count: torch.Tensor | None = None  # [E]
+    route_table: torch.Tensor | None = None  # [E, T]
+    route_length: torch.Tensor | None = None  # [E]
     load_window: torch.Tensor | None = None  # [W, P]
     window_position: list[int] = field(default_factory=lambda: [0])  # shared with the model
     step_slots: torch.Tensor | None = None  # [T, k] slots this step's tokens went to
@@ -44,6 +57,8 @@ class EPLBLayerState:
         self.phy2log = state.phy2log[layer]
         self.log2phy = state.log2phy[layer]
         self.replica_count = state.replica_count[layer]
+        self.route_table = state.route_table[layer]
+        self.route_length = state.route_length[layer]
         self.load_window = state.load_window[:, layer]
         self.window_position = state.window_position
 
@@ -53,13 +68,13 @@ class EPLBLayerState:
                 raise EPLBStateError(f"EPLB requires {name} in the layer state; it is missing")
 
     def routing_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log2phy [E, R], replica_count [E]) for routing; EPLBStateError when unset."""
-        if self.log2phy is None or self.replica_count is None:
+        """(route_table [E, T], route_length [E]) for routing; EPLBStateError when unset."""
+        if self.route_table is None or self.route_length is None:
             raise EPLBStateError(
-                "EPLB routing needs log2phy and replica_count in the layer state; "
+                "EPLB routing needs route_table and route_length in the layer state; "
                 "register the model with the EPLB controller first"
             )
-        return self.log2phy, self.replica_count
+        return self.route_table, self.route_length
 
     def note_step(self, slots: torch.Tensor) -> None:
         """Remember which physical slots [T, k] this step's tokens use (recorded at step end)."""
@@ -80,6 +95,11 @@ class EPLBState:
             (num_layers, num_logical, self.max_replicas), -1, dtype=torch.long, device=device
         )
         self.replica_count = torch.zeros((num_layers, num_logical), dtype=torch.long, device=device)
+        self.route_width = max(self.max_replicas, ROUTE_TICKETS)
+        self.route_table = torch.full(
+            (num_layers, num_logical, self.route_width), -1, dtype=torch.long, device=device
+        )
+        self.route_length = torch.zeros_like(self.replica_count)
         self.load_window = torch.zeros(
             (window_size, num_layers, num_physical), dtype=torch.long, device=device
         )
@@ -100,10 +120,14 @@ class EPLBState:
         return int(self.load_window.shape[0])
 
     def placement(self) -> Placement:
-        """The current maps as a numpy ``Placement``."""
-        return Placement.from_phy2log(
-            self.phy2log.cpu().numpy().copy(), int(self.replica_count.shape[1])
-        )
+        """The current maps as a numpy ``Placement`` (with the shares the tables realise)."""
+        phy2log = self.phy2log.cpu().numpy().copy()
+        placement = Placement.from_phy2log(phy2log, int(self.replica_count.shape[1]))
+        length = self.route_length.cpu().numpy()
+        if np.array_equal(length, placement.replica_count):
+            return placement  # every table lists its expert's slots once: equal shares
+        table = self.route_table.cpu().numpy()
+        return placement.with_share(shares_from_tables(table, length, phy2log))
 
     def commit(
         self, placement: Placement, layers: range | list[int], new_generation: bool = True
@@ -118,7 +142,14 @@ class EPLBState:
             raise EPLBStateError(
                 f"placement has {replicas} replicas of an expert, at most {self.max_replicas} fit"
             )
+        table, length = route_tables(placement)
+        routed = np.full(
+            (placement.num_layers, placement.num_logical, self.route_width), -1, dtype=np.int64
+        )
+        routed[:, :, : table.shape[2]] = table
         for layer in layers:
+            self.route_table[layer].copy_(torch.from_numpy(routed[layer]))
+            self.route_length[layer].copy_(torch.from_numpy(length[layer]))
             self.phy2log[layer].copy_(torch.from_numpy(placement.phy2log[layer]))
             self.replica_count[layer].copy_(torch.from_numpy(placement.replica_count[layer]))
             padded = np.full((placement.num_logical, self.max_replicas), -1, dtype=np.int64)

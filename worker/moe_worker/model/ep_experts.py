@@ -99,7 +99,8 @@ class ExpertParallelExperts(nn.Module):
         act: Activation = F.silu,
     ) -> None:
         """``weights``: this rank's slots (see the module docstring); ``static_log2phy`` [E, R]:
-        the load-time replicas of each logical expert (-1 padded), used while EPLB is off."""
+        the load-time routing table of each logical expert (its replicas, or its weighted
+        entries when they share unequally; -1 padded), used while EPLB is off."""
         super().__init__()
         self.index = index
         self.weights = weights
@@ -131,7 +132,8 @@ class ExpertParallelExperts(nn.Module):
         self._static_count = (static_log2phy >= 0).sum(dim=1).to(self.ep.device)  # [E]
 
     def physical_slots(self, ids: torch.Tensor, token_offset: int) -> torch.Tensor:
-        """Physical slot [T, k] of each (token, logical expert) ``ids`` [T, k]; replicas in turn."""
+        """Physical slot [T, k] of each (token, logical expert) ``ids`` [T, k]: the routing
+        table's entries in turn (each replica in proportion to its share)."""
         if self.eplb_state is None:
             log2phy, count = self._static_log2phy, self._static_count
         else:

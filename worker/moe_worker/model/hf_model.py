@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moe_worker.eplb.policy import Placement
+from moe_worker.eplb.policy.shares import route_tables
 
 from .ep_experts import EPGroup, ExpertParallelExperts, load_slots
 from .hf_source import CheckpointError, ModelSource, meta_model
@@ -171,6 +172,7 @@ def build_ep_model(
     if tied:
         model.tie_weights()
     slots_per_rank = placement.num_physical // ep.size
+    tables, _ = route_tables(placement)  # [L, E, W]: the load-time routing (EPLB off)
     moe_layers = []
     for moe_index, (_, block) in enumerate(blocks):
         mine = placement.phy2log[
@@ -181,7 +183,7 @@ def build_ep_model(
             moe_index,
             slots,
             ep,
-            torch.from_numpy(placement.log2phy[moe_index]),
+            torch.from_numpy(tables[moe_index]),
             activations[moe_index],
         )
         block.experts = experts

@@ -11,6 +11,7 @@ import torch
 
 from moe_worker.config import ModelConfig
 from moe_worker.eplb.policy import Placement
+from moe_worker.eplb.policy.shares import route_tables
 
 from .ep_experts import EPGroup, ExpertParallelExperts, SlotWeights, gated_ffn, load_slots
 from .experts import SharedExperts, WeightSource
@@ -60,8 +61,9 @@ class MoELayer:
 
 def set_placement(layers: list[ExpertParallelExperts], placement: Placement) -> None:
     """Point each layer's load-time map (used while EPLB is off) at ``placement``."""
+    table, _ = route_tables(placement)
     for index, layer in enumerate(layers):
-        layer.set_static_map(torch.from_numpy(placement.log2phy[index]))
+        layer.set_static_map(torch.from_numpy(table[index]))
 
 
 class MoEModel:
@@ -100,6 +102,7 @@ def build_model(
     elastic resize then fills them from the ranks that hold the experts.
     """
     slots_per_rank = placement.num_physical // ep.size
+    tables, _ = route_tables(placement)  # [L, E, W]: the load-time routing (EPLB off)
     layers = []
     for i in range(placement.num_layers):
         mine = placement.phy2log[
@@ -119,7 +122,7 @@ def build_model(
             None if router.score_bias is None else router.score_bias.to(ep.device),
         )
         slots = load_slots(source, i, mine, ep.device, zeroed=not load_weights)
-        static = torch.from_numpy(placement.log2phy[i])
+        static = torch.from_numpy(tables[i])
         layers.append(MoELayer(i, source.config, router, slots, shared, ep, static))
     return MoEModel(source.config, layers)
 

@@ -31,6 +31,7 @@ from .quality import (
     overall_balancedness,
     worst_layer_balancedness,
 )
+from .shares import fit_shares  # its kernels count in the AOT build's source digest
 
 # (weight [L, E], num_physical, num_groups, num_nodes, num_gpus, previous, **options) -> Placement
 PlacementPolicy = Callable[..., Placement]
@@ -193,6 +194,7 @@ def default_placement(num_layers: int, num_logical: int, num_physical: int) -> P
 
 
 __all__ = [
+    "fit_shares",
     "POLICIES",
     "Placement",
     "PlacementInputError",

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from . import balanced, packing  # noqa: F401 - they register the row kernels
+from . import balanced, packing, shares  # noqa: F401 - they register the row kernels
 from .jit import AOT_MODULE, ROW_KERNELS, source_digest
 
 

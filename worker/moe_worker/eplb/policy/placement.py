@@ -7,6 +7,9 @@ Shapes (L layers, E logical experts, P physical slots per layer, G GPUs, S = P /
 - ``log2phy``       [L, E, R]  int64, physical slots of each logical expert in increasing slot
                                 order, padded with -1 (R = the largest replica count).
 - ``replica_count`` [L, E]     int64, number of physical slots holding each logical expert.
+- ``share``         [L, P]     float64 or None, the fraction of its logical expert's tokens
+                                each slot receives (summing to 1 over the expert's slots); None:
+                                replicas share equally (see ``shares``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class Placement:
     phy2log: np.ndarray
     log2phy: np.ndarray
     replica_count: np.ndarray
+    share: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -35,6 +39,32 @@ class Placement:
     @property
     def num_logical(self) -> int:
         return int(self.replica_count.shape[1])
+
+    def slot_share(self) -> np.ndarray:
+        """Each slot's share of its expert's tokens [L, P] (1 / replica count when equal)."""
+        if self.share is not None:
+            return self.share
+        count = np.take_along_axis(self.replica_count, self.phy2log, axis=1)
+        return 1.0 / np.maximum(count, 1)
+
+    def with_share(self, share: np.ndarray | None) -> Placement:
+        """The same slots with ``share`` [L, P] (None: equal); checked to sum to 1 per expert."""
+        if share is None:
+            return Placement(self.phy2log, self.log2phy, self.replica_count)
+        share = np.ascontiguousarray(np.asarray(share, dtype=np.float64))
+        if share.shape != self.phy2log.shape:
+            raise ValueError(
+                f"share must be [layers, slots] {self.phy2log.shape}, got {share.shape}"
+            )
+        if not np.isfinite(share).all() or (share < 0).any():
+            raise ValueError("share entries must be finite and >= 0")
+        sums = _sum_per_row(self.phy2log, share, self.num_logical)
+        if not np.allclose(sums, 1.0, rtol=0, atol=1e-6):
+            layer, expert = np.argwhere(~np.isclose(sums, 1.0, rtol=0, atol=1e-6))[0]
+            raise ValueError(
+                f"share of layer {layer} expert {expert} sums to {sums[layer, expert]:.6f}, not 1"
+            )
+        return Placement(self.phy2log, self.log2phy, self.replica_count, share)
 
     @classmethod
     def from_phy2log(cls, phy2log: np.ndarray, num_logical: int) -> Placement:
@@ -62,11 +92,14 @@ class Placement:
         return cls(phy2log=phy2log, log2phy=log2phy, replica_count=replica_count)
 
     def to_json(self) -> dict[str, list]:
-        return {
+        data = {
             "phy2log": self.phy2log.tolist(),
             "log2phy": self.log2phy.tolist(),
             "replica_count": self.replica_count.tolist(),
         }
+        if self.share is not None:
+            data["share"] = self.share.tolist()
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> Placement:
@@ -87,7 +120,22 @@ class Placement:
             placement.replica_count, np.asarray(data["replica_count"])
         ):
             raise ValueError("placement 'replica_count' disagrees with 'phy2log'")
+        if data.get("share") is not None:
+            try:
+                return placement.with_share(np.asarray(data["share"], dtype=np.float64))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"placement 'share': {error}") from None
         return placement
+
+
+def _sum_per_row(index: np.ndarray, values: np.ndarray, num_values: int) -> np.ndarray:
+    """Per-row sums of ``values`` [X, N] by ``index`` [X, N] in [0, num_values): [X, num_values]."""
+    num_rows = index.shape[0]
+    offset = (np.arange(num_rows, dtype=np.int64) * num_values)[:, None]
+    sums = np.bincount(
+        (index + offset).ravel(), weights=values.ravel(), minlength=num_rows * num_values
+    )
+    return sums.reshape(num_rows, num_values)
 
 
 def _count_per_row(index: np.ndarray, num_values: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """How good a placement is: per-GPU load, balancedness, its lower bound, moved copies.
 
 Shapes: ``weight`` [L, E] logical expert load; ``phy2log`` [L, P]; G GPUs, S = P / G.
-A replica carries its expert's load divided by the expert's replica count.
+A replica carries its share of its expert's load (``Placement.slot_share``: equal unless the
+placement says otherwise).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from .placement import Placement, _count_per_row
 def slot_loads(weight: np.ndarray, placement: Placement) -> np.ndarray:
     """Load carried by each physical slot: [L, P] float64."""
     weight = np.asarray(weight, dtype=np.float64)
-    per_replica = weight / np.maximum(placement.replica_count, 1)
-    return np.take_along_axis(per_replica, placement.phy2log, axis=1)
+    return np.take_along_axis(weight, placement.phy2log, axis=1) * placement.slot_share()
 
 
 def gpu_loads(weight: np.ndarray, placement: Placement, num_gpus: int) -> np.ndarray:
