@@ -144,6 +144,20 @@ def drift_case(weight: np.ndarray, seed: int, repeats: int) -> dict[str, Any]:
         "incremental_budget7": lambda: compute_placement(
             "incremental", drifted, previous=stale, moved_fraction=0.07, **kwargs
         ),
+        # Replica shares (eplb.replicaShares): moves chosen with shares refitted, to the
+        # policy's own target, and with 1% / 2% / 5% of all copies.
+        "incremental_shares": lambda: compute_placement(
+            "incremental", drifted, previous=stale, shares=True, **kwargs
+        ),
+        "incremental_shares_budget1": lambda: compute_placement(
+            "incremental", drifted, previous=stale, moved_fraction=0.01, shares=True, **kwargs
+        ),
+        "incremental_shares_budget2": lambda: compute_placement(
+            "incremental", drifted, previous=stale, moved_fraction=0.02, shares=True, **kwargs
+        ),
+        "incremental_shares_budget5": lambda: compute_placement(
+            "incremental", drifted, previous=stale, moved_fraction=0.05, shares=True, **kwargs
+        ),
     }
     balance: dict[str, np.ndarray] = {}
     for name, run in runs.items():
@@ -171,21 +185,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cases", default="", help="Comma-separated case names to run (default: every case)."
+    )
     args = parser.parse_args()
     weight = synthetic_loads(args.seed)
     large_ep = synthetic_loads(args.seed, layers=94, experts=128, sigma=1.17)
     host = machine()
     warm_up()  # numba's JIT build (parallel over layers): what a warmed-up worker runs
-    cases = [
-        static_case("a-hierarchical", weight, 288, 32, 4, 8, args.repeats),
-        static_case("a-global", weight, 288, 32, 1, 1, args.repeats),
-        static_case("b-global-64gpu", weight, 320, 64, 1, 1, args.repeats),
-        static_case("c-decode-144gpu", weight, 288, 144, 1, 1, args.repeats),
+    runs: dict[str, Callable[[], dict[str, Any]]] = {
+        "a-hierarchical": lambda: static_case(
+            "a-hierarchical", weight, 288, 32, 4, 8, args.repeats
+        ),
+        "a-global": lambda: static_case("a-global", weight, 288, 32, 1, 1, args.repeats),
+        "b-global-64gpu": lambda: static_case(
+            "b-global-64gpu", weight, 320, 64, 1, 1, args.repeats
+        ),
+        "c-decode-144gpu": lambda: static_case(
+            "c-decode-144gpu", weight, 288, 144, 1, 1, args.repeats
+        ),
         # Qwen3-235B-like: 94 layers x 128 experts on 64 GPUs x 3 slots, with the 235B trace's
         # skew (busiest expert 10.8x a layer's mean; lognormal sigma 1.17 gives 10.8x here).
-        static_case("e-large-ep-64x3", large_ep, 192, 64, 1, 1, args.repeats),
-        drift_case(weight, args.seed, args.repeats),
-    ]
+        "e-large-ep-64x3": lambda: static_case(
+            "e-large-ep-64x3", large_ep, 192, 64, 1, 1, args.repeats
+        ),
+        "d-drift": lambda: drift_case(weight, args.seed, args.repeats),
+    }
+    chosen = [name for name in args.cases.split(",") if name] or list(runs)
+    unknown = sorted(set(chosen) - set(runs))
+    if unknown:
+        parser.error(f"--cases: unknown {', '.join(unknown)}; available: {', '.join(runs)}")
+    cases = [runs[name]() for name in chosen]
     for figures in cases:
         print(json.dumps({"bench": "placement", "seed": args.seed, **figures, **host}), flush=True)
 

@@ -7,7 +7,7 @@ import torch
 
 from moe_worker.config import ModelConfig
 from moe_worker.eplb.communicator import create_communicator
-from moe_worker.eplb.policy import Placement, compute_placement, default_placement
+from moe_worker.eplb.policy import Placement, compute_placement, default_placement, fit_shares
 from moe_worker.eplb.rebalance import apply_placement
 from moe_worker.eplb.state import EPLBLayerState, EPLBState
 from moe_worker.model.ep_experts import EXPERT_TENSORS
@@ -58,9 +58,15 @@ def ep_inputs(config: ModelConfig, world: int) -> torch.Tensor:
 
 
 def ep_outputs(
-    rank: int, world: int, config: dict, placements: list[np.ndarray], device: str = "cpu"
+    rank: int,
+    world: int,
+    config: dict,
+    placements: list[np.ndarray],
+    device: str = "cpu",
+    shares: bool = False,
 ) -> list:
-    """Per placement: (each MoE layer's output, the whole model's output) for this rank's tokens."""
+    """Per placement: (each MoE layer's output, the whole model's output) for this rank's tokens.
+    ``shares``: the replicas share their experts' tokens by shares fitted to skewed loads."""
     model_config = ModelConfig.model_validate(config)
     source = SyntheticSource(model_config)
     target = rank_device(rank, device)
@@ -70,6 +76,10 @@ def ep_outputs(
     results = []
     for phy2log in placements:
         placement = Placement.from_phy2log(phy2log, model_config.num_experts)
+        if shares:
+            shape = (phy2log.shape[0], model_config.num_experts)
+            loads = np.random.default_rng(11).lognormal(0.0, 1.5, size=shape)
+            placement = fit_shares(loads, placement, world)
         model = build_model(source, placement, EPGroup(rank=rank, size=world, device=target))
         per_layer = [layer(mine, offset).float().cpu() for layer in model.layers]
         results.append((per_layer, model(mine, offset).float().cpu()))

@@ -258,3 +258,18 @@ def test_a_draft_refuses_elastic_resizes_and_the_simulator() -> None:
         document["spec"].update(edit)
         assert any(m.startswith(field) for m in cel_rejections(document["spec"])), field
         assert any(p.startswith(field) for p in problems(document)), problems(document)
+
+
+def test_replica_shares_need_the_incremental_policy() -> None:
+    """Shares are chosen by the incremental policy's moves: with another policy the API server
+    (CEL) and the models refuse them, naming the field; with incremental both accept them."""
+    for policy, refused in (("balanced", True), ("incremental", False), ("deepseek", True)):
+        document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+        document["spec"].setdefault("eplb", {}).update(replicaShares=True, policy=policy)
+        by_cel = cel_rejections(document["spec"])
+        by_models = problems(document)
+        if refused:
+            assert [m for m in by_cel if m.startswith("spec.eplb.replicaShares")] == by_cel
+            assert by_cel and any("spec.eplb.replicaShares" in p for p in by_models), by_models
+        else:
+            assert by_cel == [] and by_models == []

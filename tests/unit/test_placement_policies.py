@@ -163,10 +163,21 @@ def test_incremental_from_previous_and_resized(problem: dict, data: st.DataObjec
     budget = data.draw(st.sampled_from([None, 0.0, 0.05, 0.2]))
     budgeted = compute_placement("incremental", previous=previous, moved_fraction=budget, **resized)
     check_invariants(budgeted, resized, allow_duplicates=False)
+    # With replica shares: the same invariants, shares that sum to 1 per expert (checked when
+    # the placement is built), and the budget kept.
+    shared = compute_placement(
+        "incremental", previous=previous, moved_fraction=budget, shares=True, **resized
+    )
+    check_invariants(shared, resized, allow_duplicates=False)
+    assert shared.share is not None
     if new_gpus == num_gpus:
         stale = layer_balancedness(drifted, previous, num_gpus)
         assert (layer_balancedness(drifted, placement, num_gpus) >= stale - 1e-9).all()
         assert (layer_balancedness(drifted, budgeted, num_gpus) >= stale - 1e-9).all()
+        assert (layer_balancedness(drifted, shared, num_gpus) >= stale - 1e-9).all()
+        if budget is not None:
+            moved = moved_copies(previous, shared, num_gpus, num_gpus).sum()
+            assert moved <= int(np.floor(budget * problem["num_physical"] * weight.shape[0]))
 
 
 def test_balanced_beats_deepseek_on_skewed_loads() -> None:

@@ -177,3 +177,35 @@ def test_the_configured_move_budget_reaches_the_policy(monkeypatch: pytest.Monke
     assert EPLBConfig(moved_fraction=0.05).policy_options() == {"moved_fraction": 0.05}
     assert EPLBConfig(policy="deepseek", moved_fraction=0.05).policy_options() == {}
     assert EPLBConfig().policy_options() == {}
+
+
+def test_replica_shares_reach_the_policy_and_the_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """eplb.replicaShares: the incremental policy chooses with shares, and what it returns
+    (slots and shares) is what the state routes by after the rebalance commits. (One rank:
+    its shares are equal; test_replica_shares routes unequal ones through the state.)"""
+    from moe_worker.eplb import rebalance as rebalance_module
+    from moe_worker.eplb.policy.shares import route_tables
+
+    returned: list[Placement] = []
+    real = rebalance_module.compute_placement
+
+    def recording(policy: str, weight: object, **kwargs: object) -> Placement:
+        assert kwargs.get("shares") is True
+        returned.append(real(policy, weight, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(rebalance_module, "compute_placement", recording)
+    engine = TinyEngine(
+        EPLBConfig(window_size=3, step_interval=5, use_async=False, replica_shares=True)
+    )
+    for _ in range(4):
+        engine.step()
+    assert returned and returned[-1].share is not None
+    state = engine.eplb.models["main"].state
+    committed = state.placement()
+    np.testing.assert_array_equal(committed.phy2log, returned[-1].phy2log)
+    np.testing.assert_allclose(committed.slot_share(), returned[-1].slot_share())
+    table, length = route_tables(returned[-1])
+    np.testing.assert_array_equal(state.route_length.numpy(), length)
+    np.testing.assert_array_equal(state.route_table.numpy()[:, :, : table.shape[2]], table)
+    assert EPLBConfig(replica_shares=True).policy_options() == {"shares": True}

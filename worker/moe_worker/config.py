@@ -58,6 +58,12 @@ class EPLBConfig(WireModel):
         "this fraction of all expert copies, spent where a copy buys the most balancedness "
         "(other policies re-plan whole); unset: the policy's own target decides.",
     )
+    replica_shares: bool = Field(
+        False,
+        description="Split each expert's tokens over its replicas by fitted shares instead of "
+        "evenly, and choose the incremental policy's moves with them: the same balance for a "
+        "fraction of the moved copies (incremental policy only).",
+    )
     communicator: CommunicatorName = Field(
         "auto", description="Weight-exchange backend; auto picks by platform and mode."
     )
@@ -72,9 +78,12 @@ class EPLBConfig(WireModel):
 
     def policy_options(self) -> dict[str, Any]:
         """Options of ``compute_placement`` for this config's policy."""
+        options: dict[str, Any] = {}
         if self.policy == "incremental" and self.moved_fraction is not None:
-            return {"moved_fraction": self.moved_fraction}
-        return {}
+            options["moved_fraction"] = self.moved_fraction
+        if self.policy == "incremental" and self.replica_shares:
+            options["shares"] = True
+        return options
 
 
 class ModelSpec(WireModel):

@@ -407,6 +407,12 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         lambda s: s.elastic.tokens_per_rank_low < s.elastic.tokens_per_rank_high,
     ),
     CrossFieldRule(
+        "spec.eplb.replicaShares",
+        "replica shares are chosen by the incremental policy: eplb.policy must be incremental",
+        "!self.eplb.replicaShares || self.eplb.policy == 'incremental'",
+        lambda s: not s.eplb.replica_shares or s.eplb.policy == "incremental",
+    ),
+    CrossFieldRule(
         "spec.checkpointVolume",
         "is required when model.source is checkpoint",
         "self.model.source != 'checkpoint' || has(self.checkpointVolume)",

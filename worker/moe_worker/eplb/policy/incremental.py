@@ -26,6 +26,7 @@ from .balanced import balanced_policy, is_node_aware
 from .packing import refine_by_swaps, repair_duplicates
 from .placement import Placement
 from .quality import gpu_expert_presence, layer_balancedness, optimal_replica_counts
+from .shares import fit_shares, replay, share_moves
 
 DEFAULT_RECOVER = 0.95
 DEFAULT_COUNT_MARGIN = 0.25
@@ -235,6 +236,7 @@ def incremental_policy(
     max_moved_fraction: float | None = None,
     count_margin: float = DEFAULT_COUNT_MARGIN,
     moved_fraction: float | None = None,
+    shares: bool = False,
 ) -> Placement:
     """Placement [L, P] close to ``previous`` whose balancedness reaches the target per layer.
 
@@ -242,6 +244,8 @@ def incremental_policy(
     slots (moves forced by a change of GPU count are not counted against it). ``moved_fraction``
     is a budget for the whole model instead: that fraction of all L x P copies, spent where a
     moved copy buys the most balancedness (``spread_budget`` over each layer's swap frontier).
+    ``shares``: choose the moves with replica shares refitted after each (``shares.share_moves``)
+    and return the placement with its fitted shares.
     """
     weight = np.asarray(weight, dtype=np.float64)
     if previous is None:
@@ -291,6 +295,11 @@ def incremental_policy(
     if max_moved_fraction is not None:
         allowance = int(np.floor(max_moved_fraction * num_physical))
         budget = np.maximum(allowance - relabels, 0)
+    if shares:
+        moved = _share_aware(
+            weight, layout, num_gpus, origin, target_max, budget, relabels, moved_fraction
+        )
+        return _no_worse(weight, moved, unchanged, num_gpus, num_logical, shares=True)
     if moved_fraction is not None:
         total = int(np.floor(moved_fraction * num_physical * num_layers)) - int(relabels.sum())
         frontier = _frontiers(size, expert, node_of_gpu, home_node, target_max, origin)
@@ -305,11 +314,79 @@ def incremental_policy(
         origin=origin,
         move_budget=budget,
     )
-    # Never hand back a layer worse balanced than it was before any optional move.
-    result = expert.reshape(num_layers, num_physical)
-    before = unchanged.reshape(num_layers, num_physical)
-    worse = layer_balancedness(
-        weight, Placement.from_phy2log(result, num_logical), num_gpus
-    ) < layer_balancedness(weight, Placement.from_phy2log(before, num_logical), num_gpus)
-    result[worse] = before[worse]
-    return Placement.from_phy2log(result, num_logical)
+    return _no_worse(weight, expert, unchanged, num_gpus, num_logical, shares=False)
+
+
+def _no_worse(
+    weight: np.ndarray,
+    layout: np.ndarray,
+    unchanged: np.ndarray,
+    num_gpus: int,
+    num_logical: int,
+    shares: bool,
+) -> Placement:
+    """The placement of ``layout`` [L, G, S] (with fitted ``shares``), except that a layer
+    worse balanced than ``unchanged`` (before any optional move, equal shares) keeps that."""
+    num_layers = layout.shape[0]
+
+    result = Placement.from_phy2log(layout.reshape(num_layers, -1), num_logical)
+    if shares:
+        result = fit_shares(weight, result, num_gpus)
+    before = Placement.from_phy2log(unchanged.reshape(num_layers, -1), num_logical)
+    worse = layer_balancedness(weight, result, num_gpus) < layer_balancedness(
+        weight, before, num_gpus
+    )
+    if not worse.any():
+        return result
+    grid = result.phy2log.copy()
+    grid[worse] = before.phy2log[worse]
+    share = None
+    if shares:
+        share = result.slot_share().copy()
+        share[worse] = before.slot_share()[worse]
+    return Placement.from_phy2log(grid, num_logical).with_share(share)
+
+
+def _share_aware(
+    weight: np.ndarray,
+    layout: np.ndarray,
+    num_gpus: int,
+    origin: np.ndarray,
+    target_max: np.ndarray,
+    budget: np.ndarray | None,
+    relabels: np.ndarray,
+    moved_fraction: float | None,
+) -> np.ndarray:
+    """``layout`` [L, G, S] after the share-aware moves: up to each layer's target and
+    ``budget``, or, with ``moved_fraction``, that fraction of all copies spread over the
+    layers where a copy buys the most (each layer's moves traced once without a target, then
+    replayed up to its share of the budget)."""
+    num_layers = layout.shape[0]
+    phy2log = layout.reshape(num_layers, -1)
+    num_physical = phy2log.shape[1]
+    cap = np.full(num_layers, num_physical, dtype=np.int64) if budget is None else budget
+    if moved_fraction is None:
+        moved, _, _ = share_moves(weight, phy2log, num_gpus, origin, target_max, cap, num_physical)
+        return moved.reshape(layout.shape)
+    total = max(int(np.floor(moved_fraction * num_physical * num_layers)) - int(relabels.sum()), 0)
+    steps = int(min(num_physical, max(8, 4 * np.ceil(total / num_layers))))
+    _, trace, peaks = share_moves(
+        weight, phy2log, num_gpus, origin, np.zeros(num_layers), cap, steps
+    )
+    curves = [
+        gain_curve(trace[row, :, 0], peaks[row, 1:], float(peaks[row, 0]))
+        for row in range(num_layers)
+    ]
+    mean = weight.sum(axis=1) / num_gpus
+    copies = spread_budget(curves, mean, total)
+    taken = np.zeros(num_layers, dtype=np.int64)
+    for row in range(num_layers):
+        if copies[row] == 0:
+            continue
+        # the hull point's step: the first whose peak it records (within its copies)
+        hull_moves, hull_peak = curves[row]
+        point = int(np.flatnonzero(hull_moves == copies[row])[0])
+        reached = np.isclose(peaks[row, 1:], hull_peak[point], rtol=1e-12, atol=0.0)
+        match = (trace[row, :, 0] <= copies[row]) & reached
+        taken[row] = int(np.flatnonzero(match)[0]) + 1 if match.any() else 0
+    return replay(phy2log, trace, taken).reshape(layout.shape)

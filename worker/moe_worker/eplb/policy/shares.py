@@ -29,6 +29,10 @@ from .quality import gpu_loads
 
 ROUTE_TICKETS = 128  # routing-table entries of an expert whose replicas have unequal shares
 MAX_SWEEPS = 200  # water-filling sweeps per fit (they stop once nothing changes)
+QUICK_SWEEPS = 8  # sweeps that rank a candidate move
+STEP_SWEEPS = 32  # sweeps after each move (the final shares get a full fit)
+LIGHT_GPUS = 6  # how many of the lightest GPUs a move may reach from the heaviest one
+REFIT_CANDIDATES = 8  # moves per step whose estimate is checked by a short refit
 
 
 @njit
@@ -120,6 +124,243 @@ def _fit_share_rows(weight, phy2log, slots_per_gpu):  # type: ignore[no-untyped-
     return share
 
 
+@njit
+def _holds(phy2log, slots_per_gpu, gpu, expert):  # type: ignore[no-untyped-def]
+    for slot in range(gpu * slots_per_gpu, (gpu + 1) * slots_per_gpu):
+        if phy2log[slot] == expert:
+            return True
+    return False
+
+
+@njit
+def _new_copies(phy2log, slots_per_gpu, origin, gpus, experts):  # type: ignore[no-untyped-def]
+    """How many of the (GPU, expert) pairs [4] are held now and were not in ``origin``."""
+    moved = 0
+    for i in range(gpus.size):
+        if not origin[gpus[i], experts[i]] and _holds(phy2log, slots_per_gpu, gpus[i], experts[i]):
+            moved += 1
+    return moved
+
+
+@njit
+def _leave_expert(share, phy2log, slot):  # type: ignore[no-untyped-def]
+    """Slot ``slot`` stops carrying its expert: the expert's other slots take its share."""
+    expert = phy2log[slot]
+    rest = 1.0 - share[slot]
+    others = 0
+    for p in range(phy2log.size):
+        if phy2log[p] == expert and p != slot:
+            others += 1
+    for p in range(phy2log.size):
+        if phy2log[p] == expert and p != slot:
+            share[p] = share[p] / rest if rest > 1e-12 else 1.0 / others
+    share[slot] = 0.0
+
+
+@njit
+def _apply_move(phy2log, share, kind, a, b):  # type: ignore[no-untyped-def]
+    """kind 1: slot ``b`` becomes a replica of slot ``a``'s expert (share 0 until refitted);
+    kind 2: slots ``a`` and ``b`` swap experts, each share going with its replica."""
+    if kind == 1:
+        _leave_expert(share, phy2log, b)
+        phy2log[b] = phy2log[a]
+    else:
+        phy2log[a], phy2log[b] = phy2log[b], phy2log[a]
+        share[a], share[b] = share[b], share[a]
+
+
+@njit
+def _estimate(weight, phy2log, slots_per_gpu, share, load, kind, a, b):  # type: ignore[no-untyped-def]
+    """The larger of the two GPUs' loads after a move (and, for a relabel, of the GPU taking the
+    relabelled expert's share), estimated without a refit: a swap moves the two replicas with
+    their shares; a relabel lets the new replica take up to what its expert carries on the
+    heaviest GPU (evening the two), and the relabelled expert's share goes to its lightest
+    other GPU. Other GPUs as heavy as the heaviest (shares even them out) are left to the
+    refit."""
+    heaviest, light = a // slots_per_gpu, b // slots_per_gpu
+    carried_a = weight[phy2log[a]] * share[a]
+    carried_b = weight[phy2log[b]] * share[b]
+    if kind == 2:
+        return max(load[heaviest] - carried_a + carried_b, load[light] + carried_a - carried_b)
+    shift = min(carried_a, max(load[heaviest] - load[light] + carried_b, 0.0) / 2)
+    other = np.inf
+    for slot in range(phy2log.size):
+        if slot != b and phy2log[slot] == phy2log[b]:
+            other = min(other, load[slot // slots_per_gpu])
+    return max(load[heaviest] - shift, load[light] - carried_b + shift, other + carried_b)
+
+
+@njit
+def _share_moves_layer(  # type: ignore[no-untyped-def]
+    weight, phy2log, slots_per_gpu, origin, target_max, budget, trace, peaks
+):
+    """Greedy moves on one layer, ``phy2log`` [P] changed in place, shares refitted after
+    each: until the largest GPU load is <= ``target_max``, ``budget`` copies are moved, or no
+    move lowers it. A move is a swap between the heaviest GPU and one of the ``LIGHT_GPUS``
+    lightest, or a relabel of a spare replica on one of those into a replica of one of the
+    heaviest GPU's experts. Candidates are ranked by an estimate (``_estimate``) per copy
+    moved; the best ``REFIT_CANDIDATES`` are refitted briefly and the one that lowers the peak
+    most per copy is made. ``trace`` [K, 4] gets one row per step: (copies moved so far,
+    kind, slot a, slot b), ``peaks`` [K + 1] the largest GPU load before the first and after
+    each. Returns the number of steps."""
+    num_physical = phy2log.size
+    num_gpus = num_physical // slots_per_gpu
+    num_logical = weight.size
+    share = np.empty(num_physical)
+    load = np.empty(num_gpus)
+    _equal_shares(phy2log, num_logical, share)
+    _fit_layer(weight, phy2log, slots_per_gpu, share, load, STEP_SWEEPS)
+    peaks[0] = load.max()
+    trial_share = np.empty(num_physical)
+    trial_load = np.empty(num_gpus)
+    count = np.zeros(num_logical, np.int64)
+    gpus = np.empty(4, np.int64)
+    experts = np.empty(4, np.int64)
+    pick_score = np.empty(REFIT_CANDIDATES)
+    pick = np.empty((REFIT_CANDIDATES, 4), np.int64)  # kind, a, b, copies moved after
+    moved = 0
+    steps = 0
+    while steps < trace.shape[0]:
+        heaviest = np.argmax(load)
+        peak = load[heaviest]
+        if peak <= target_max or moved >= budget:
+            break
+        order = np.argsort(load)
+        count[:] = 0
+        for slot in range(num_physical):
+            count[phy2log[slot]] += 1
+        pick_score[:] = 0.0
+        for rank in range(min(LIGHT_GPUS, num_gpus)):
+            light = order[rank]
+            if light == heaviest:
+                continue
+            for a in range(heaviest * slots_per_gpu, (heaviest + 1) * slots_per_gpu):
+                ea = phy2log[a]
+                if _holds(phy2log, slots_per_gpu, light, ea):
+                    continue
+                for b in range(light * slots_per_gpu, (light + 1) * slots_per_gpu):
+                    eb = phy2log[b]
+                    for kind in (1, 2):
+                        if kind == 1 and count[eb] < 2:
+                            continue  # a relabel takes a spare replica only
+                        if kind == 2 and _holds(phy2log, slots_per_gpu, heaviest, eb):
+                            continue
+                        estimate = _estimate(
+                            weight, phy2log, slots_per_gpu, share, load, kind, a, b
+                        )
+                        if estimate >= peak:
+                            continue
+                        gpus[0], experts[0] = light, ea
+                        gpus[1], experts[1] = light, eb
+                        gpus[2], experts[2] = heaviest, ea
+                        gpus[3], experts[3] = heaviest, eb
+                        before = _new_copies(phy2log, slots_per_gpu, origin, gpus, experts)
+                        if kind == 1:
+                            phy2log[b] = ea
+                        else:
+                            phy2log[a], phy2log[b] = eb, ea
+                        after = _new_copies(phy2log, slots_per_gpu, origin, gpus, experts)
+                        phy2log[a], phy2log[b] = ea, eb
+                        if moved + after - before > budget:
+                            continue
+                        score = (peak - estimate) / max(after - before, 0.5)
+                        worst = np.argmin(pick_score)
+                        if score > pick_score[worst]:
+                            pick_score[worst] = score
+                            pick[worst, 0], pick[worst, 1] = kind, a
+                            pick[worst, 2], pick[worst, 3] = b, moved + after - before
+        best_score = 0.0
+        best = -1
+        for i in range(REFIT_CANDIDATES):
+            if pick_score[i] <= 0.0:
+                continue
+            kind, a, b = pick[i, 0], pick[i, 1], pick[i, 2]
+            ea, eb = phy2log[a], phy2log[b]
+            trial_share[:] = share
+            _apply_move(phy2log, trial_share, kind, a, b)
+            _fit_layer(weight, phy2log, slots_per_gpu, trial_share, trial_load, QUICK_SWEEPS)
+            phy2log[a], phy2log[b] = ea, eb
+            gain = peak - trial_load.max()
+            score = gain / max(pick[i, 3] - moved, 0.5)
+            if gain > 1e-9 * peak and score > best_score:
+                best_score, best = score, i
+        if best < 0:
+            break
+        _apply_move(phy2log, share, pick[best, 0], pick[best, 1], pick[best, 2])
+        _fit_layer(weight, phy2log, slots_per_gpu, share, load, STEP_SWEEPS)
+        moved = pick[best, 3]
+        trace[steps, 0] = moved
+        trace[steps, 1] = pick[best, 0]
+        trace[steps, 2] = pick[best, 1]
+        trace[steps, 3] = pick[best, 2]
+        peaks[steps + 1] = load.max()
+        steps += 1
+    return steps
+
+
+@row_kernel(
+    "share_move_rows",
+    "i8[::1](f8[:,::1], i8[:,::1], i8, b1[:,:,::1], f8[::1], i8[::1], i8[:,:,::1], f8[:,::1])",
+)
+def _share_move_rows(weight, phy2log, slots_per_gpu, origin, target_max, budget, trace, peaks):  # type: ignore[no-untyped-def]
+    """``_share_moves_layer`` on every row (layer) of ``phy2log`` [L, P], in place; ``trace``
+    [L, K, 4], ``peaks`` [L, K + 1]. Returns the steps taken per row [L]."""
+    steps = np.zeros(phy2log.shape[0], np.int64)
+    for row in prange(phy2log.shape[0]):
+        steps[row] = _share_moves_layer(
+            weight[row],
+            phy2log[row],
+            slots_per_gpu,
+            origin[row],
+            target_max[row],
+            budget[row],
+            trace[row],
+            peaks[row],
+        )
+    return steps
+
+
+def share_moves(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    num_gpus: int,
+    origin: np.ndarray,
+    target_max: np.ndarray,
+    budget: np.ndarray,
+    max_steps: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the greedy share-aware moves on a copy of ``phy2log`` [L, P]; ``origin`` [L, G, E]
+    the previous placement's (GPU, expert) pairs. Returns (the moved phy2log, trace
+    [L, max_steps, 4]: per step the copies moved so far, kind, slots, -1 past the last; peaks
+    [L, max_steps + 1]: the largest GPU load before the first step and after each, inf past
+    the last)."""
+    moved = np.ascontiguousarray(phy2log, dtype=np.int64).copy()
+    trace = np.full((moved.shape[0], max_steps, 4), -1, dtype=np.int64)
+    peaks = np.full((moved.shape[0], max_steps + 1), np.inf)
+    _share_move_rows(
+        np.ascontiguousarray(weight, dtype=np.float64),
+        moved,
+        moved.shape[1] // num_gpus,
+        np.ascontiguousarray(origin, dtype=np.bool_),
+        np.ascontiguousarray(target_max, dtype=np.float64),
+        np.ascontiguousarray(budget, dtype=np.int64),
+        trace,
+        peaks,
+    )
+    return moved, trace, peaks
+
+
+def replay(phy2log: np.ndarray, trace: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """``phy2log`` [L, P] after the first ``steps[l]`` moves of each layer's ``trace``."""
+    out = np.array(phy2log, dtype=np.int64, copy=True)
+    share = np.zeros(out.shape[1])  # the moves' slot changes do not depend on shares
+    for layer in range(out.shape[0]):
+        for step in range(int(steps[layer])):
+            _, kind, a, b = trace[layer, step]
+            _apply_move(out[layer], share, kind, a, b)
+    return out
+
+
 def round_shares(
     weight: np.ndarray, phy2log: np.ndarray, share: np.ndarray, num_gpus: int, tickets: int = 0
 ) -> np.ndarray:
@@ -129,34 +370,29 @@ def round_shares(
     (heaviest experts first), so every expert's shares still sum to 1."""
     tickets = tickets or ROUTE_TICKETS
     num_layers, num_physical = phy2log.shape
+    num_logical = weight.shape[1]
     slots_per_gpu = num_physical // num_gpus
-    rounded = np.array(share, dtype=np.float64, copy=True)
+    gpu_of = np.arange(num_physical) // slots_per_gpu
+    placement = Placement.from_phy2log(phy2log, num_logical)
+    equal = placement.slot_share()
+    rounded = equal.copy()
     for layer in range(num_layers):
         row = phy2log[layer]
-        order = np.argsort(row, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, row[order][1:] != row[order][:-1], True])
-        groups = [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-        uneven = []
-        for slots in groups:
-            part = share[layer, slots] / max(share[layer, slots].sum(), 1e-300)
-            if slots.size < 2 or np.allclose(part, 1.0 / slots.size, rtol=0, atol=0.5 / tickets):
-                rounded[layer, slots] = 1.0 / slots.size
-            else:
-                rounded[layer, slots] = np.floor(part * tickets) / tickets
-                uneven.append(slots)
-        load = np.bincount(
-            np.arange(num_physical) // slots_per_gpu,
-            weights=weight[layer, row] * rounded[layer],
-            minlength=num_gpus,
-        )
-        uneven.sort(key=lambda slots: -weight[layer, row[slots[0]]])
-        for slots in uneven:
-            expert_load = weight[layer, row[slots[0]]]
-            gpus = slots // slots_per_gpu
+        deviation = np.zeros(num_logical)
+        np.maximum.at(deviation, row, np.abs(share[layer] - equal[layer]))
+        uneven = deviation > 0.5 / tickets
+        if not uneven.any():
+            continue
+        slots_uneven = uneven[row]
+        rounded[layer, slots_uneven] = np.floor(share[layer, slots_uneven] * tickets) / tickets
+        load = np.bincount(gpu_of, weights=weight[layer, row] * rounded[layer], minlength=num_gpus)
+        for expert in sorted(np.flatnonzero(uneven), key=lambda e: -weight[layer, e]):
+            slots = placement.log2phy[layer, expert, : placement.replica_count[layer, expert]]
+            gpus = gpu_of[slots]
             for _ in range(int(round(tickets * (1.0 - rounded[layer, slots].sum())))):
                 pick = int(np.argmin(load[gpus]))
                 rounded[layer, slots[pick]] += 1.0 / tickets
-                load[gpus[pick]] += expert_load / tickets
+                load[gpus[pick]] += weight[layer, expert] / tickets
     return rounded
 
 
