@@ -246,3 +246,13 @@ def test_ep_with_unequal_shares_equals_the_dense_reference() -> None:
         assert (route_tables(fit_shares(loads, placement, 2))[1] == ROUTE_TICKETS).any()
     by_rank = run_ranks(ep_outputs, 2, config, placements, "cpu", True)
     check_ep_outputs(2, config, placements, by_rank)
+
+
+def test_a_rebalance_reports_its_gain_per_moved_copy() -> None:
+    from moe_worker.eplb.rebalance import RebalanceResult
+
+    result = RebalanceResult(
+        "interval", "ok", copies_moved=4, balancedness_before=0.90, balancedness_after=0.98
+    )
+    assert result.gain_per_moved_copy == pytest.approx(0.02)
+    assert RebalanceResult("manual", "skipped").gain_per_moved_copy == 0.0

@@ -64,7 +64,7 @@ def test_metrics_reference_is_generated_from_the_code() -> None:
 def test_exposition_passes_promtool_and_names_follow_conventions() -> None:
     metrics = WorkerMetrics("demo", 0, "torch_gloo", "incremental", True, per_expert=True)
     metrics.observe_step(0.01, 64, 128)
-    metrics.observe_rebalance("manual", "ok", 0.2, 4096, 3)
+    metrics.observe_rebalance("manual", "ok", 0.2, 4096, 3, "main", 0.004)
     metrics.set_balancedness(np.array([0.9, 0.8]))
     metrics.set_expert_load(np.ones((2, 4)))
     text = metrics.exposition().decode()
@@ -80,6 +80,7 @@ def test_exposition_passes_promtool_and_names_follow_conventions() -> None:
     scrape = samples(text)
     assert value(scrape, "moe_rebalances_total", trigger="manual", result="ok") == 1
     assert value(scrape, "moe_rebalances_total", trigger="interval", result="failed") == 0
+    assert value(scrape, "moe_rebalance_gain_per_moved_copy", model="main") == 0.004
     assert value(scrape, "moe_worker_info", communicator="torch_gloo", policy="incremental") == 1
 
 
@@ -381,6 +382,7 @@ def test_two_ranks_serve_metrics_control_and_stop_on_sigterm(tmp_path: Path) -> 
         assert value(after, "moe_mapping_generation") == 1
         assert value(after, "moe_balancedness") > max(0.9, b0 + 0.05)
         assert value(after, "moe_rebalance_moved_expert_copies_total") > 0
+        assert value(after, "moe_rebalance_gain_per_moved_copy") > 0
         assert (
             value(after, "moe_rebalance_transferred_bytes_total") > 0
             or value(scrape(ports[1]), "moe_rebalance_transferred_bytes_total") > 0

@@ -122,6 +122,13 @@ SPECS: tuple[MetricSpec, ...] = (
         "ranks.",
     ),
     MetricSpec(
+        "moe_rebalance_gain_per_moved_copy",
+        "gauge",
+        ("model",),
+        "Balancedness a model's last completed rebalance gained per expert copy it moved (on "
+        "the load window it planned for; 0 when it moved none).",
+    ),
+    MetricSpec(
         "moe_rebalancing",
         "gauge",
         (),
@@ -288,6 +295,7 @@ class WorkerMetrics:
                 for result in RESULTS:
                     self._child("moe_rebalances_total", model=model, trigger=trigger, result=result)
             self._child("moe_rebalance_moved_expert_copies_total", model=model)
+            self._child("moe_rebalance_gain_per_moved_copy", model=model)
         for reason in FINISH_REASONS:
             self._child("moe_request_success_total", finished_reason=reason)
         for name in (
@@ -319,12 +327,15 @@ class WorkerMetrics:
         bytes_received: int,
         copies_moved: int,
         model: str = "main",
+        gain_per_moved_copy: float = 0.0,
     ) -> None:
         self._child("moe_rebalances_total", model=model, trigger=trigger, result=result).inc()
         if result == "ok":
             self._child("moe_rebalance_duration_seconds").observe(seconds)
             self._child("moe_rebalance_transferred_bytes_total").inc(bytes_received)
             self._child("moe_rebalance_moved_expert_copies_total", model=model).inc(copies_moved)
+            gain = self._child("moe_rebalance_gain_per_moved_copy", model=model)
+            gain.set(gain_per_moved_copy)
 
     def set_rebalancing(self, active: bool) -> None:
         self._child("moe_rebalancing").set(1 if active else 0)

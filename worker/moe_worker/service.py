@@ -212,6 +212,7 @@ class WorkerService:
                     result.bytes_received,
                     result.copies_moved,
                     result.model,
+                    result.gain_per_moved_copy,
                 )
         self._seen_rebalances = len(controller.history)
         with self.status.lock:
@@ -294,6 +295,7 @@ class WorkerService:
                     "balancednessBefore": r.balancedness_before,
                     "balancednessAfter": r.balancedness_after,
                     "copiesMoved": r.copies_moved,
+                    "gainPerMovedCopy": r.gain_per_moved_copy,
                     "error": r.error,
                 }
         balancedness = float(np.mean(self._last_balancedness)) if self._last_balancedness else None

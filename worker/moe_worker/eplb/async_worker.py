@@ -189,6 +189,10 @@ class AsyncRebalance:
             partial = self.current.phy2log.copy()
             partial[: self.committed] = self.new.phy2log[: self.committed]
             applied = Placement.from_phy2log(partial, self.current.num_logical)
+            if self.current.share is not None or self.new.share is not None:
+                share = self.current.slot_share().copy()
+                share[: self.committed] = self.new.slot_share()[: self.committed]
+                applied = applied.with_share(share)
         return summarize(
             self.trigger,
             result,

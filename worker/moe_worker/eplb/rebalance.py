@@ -40,6 +40,13 @@ class RebalanceResult:
     error: str = ""
     model: str = "main"  # the registered model (main, draft) it rebalanced
 
+    @property
+    def gain_per_moved_copy(self) -> float:
+        """Balancedness gained per expert copy moved (0.0 when none moved)."""
+        if self.copies_moved <= 0:
+            return 0.0
+        return (self.balancedness_after - self.balancedness_before) / self.copies_moved
+
 
 def summarize(
     trigger: str,

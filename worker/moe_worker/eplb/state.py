@@ -142,7 +142,7 @@ class EPLBState:
             raise EPLBStateError(
                 f"placement has {replicas} replicas of an expert, at most {self.max_replicas} fit"
             )
-        table, length = route_tables(placement)
+        table, length = route_tables(placement, layers)
         routed = np.full(
             (placement.num_layers, placement.num_logical, self.route_width), -1, dtype=np.int64
         )

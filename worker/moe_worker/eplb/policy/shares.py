@@ -425,8 +425,30 @@ def fit_shares(weight: np.ndarray, placement: Placement, num_gpus: int) -> Place
     return equal.with_share(rounded)
 
 
-def route_tables(placement: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """Routing tables of every layer: (table [L, E, W] int64, -1 padded; length [L, E]).
+@njit
+def _interleave(slots, tickets, out):  # type: ignore[no-untyped-def]
+    """Fill ``out`` [sum(tickets)] with ``slots`` [k], slot i ``tickets[i]`` times, each next
+    entry to the slot furthest behind its due count (every prefix within one of it)."""
+    total = tickets.sum()
+    given = np.zeros(slots.size, np.int64)
+    for entry in range(total):
+        pick = -1
+        most = -np.inf
+        for i in range(slots.size):
+            if given[i] < tickets[i]:
+                behind = (entry + 1) * tickets[i] / total - given[i]
+                if behind > most:
+                    most = behind
+                    pick = i
+        out[entry] = slots[pick]
+        given[pick] += 1
+
+
+def route_tables(
+    placement: Placement, layers: range | list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Routing tables (table [L, E, W] int64, -1 padded; length [L, E]) of ``layers`` (default
+    every layer; the others get their replicas once each).
 
     An expert with equal shares lists its slots once (length = its replica count); one with
     unequal shares lists slot p ``share[p] * ROUTE_TICKETS`` times, interleaved (each next
@@ -440,28 +462,27 @@ def route_tables(placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     table = np.full((num_layers, num_logical, width), -1, dtype=np.int64)
     length = count.copy()
     table[:, :, : log2phy.shape[2]] = log2phy
-    for layer, expert in zip(*np.nonzero(count > 1), strict=True):
+    chosen = np.zeros(num_layers, dtype=bool)
+    chosen[list(range(num_layers)) if layers is None else list(layers)] = True
+    share = np.where(
+        log2phy >= 0, placement.share[np.arange(num_layers)[:, None, None], log2phy], 0.0
+    )
+    equal = np.where(log2phy >= 0, 1.0 / np.maximum(count, 1)[:, :, None], 0.0)
+    uneven = (np.abs(share - equal) > 1e-9).any(axis=2) & chosen[:, None]
+    for layer, expert in zip(*np.nonzero(uneven), strict=True):
         slots = log2phy[layer, expert, : count[layer, expert]]
-        part = placement.share[layer, slots]
-        if np.allclose(part, 1.0 / slots.size, rtol=0, atol=1e-9):
-            continue
-        tickets = np.rint(part * ROUTE_TICKETS).astype(np.int64)
-        given = np.zeros(slots.size)
-        for entry in range(ROUTE_TICKETS):
-            behind = (entry + 1) * tickets / ROUTE_TICKETS - given
-            pick = int(np.argmax(np.where(given < tickets, behind, -np.inf)))
-            table[layer, expert, entry] = slots[pick]
-            given[pick] += 1
-        length[layer, expert] = ROUTE_TICKETS
+        tickets = np.rint(placement.share[layer, slots] * ROUTE_TICKETS).astype(np.int64)
+        _interleave(slots, tickets, table[layer, expert, : int(tickets.sum())])
+        length[layer, expert] = int(tickets.sum())
     return table, length
 
 
 def shares_from_tables(table: np.ndarray, length: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
     """The shares [L, P] that routing tables ([L, E, W], [L, E]) realise."""
     num_layers, num_physical = phy2log.shape
+    used = np.arange(table.shape[2])[None, None, :] < length[:, :, None]
+    layer = np.broadcast_to(np.arange(num_layers)[:, None, None], table.shape)[used]
+    weight = np.broadcast_to((1.0 / np.maximum(length, 1))[:, :, None], table.shape)[used]
     share = np.zeros((num_layers, num_physical))
-    for layer in range(num_layers):
-        for expert in np.flatnonzero(length[layer] > 0):
-            entries = table[layer, expert, : length[layer, expert]]
-            np.add.at(share[layer], entries, 1.0 / length[layer, expert])
+    np.add.at(share, (layer, table[used]), weight)
     return share
