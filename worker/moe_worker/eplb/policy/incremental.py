@@ -174,6 +174,8 @@ def gain_curve(
     """One layer's swap trace -> its concave frontier: (moves [K], peak [K]) from (0, start),
     each point moving more copies for a lower peak, every step buying less per copy than the
     one before (the upper hull of balancedness against moves). Trace entries < 0 are unused."""
+    if start_peak <= 0.0:  # a layer without load: nothing to gain
+        return np.zeros(1, dtype=np.int64), np.array([start_peak])
     points_moves, points_peak = [0], [start_peak]
     for used, value in zip(moves.tolist(), peak.tolist(), strict=True):
         if used < 0:
@@ -325,17 +327,18 @@ def _no_worse(
     num_logical: int,
     shares: bool,
 ) -> Placement:
-    """The placement of ``layout`` [L, G, S] (with fitted ``shares``), except that a layer
-    worse balanced than ``unchanged`` (before any optional move, equal shares) keeps that."""
+    """The placement of ``layout`` [L, G, S], except that a layer worse balanced than
+    ``unchanged`` (before any optional move) keeps that. With ``shares`` both get fitted
+    shares, and a layer keeps its moves only where they balance strictly better than the
+    shares alone would (moves that buy nothing are not made)."""
     num_layers = layout.shape[0]
-
     result = Placement.from_phy2log(layout.reshape(num_layers, -1), num_logical)
-    if shares:
-        result = fit_shares(weight, result, num_gpus)
     before = Placement.from_phy2log(unchanged.reshape(num_layers, -1), num_logical)
-    worse = layer_balancedness(weight, result, num_gpus) < layer_balancedness(
-        weight, before, num_gpus
-    )
+    if shares:
+        result, before = fit_shares(weight, result, num_gpus), fit_shares(weight, before, num_gpus)
+    after_balance = layer_balancedness(weight, result, num_gpus)
+    before_balance = layer_balancedness(weight, before, num_gpus)
+    worse = after_balance <= before_balance if shares else after_balance < before_balance
     if not worse.any():
         return result
     grid = result.phy2log.copy()
