@@ -4,6 +4,7 @@ map, placement files, `moe-eplb plan --shares`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -261,3 +262,26 @@ def test_a_rebalance_reports_its_gain_per_moved_copy() -> None:
     )
     assert result.gain_per_moved_copy == pytest.approx(0.02)
     assert RebalanceResult("manual", "skipped").gain_per_moved_copy == 0.0
+
+
+def test_a_resize_topology_carries_the_new_placements_shares() -> None:
+    """Every rank of a resized group builds the leader's placement from the published topology:
+    its shares travel with it (and a topology without them means equal shares)."""
+    from moe_worker.elastic import Topology
+
+    weight, placement, num_gpus = skewed_case()
+    fitted = fit_shares(weight, placement, num_gpus)
+    assert fitted.share is not None
+    topology = Topology(
+        generation=1,
+        world=num_gpus,
+        start_step=0,
+        kind="resize",
+        new_phy2log=fitted.phy2log.tolist(),
+        new_share=fitted.share.tolist(),
+    )
+    received = Topology.from_json(topology.to_json()).placement(16)
+    assert received.share is not None
+    np.testing.assert_allclose(received.share, fitted.share)
+    equal = dataclasses.replace(topology, new_share=None)
+    assert Topology.from_json(equal.to_json()).placement(16).share is None

@@ -107,6 +107,7 @@ class Topology:
     old_phy2log: list[list[int]] = field(default_factory=list)
     new_phy2log: list[list[int]] = field(default_factory=list)
     reason: str = ""
+    new_share: list[list[float]] | None = None  # [L, world x S]: replica shares (None: equal)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -126,7 +127,12 @@ class Topology:
         return rank < self.world
 
     def placement(self, num_logical: int) -> Placement:
-        return Placement.from_phy2log(np.asarray(self.new_phy2log, dtype=np.int64), num_logical)
+        placement = Placement.from_phy2log(
+            np.asarray(self.new_phy2log, dtype=np.int64), num_logical
+        )
+        if self.new_share is None:
+            return placement
+        return placement.with_share(np.asarray(self.new_share, dtype=np.float64))
 
 
 # --- decisions (pure) -------------------------------------------------------------------------

@@ -192,6 +192,7 @@ class Membership:
                     old_phy2log=current.phy2log.tolist(),
                     new_phy2log=new.phy2log.tolist(),
                     reason=reason,
+                    new_share=None if new.share is None else new.share.tolist(),
                 )
             )
         topology = self.rendezvous.wait_topology(self.generation, self.timeout_s)
