@@ -273,3 +273,8 @@ def test_replica_shares_need_the_incremental_policy() -> None:
             assert by_cel and any("spec.eplb.replicaShares" in p for p in by_models), by_models
         else:
             assert by_cel == [] and by_models == []
+    document = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    document["spec"].setdefault("eplb", {}).update(replicaShares=True, policy="incremental")
+    document["spec"]["parallelism"].update(pods=2, numNodes=2)
+    assert any("numNodes must be 1" in m for m in cel_rejections(document["spec"]))
+    assert any("numNodes must be 1" in p for p in problems(document)), problems(document)

@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 from moe_worker.eplb.policy import (
     POLICIES,
     Placement,
+    PlacementInputError,
     compute_placement,
     layer_balancedness,
     moved_copies,
 )
+from moe_worker.eplb.policy.balanced import is_node_aware
 from moe_worker.eplb.policy.quality import balancedness_bound, gpu_expert_presence
 
 GOLDEN_WEIGHT = [
@@ -165,6 +167,10 @@ def test_incremental_from_previous_and_resized(problem: dict, data: st.DataObjec
     check_invariants(budgeted, resized, allow_duplicates=False)
     # With replica shares: the same invariants, and shares that sum to 1 per expert (checked
     # when the placement is built).
+    if is_node_aware(problem["num_groups"], problem["num_nodes"], new_gpus):
+        with pytest.raises(PlacementInputError, match="shares: not supported with node-aware"):
+            compute_placement("incremental", previous=previous, shares=True, **resized)
+        return
     shared = compute_placement(
         "incremental", previous=previous, moved_fraction=budget, shares=True, **resized
     )

@@ -413,6 +413,12 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         lambda s: not s.eplb.replica_shares or s.eplb.policy == "incremental",
     ),
     CrossFieldRule(
+        "spec.eplb.replicaShares",
+        "share-aware moves keep no home node: parallelism.numNodes must be 1",
+        "!self.eplb.replicaShares || self.parallelism.numNodes == 1",
+        lambda s: not s.eplb.replica_shares or s.parallelism.num_nodes == 1,
+    ),
+    CrossFieldRule(
         "spec.checkpointVolume",
         "is required when model.source is checkpoint",
         "self.model.source != 'checkpoint' || has(self.checkpointVolume)",

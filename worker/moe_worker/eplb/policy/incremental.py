@@ -247,8 +247,15 @@ def incremental_policy(
     is a budget for the whole model instead: that fraction of all L x P copies, spent where a
     moved copy buys the most balancedness (``spread_budget`` over each layer's swap frontier).
     ``shares``: choose the moves with replica shares refitted after each (``shares.share_moves``)
-    and return the placement with its fitted shares.
+    and return the placement with its fitted shares (not node-aware: its moves keep no home
+    node, so node-aware problems are refused).
     """
+    if shares and is_node_aware(num_groups, num_nodes, num_gpus):
+        from . import PlacementInputError  # the package imports this module first
+
+        raise PlacementInputError(
+            "shares", "not supported with node-aware placement (num_nodes > 1 with expert groups)"
+        )
     weight = np.asarray(weight, dtype=np.float64)
     if previous is None:
         return balanced_policy(weight, num_physical, num_groups, num_nodes, num_gpus)
