@@ -58,9 +58,15 @@ def check_all(model: Any, batch: list[list[int]], answers: list[list[int]], toke
     assert not problems, "\n".join(problems)
 
 
-# Every family at EP 1 (no communication) and EP 4 (every all-to-all path); EP 2 once (the
-# suite's time: CI runs on two cores).
-SERVING_CASES = [(f, 1) for f in FAMILIES] + [(f, 4) for f in FAMILIES] + [("deepseek_v3", 2)]
+# Every family at EP 1 (no communication) and at EP 2 or 4 (the all-to-alls), each EP size
+# more than once (the suite's time: CI runs on two cores).
+SERVING_CASES = [(f, 1) for f in FAMILIES] + [
+    ("mixtral", 2),
+    ("qwen2_moe", 2),
+    ("deepseek_v2", 2),
+    ("qwen3_moe", 4),
+    ("deepseek_v3", 4),
+]
 
 
 @pytest.mark.parametrize(("family", "ep_size"), SERVING_CASES)
