@@ -123,11 +123,11 @@ class EPLBState:
         """The current maps as a numpy ``Placement`` (with the shares the tables realise)."""
         phy2log = self.phy2log.cpu().numpy().copy()
         placement = Placement.from_phy2log(phy2log, int(self.replica_count.shape[1]))
-        length = self.route_length.cpu().numpy()
-        if np.array_equal(length, placement.replica_count):
-            return placement  # every table lists its expert's slots once: equal shares
-        table = self.route_table.cpu().numpy()
-        return placement.with_share(shares_from_tables(table, length, phy2log))
+        table, length = self.route_table.cpu().numpy(), self.route_length.cpu().numpy()
+        share = shares_from_tables(table, length, phy2log)
+        if np.allclose(share, placement.slot_share(), rtol=0, atol=1e-12):
+            return placement  # equal shares
+        return placement.with_share(share)
 
     def commit(
         self, placement: Placement, layers: range | list[int], new_generation: bool = True
@@ -142,14 +142,11 @@ class EPLBState:
             raise EPLBStateError(
                 f"placement has {replicas} replicas of an expert, at most {self.max_replicas} fit"
             )
-        table, length = route_tables(placement, layers)
-        routed = np.full(
-            (placement.num_layers, placement.num_logical, self.route_width), -1, dtype=np.int64
-        )
-        routed[:, :, : table.shape[2]] = table
-        for layer in layers:
-            self.route_table[layer].copy_(torch.from_numpy(routed[layer]))
-            self.route_length[layer].copy_(torch.from_numpy(length[layer]))
+        table, length = route_tables(placement, layers)  # one row per committed layer
+        for row, layer in enumerate(layers):
+            self.route_table[layer].fill_(-1)
+            self.route_table[layer, :, : table.shape[2]].copy_(torch.from_numpy(table[row]))
+            self.route_length[layer].copy_(torch.from_numpy(length[row]))
             self.phy2log[layer].copy_(torch.from_numpy(placement.phy2log[layer]))
             self.replica_count[layer].copy_(torch.from_numpy(placement.replica_count[layer]))
             padded = np.full((placement.num_logical, self.max_replicas), -1, dtype=np.int64)

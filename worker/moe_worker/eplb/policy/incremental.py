@@ -389,14 +389,10 @@ def _share_aware(
     ]
     mean = weight.sum(axis=1) / num_gpus
     copies = spread_budget(curves, mean, total)
-    taken = np.zeros(num_layers, dtype=np.int64)
-    for row in range(num_layers):
-        if copies[row] == 0:
-            continue
-        # the hull point's step: the first whose peak it records (within its copies)
-        hull_moves, hull_peak = curves[row]
-        point = int(np.flatnonzero(hull_moves == copies[row])[0])
-        reached = np.isclose(peaks[row, 1:], hull_peak[point], rtol=1e-12, atol=0.0)
-        match = (trace[row, :, 0] <= copies[row]) & reached
-        taken[row] = int(np.flatnonzero(match)[0]) + 1 if match.any() else 0
+    # Each layer replays up to its lowest peak among the steps that end within its copies:
+    # the frontier point the budget chose.
+    within = (trace[:, :, 0] >= 0) & (trace[:, :, 0] <= copies[:, None])
+    lowest = np.where(within, peaks[:, 1:], np.inf)
+    taken = np.where(copies > 0, np.argmin(lowest, axis=1) + 1, 0)
+    taken[~within.any(axis=1)] = 0
     return replay(phy2log, trace, taken).reshape(layout.shape)

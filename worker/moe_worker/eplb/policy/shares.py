@@ -362,13 +362,16 @@ def replay(phy2log: np.ndarray, trace: np.ndarray, steps: np.ndarray) -> np.ndar
 
 
 def round_shares(
-    weight: np.ndarray, phy2log: np.ndarray, share: np.ndarray, num_gpus: int, tickets: int = 0
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    share: np.ndarray,
+    num_gpus: int,
+    tickets: int = ROUTE_TICKETS,
 ) -> np.ndarray:
     """Shares [L, P] rounded to what routing tables carry: an expert whose replicas share
-    equally keeps 1 / count; any other gets whole ``tickets``ths (``ROUTE_TICKETS``), each
+    equally keeps 1 / count; any other gets whole ``tickets``ths, each
     slot its share rounded down, the tickets left one by one to the slot on the lightest GPU
     (heaviest experts first), so every expert's shares still sum to 1."""
-    tickets = tickets or ROUTE_TICKETS
     num_layers, num_physical = phy2log.shape
     num_logical = weight.shape[1]
     slots_per_gpu = num_physical // num_gpus
@@ -447,33 +450,27 @@ def _interleave(slots, tickets, out):  # type: ignore[no-untyped-def]
 def route_tables(
     placement: Placement, layers: range | list[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Routing tables (table [L, E, W] int64, -1 padded; length [L, E]) of ``layers`` (default
-    every layer; the others get their replicas once each).
+    """Routing tables of ``layers`` (default every layer), one row per layer asked: (table
+    [len(layers), E, W] int64, -1 padded; length [len(layers), E]).
 
     An expert with equal shares lists its slots once (length = its replica count); one with
     unequal shares lists slot p ``share[p] * ROUTE_TICKETS`` times, interleaved (each next
     entry goes to the slot furthest behind its share), so consecutive tokens spread over the
     replicas. W is the longest table."""
-    log2phy, count = placement.log2phy, placement.replica_count
+    rows = np.arange(placement.num_layers) if layers is None else np.asarray(list(layers), int)
+    log2phy, count = placement.log2phy[rows], placement.replica_count[rows]
     if placement.share is None:
         return log2phy.copy(), count.copy()
-    num_layers, num_logical, _ = log2phy.shape
-    width = max(log2phy.shape[2], ROUTE_TICKETS)
-    table = np.full((num_layers, num_logical, width), -1, dtype=np.int64)
-    length = count.copy()
+    table = np.full(log2phy.shape[:2] + (max(log2phy.shape[2], ROUTE_TICKETS),), -1, np.int64)
     table[:, :, : log2phy.shape[2]] = log2phy
-    chosen = np.zeros(num_layers, dtype=bool)
-    chosen[list(range(num_layers)) if layers is None else list(layers)] = True
-    share = np.where(
-        log2phy >= 0, placement.share[np.arange(num_layers)[:, None, None], log2phy], 0.0
-    )
+    length = count.copy()
+    share = np.where(log2phy >= 0, placement.share[rows[:, None, None], log2phy], 0.0)
     equal = np.where(log2phy >= 0, 1.0 / np.maximum(count, 1)[:, :, None], 0.0)
-    uneven = (np.abs(share - equal) > 1e-9).any(axis=2) & chosen[:, None]
-    for layer, expert in zip(*np.nonzero(uneven), strict=True):
-        slots = log2phy[layer, expert, : count[layer, expert]]
-        tickets = np.rint(placement.share[layer, slots] * ROUTE_TICKETS).astype(np.int64)
-        _interleave(slots, tickets, table[layer, expert, : int(tickets.sum())])
-        length[layer, expert] = int(tickets.sum())
+    for row, expert in zip(*np.nonzero((np.abs(share - equal) > 1e-9).any(axis=2)), strict=True):
+        slots = log2phy[row, expert, : count[row, expert]]
+        tickets = np.rint(share[row, expert, : slots.size] * ROUTE_TICKETS).astype(np.int64)
+        _interleave(slots, tickets, table[row, expert, : int(tickets.sum())])
+        length[row, expert] = int(tickets.sum())
     return table, length
 
 
