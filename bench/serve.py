@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ import torch
 import yaml
 
 from moe_operator.loadgen.runner import run_traffic
-from moe_operator.loadgen.stats import RequestRecord, summarize
+from moe_operator.loadgen.stats import RequestRecord, summarize, window_itl_summary
 from moe_operator.loadgen.traffic import TrafficPlan
 from moe_worker.config import TrafficConfig
 
@@ -109,9 +110,16 @@ def make_checkpoint(directory: Path, shape: dict[str, Any], dtype: str, device: 
 
 
 def traffic(
-    concurrency: int, requests: int, prompt_words: int, output_tokens: int, seed: int
+    concurrency: int,
+    requests: int,
+    prompt_words: int,
+    output_tokens: int,
+    seed: int,
+    mix: dict[str, Any] | None = None,
 ) -> TrafficConfig:
-    """A closed loop of ``concurrency`` clients sending ``requests`` fixed-length requests."""
+    """A closed loop of ``concurrency`` clients sending ``requests`` fixed-length requests whose
+    prompts come from ``mix`` (TrafficConfig's topics / topicSkew / driftPeriodS; its defaults:
+    8 topics of zipf 1.2 popularity)."""
     return TrafficConfig.model_validate(
         {
             "durationS": 24 * 3600.0,  # ended by maxRequests
@@ -121,6 +129,7 @@ def traffic(
             "outputTokens": {"mean": output_tokens, "kind": "fixed"},
             "ignoreEos": True,
             "seed": seed,
+            **(mix or {}),
         }
     )
 
@@ -131,15 +140,120 @@ def request_count(concurrency: int, minimum: int, rounds: int) -> int:
     return concurrency * math.ceil(max(minimum, rounds * concurrency) / concurrency)
 
 
-def serve_load(url: str, config: TrafficConfig) -> dict[str, Any]:
-    result = asyncio.run(run_traffic(url, config))
+def serve_load(
+    url: str, config: TrafficConfig
+) -> tuple[dict[str, Any], list[RequestRecord], float]:
+    """Run ``config`` against ``url``: its summary, its records, and the ``time.perf_counter()``
+    of the records' time 0 (read from the runner's progress clock)."""
+    origin: list[float] = []
+
+    def progress(records: list[RequestRecord], elapsed: float) -> None:
+        if not origin:
+            origin.append(time.perf_counter() - elapsed)
+
+    result = asyncio.run(run_traffic(url, config, on_progress=progress))
     failed = [r for r in result.records if r.error is not None]
     if failed:
         print(
             f"{len(failed)} requests failed, e.g. {failed[0].error}: {failed[0].detail}",
             file=sys.stderr,
         )
-    return result.summary()
+    return result.summary(), result.records, origin[0]
+
+
+class Rebalancer:
+    """Asks ``server`` for a rebalance every ``every_s`` seconds (the control API) and records
+    each one's window on the ``time.perf_counter()`` clock: from the request to its end (the
+    request time plus the rebalance's own duration and one 50 ms poll slack, or when its
+    result was seen, whichever is first)."""
+
+    def __init__(self, server: Server, every_s: float) -> None:
+        self.server, self.every_s = server, every_s
+        self.windows: list[tuple[float, float]] = []
+        self.results: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Rebalancer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=600)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            before = self.server.state().get("lastRebalance")
+            asked = time.perf_counter()
+            if self.server.rebalance() != 202:
+                continue
+            deadline = asked + 600.0
+            while time.perf_counter() < deadline:
+                last = self.server.state().get("lastRebalance")
+                if last is not None and last != before:
+                    seen = time.perf_counter()
+                    end = min(seen, asked + float(last["durationSeconds"] or 0.0) + 0.05)
+                    self.windows.append((asked, end))
+                    self.results.append(last)
+                    break
+                time.sleep(0.05)  # a poll interval of the control API, not a synchronisation
+
+
+def greedy_ids(url: str, prompt: list[int], max_tokens: int) -> list[int]:
+    """The greedy token ids of one completion (token-id prompt, ``return_token_ids``)."""
+    import httpx
+
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    with httpx.Client(timeout=600, trust_env=False) as client:
+        response = client.post(url + "/v1/completions", json=body)
+        response.raise_for_status()
+        return [int(t) for t in response.json()["choices"][0]["token_ids"]]
+
+
+def expert_loads(metrics_url: str, model: str = "main") -> list[list[float]]:
+    """``moe_expert_load_tokens`` of ``model`` scraped from the leader: [layers, experts]."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(metrics_url, timeout=30, trust_env=False).text
+    cells: dict[tuple[int, int], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "moe_expert_load_tokens" and sample.labels.get("model") == model:
+                cells[int(sample.labels["layer"]), int(sample.labels["expert"])] = sample.value
+    if not cells:
+        raise SystemExit(f"{metrics_url}: no moe_expert_load_tokens series (metrics.perExpert?)")
+    layers = 1 + max(layer for layer, _ in cells)
+    experts = 1 + max(expert for _, expert in cells)
+    return [[cells.get((layer, e), 0.0) for e in range(experts)] for layer in range(layers)]
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (or their shorter length); None if equal."""
+    for index, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def greedy_reference(model: Any, prompt: list[int], tokens: int, device: torch.device) -> list[int]:
+    """transformers' greedy ``generate`` of one prompt (batch 1, end of sequence ignored)."""
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig(
+        do_sample=False, eos_token_id=[1 << 30], pad_token_id=0, max_new_tokens=tokens
+    )
+    ids = torch.tensor([prompt], device=device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation)
+    return [int(t) for t in out[0, len(prompt) :]]
 
 
 def transformers_batched(
@@ -232,7 +346,12 @@ class Server:
         self, model_dir: Path, ep_size: int, device: str, config_file: Path, timeout_s: float
     ) -> None:
         paths = [str(ROOT / "operator"), str(ROOT / "worker"), os.environ.get("PYTHONPATH", "")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        self.token = secrets.token_urlsafe(16)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+            "MOE_CONTROL_TOKEN": self.token,
+        }
         env.setdefault("COLUMNS", "400")  # rich wraps console lines at 80 columns otherwise
         command = [
             sys.executable, "-m", "moe_operator.cli", "serve", str(model_dir),
@@ -243,6 +362,7 @@ class Server:
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.url = ""
+        self.metrics_url = ""
         self.logs: Path | None = None
         self.output: deque[str] = deque(maxlen=40)
         ready = threading.Event()
@@ -256,7 +376,9 @@ class Server:
                 match = re.search(r"serving \S+ at (http://\S+)/v1", line)
                 if match:
                     self.url = match.group(1)
-                    ready.set()
+                if (metrics := re.search(r"leader metrics at (http://\S+)", line)) is not None:
+                    self.metrics_url = metrics.group(1)
+                    ready.set()  # printed after the API's line
             ready.set()
 
         threading.Thread(target=read, daemon=True).start()
@@ -264,6 +386,25 @@ class Server:
             self.dump()
             self.stop()
             raise SystemExit(f"{SERVE} did not start")
+
+    def _control(self, method: str, path: str) -> Any:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        body = {"reason": "bench"} if method == "POST" else None
+        return httpx.request(
+            method, self.url + path, headers=headers, json=body, timeout=30, trust_env=False
+        )
+
+    def state(self) -> dict[str, Any]:
+        """The leader's ``/v1/state`` (through the router)."""
+        response = self._control("GET", "/v1/state")
+        response.raise_for_status()
+        return dict(response.json())
+
+    def rebalance(self) -> int:
+        """Ask for a rebalance; the status code (202 accepted, 409 one is pending)."""
+        return int(self._control("POST", "/v1/eplb/rebalance").status_code)
 
     def dump(self) -> None:
         """The server's last lines and its ranks' log tails, on stderr (for failed runs)."""
@@ -321,6 +462,43 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=8)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--max-batch-tokens", type=int, default=2048, help="serving budget/step.")
+    parser.add_argument(
+        "--eplb",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on"],
+        help="Serve once per mode (off: eplb.enabled false, no redundant slots), one run.",
+    )
+    parser.add_argument(
+        "--redundant", type=int, default=None, help="eplb.numRedundantExperts with EPLB on."
+    )
+    parser.add_argument("--policy", default=None, help="eplb.policy with EPLB on.")
+    parser.add_argument(
+        "--rebalance-every",
+        type=float,
+        default=None,
+        help="With EPLB on: ask for a rebalance every S seconds during the measured loads "
+        "(periodic ones off) and report ITL inside vs outside the rebalances.",
+    )
+    parser.add_argument("--topics", type=int, default=8, help="Topics in the prompt mix.")
+    parser.add_argument("--topic-skew", type=float, default=1.2, help="Zipf s of topics.")
+    parser.add_argument("--drift-period-s", type=float, default=None, help="Hot topic rotation.")
+    parser.add_argument(
+        "--check-prompts",
+        type=int,
+        default=0,
+        help="Greedy completions of N prompts, one at a time after the loads, compared "
+        "between the EPLB modes and with transformers' generate (batch 1).",
+    )
+    parser.add_argument(
+        "--loads-out",
+        type=Path,
+        default=None,
+        help="With EPLB on: write the leader's per-expert load window here ({counts: [L][E]}).",
+    )
+    parser.add_argument(
+        "--no-transformers", action="store_true", help="Skip the transformers baseline."
+    )
     parser.add_argument("--machine", default=None, help="A name for the machine (e.g. h200).")
     parser.add_argument("--out", type=Path, default=None, help="Append the JSON lines here.")
     args = parser.parse_args()
@@ -332,7 +510,9 @@ def main() -> None:
         "maxBatchTokens": max(args.max_batch_tokens, running),
         "maxWaitingRequests": max(256, 2 * running),
     }
-    worker_config = {"model": {"dtype": dtype}, "serving": serving}
+    mix: dict[str, Any] = {"topics": args.topics, "topicSkew": args.topic_skew}
+    if args.drift_period_s is not None:
+        mix["driftPeriodS"] = args.drift_period_s
     common = {
         "bench": "serve",
         "shape": args.shape,
@@ -341,6 +521,7 @@ def main() -> None:
         "dtype": dtype,
         "prompt_words": args.prompt_words,
         "output_tokens_per_request": args.output_tokens,
+        "prompt_mix": mix,
         **({"machine_name": args.machine} if args.machine else {}),
         **machine_facts(args.device),
     }
@@ -348,56 +529,155 @@ def main() -> None:
 
     def closed_loop(concurrency: int, requests: int) -> TrafficConfig:
         """The measured requests at ``concurrency`` (the same for both systems)."""
-        return traffic(concurrency, requests, args.prompt_words, args.output_tokens, concurrency)
+        return traffic(
+            concurrency, requests, args.prompt_words, args.output_tokens, concurrency, mix
+        )
+
+    def worker_config(mode: str) -> dict[str, Any]:
+        eplb: dict[str, Any] = {"enabled": mode == "on"}
+        if mode == "off":
+            eplb["numRedundantExperts"] = 0
+        else:
+            if args.redundant is not None:
+                eplb["numRedundantExperts"] = args.redundant
+            if args.policy is not None:
+                eplb["policy"] = args.policy
+            if args.rebalance_every is not None:
+                eplb["stepInterval"] = 1_000_000_000  # only the asked-for rebalances
+        config: dict[str, Any] = {"model": {"dtype": dtype}, "serving": serving, "eplb": eplb}
+        if args.loads_out is not None and mode == "on":
+            config["metrics"] = {"perExpert": True}
+        return config
 
     lines: list[dict[str, Any]] = []
+    checks: dict[str, list[list[int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_checkpoint(
             Path(tmp) / f"qwen3-moe-{args.shape}", shape, dtype, args.device
         )
-        config_file = Path(tmp) / "worker.yaml"
-        config_file.write_text(yaml.safe_dump(worker_config))
-        started = time.perf_counter()
-        server = Server(model_dir, args.ep_size, args.device, config_file, timeout_s=600)
-        print(f"{SERVE} ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        try:
-            # warm up: the first steps of each batch size compile (Triton) and allocate
-            for concurrency in args.concurrency:
-                warm = traffic(concurrency, concurrency, args.prompt_words, 8, 1000 + concurrency)
-                serve_load(server.url, warm)
-            for concurrency, requests in plans.items():
-                summary = serve_load(server.url, closed_loop(concurrency, requests))
-                lines.append({**common, "system": SERVE, "concurrency": concurrency, **summary})
-                lines[-1].update({"ep_size": args.ep_size, "serving": serving})
-                print(json.dumps(lines[-1]), file=sys.stderr, flush=True)
-        except BaseException:
-            server.dump()
-            raise
-        finally:
-            server.stop()
+        from transformers import AutoTokenizer
 
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        check_plan = TrafficPlan(closed_loop(1, max(1, args.check_prompts)))
+        check_prompts = [
+            [int(t) for t in tokenizer.encode(check_plan.request(index, 0.0).prompt)]
+            for index in range(args.check_prompts)
+        ]
+        for mode in args.eplb:
+            config = worker_config(mode)
+            config_file = Path(tmp) / f"worker-{mode}.yaml"
+            config_file.write_text(yaml.safe_dump(config))
+            started = time.perf_counter()
+            server = Server(model_dir, args.ep_size, args.device, config_file, timeout_s=600)
+            print(f"{SERVE} (EPLB {mode}) ready in {time.perf_counter() - started:.1f} s",
+                  file=sys.stderr)  # fmt: skip
+            try:
+                # warm up: the first steps of each batch size compile (Triton) and allocate
+                for concurrency in args.concurrency:
+                    warm = traffic(
+                        concurrency, concurrency, args.prompt_words, 8, 1000 + concurrency, mix
+                    )
+                    serve_load(server.url, warm)
+                for concurrency, requests in plans.items():
+                    rebalancing = mode == "on" and args.rebalance_every is not None
+                    rebalancer = Rebalancer(server, args.rebalance_every or 0.0)
+                    if rebalancing:
+                        with rebalancer:
+                            summary, records, origin = serve_load(
+                                server.url, closed_loop(concurrency, requests)
+                            )
+                    else:
+                        summary, records, origin = serve_load(
+                            server.url, closed_loop(concurrency, requests)
+                        )
+                    lines.append({**common, "system": SERVE, "concurrency": concurrency, **summary})
+                    lines[-1].update({"ep_size": args.ep_size, "eplb": config["eplb"]})
+                    lines[-1]["serving"] = serving
+                    if rebalancing:
+                        windows = [(a - origin, b - origin) for a, b in rebalancer.windows]
+                        lines[-1]["during_rebalance"] = {
+                            **window_itl_summary(records, windows),
+                            "rebalances": [
+                                {
+                                    key: result[key]
+                                    for key in ("result", "durationSeconds", "copiesMoved")
+                                }
+                                for result in rebalancer.results
+                            ],
+                        }
+                    print(json.dumps(lines[-1]), file=sys.stderr, flush=True)
+                if check_prompts:
+                    checks[mode] = [
+                        greedy_ids(server.url, prompt, args.output_tokens)
+                        for prompt in check_prompts
+                    ]
+                if args.loads_out is not None and mode == "on":
+                    counts = expert_loads(server.metrics_url)
+                    args.loads_out.parent.mkdir(parents=True, exist_ok=True)
+                    args.loads_out.write_text(
+                        json.dumps(
+                            {
+                                "counts": counts,
+                                "source": f"{SERVE} {args.shape} x{args.layers} layers, "
+                                f"EP {args.ep_size}, the leader's load window after the loads "
+                                f"(prompt mix {mix})",
+                                **machine_facts(args.device),
+                            }
+                        )
+                        + "\n"
+                    )
+            except BaseException:
+                server.dump()
+                raise
+            finally:
+                server.stop()
+
+        from transformers import AutoModelForCausalLM
 
         device = torch.device(args.device)
-        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
-        model = model.to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        implementations = {
-            "attention": model.config._attn_implementation,
-            "experts": getattr(model.config, "_experts_implementation", None),
-        }
-        for concurrency, requests in plans.items():
-            summary = transformers_batched(
-                model, tokenizer, closed_loop(concurrency, requests), device
-            )
-            lines.append({**common, "system": TRANSFORMERS, "concurrency": concurrency, **summary})
-            lines[-1]["transformers_implementations"] = implementations
-            print(json.dumps(lines[-1]), file=sys.stderr, flush=True)
+        model: Any = None
+        if check_prompts or not args.no_transformers:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+            model = model.to(device).eval()
+        if check_prompts:
+            reference = [
+                greedy_reference(model, prompt, args.output_tokens, device)
+                for prompt in check_prompts
+            ]
+            line: dict[str, Any] = {
+                **common,
+                "bench": "serve_outputs",
+                "prompts": len(check_prompts),
+                "reference": "transformers generate, batch 1, greedy, same dtype and device",
+            }
+            for mode, got in checks.items():
+                differences = [first_difference(a, b) for a, b in zip(got, reference, strict=True)]
+                line[f"eplb_{mode}_equal_to_reference"] = differences.count(None)
+                line[f"eplb_{mode}_first_difference_at"] = differences
+            if {"on", "off"} <= checks.keys():
+                pairs = zip(checks["on"], checks["off"], strict=True)
+                line["eplb_on_equal_to_off"] = sum(a == b for a, b in pairs)
+            lines.append(line)
+            print(json.dumps(line), file=sys.stderr, flush=True)
+        if not args.no_transformers:
+            implementations = {
+                "attention": model.config._attn_implementation,
+                "experts": getattr(model.config, "_experts_implementation", None),
+            }
+            for concurrency, requests in plans.items():
+                summary = transformers_batched(
+                    model, tokenizer, closed_loop(concurrency, requests), device
+                )
+                lines.append(
+                    {**common, "system": TRANSFORMERS, "concurrency": concurrency, **summary}
+                )
+                lines[-1]["transformers_implementations"] = implementations
+                print(json.dumps(lines[-1]), file=sys.stderr, flush=True)
 
-    by_key = {(line["system"], line["concurrency"]): line for line in lines}
+    by_key = {(line.get("system"), line.get("concurrency")): line for line in lines}
     for line in lines:
-        base = by_key.get((TRANSFORMERS, line["concurrency"]))
-        if line["system"] == SERVE and base is not None:
+        base = by_key.get((TRANSFORMERS, line.get("concurrency")))
+        if line.get("system") == SERVE and base is not None:
             line["vs_transformers"] = {
                 key: round(line[key] / base[key], 3) if line[key] and base[key] else None
                 for key in (

@@ -81,3 +81,42 @@ def summarize(records: list[RequestRecord], elapsed_s: float) -> dict[str, Any]:
         **_quantiles_ms("itl", itl),
         **_quantiles_ms("e2e", e2e),
     }
+
+
+def itl_in_windows(
+    records: list[RequestRecord], windows: list[tuple[float, float]]
+) -> tuple[list[float], list[float]]:
+    """The completed requests' inter-token gaps split by when their token arrived: (gaps whose
+    token arrived inside one of ``windows`` [start, end] (seconds on the records' clock), the
+    other gaps). A token's arrival is its first token's time plus the gaps before it."""
+    inside: list[float] = []
+    outside: list[float] = []
+    ordered = sorted(windows)
+    for record in records:
+        if not record.ok or record.first_token_at is None:
+            continue
+        at = record.first_token_at
+        for gap in record.chunk_gaps:
+            at += gap
+            hit = any(start <= at <= end for start, end in ordered)
+            (inside if hit else outside).append(gap)
+    return inside, outside
+
+
+def window_itl_summary(
+    records: list[RequestRecord], windows: list[tuple[float, float]]
+) -> dict[str, Any]:
+    """ITL percentiles inside ``windows`` and outside them, and the p99 ratio inside/outside."""
+    inside, outside = itl_in_windows(records, windows)
+    p99_in, p99_out = percentile(inside, 99), percentile(outside, 99)
+    return {
+        "windows": len(windows),
+        "window_s": round(sum(end - start for start, end in windows), 3),
+        "itl_gaps_inside": len(inside),
+        "itl_gaps_outside": len(outside),
+        **_quantiles_ms("itl_inside", inside),
+        **_quantiles_ms("itl_outside", outside),
+        "itl_p99_inside_over_outside": (
+            round(p99_in / p99_out, 4) if p99_in is not None and p99_out else None
+        ),
+    }

@@ -252,6 +252,7 @@ def serve(
                 router_app(ranks.api_urls, ranks.control_url), port, "127.0.0.1", "router"
             )
             progress(f"serving {config.serving.model_name} at http://127.0.0.1:{router.port}/v1")
+            progress(f"leader metrics at http://127.0.0.1:{ports['metrics']}/metrics")
             while not stop.is_set():
                 if any(p.poll() is not None for p in ranks.processes):
                     dead = [r for r, p in enumerate(ranks.processes) if p.poll() is not None]

@@ -61,10 +61,12 @@ class EPCausalLM:
         attention_mask: Any,
         cache: Any,
         rows: torch.Tensor,
+        **attention_kwargs: Any,
     ) -> torch.Tensor:
         """Logits [1, len(rows), V] at token rows ``rows`` of a packed step: ``input_ids`` and
-        ``position_ids`` [1, T], ``attention_mask`` [1, 1, T, K] (or one per layer type)."""
-        cache_kwargs = {self.cache_arg: cache}
+        ``position_ids`` [1, T], ``attention_mask`` [1, 1, T, K] (or one per layer type);
+        ``attention_kwargs`` reach the attention function (the packed step's layout)."""
+        cache_kwargs = {self.cache_arg: cache, **attention_kwargs}
         if not self.wrapped:
             output = self.model(
                 input_ids=input_ids,

@@ -29,13 +29,18 @@ from moe_worker.model.hf_model import EPCausalLM, build_ep_model
 from moe_worker.model.hf_source import CheckpointSource, ModelSource, SyntheticSource
 
 from .backend import BackendBusy, FinishReason, SamplingParams, TokenOutput
-from .kv_cache import PackedKVCache, PackedStep, SequenceKV, packed_mask, packed_positions
+from .kv_cache import KVArena, PackedKVCache, PackedStep, SequenceKV, StepLayout
+from .packed_attention import LAYOUT_KWARG, WINDOWS_KWARG
+from .packed_attention import register as register_packed_attention
 from .sampling import request_generator, sample_token, sample_with_probs
 from .scheduler import Chunk, QueueFull, Scheduler
 from .speculative import Verdict, verify_greedy, verify_sampled
 
 log = logging.getLogger("moe_worker.serving")
 MAX_DEFAULT_LEN = 8192
+# A 4D mask transformers passes through unchanged (so it builds none of its own); the packed
+# attention masks from the step's layout instead.
+NO_MASK = torch.zeros((1, 1, 0, 0))
 Sink = Callable[[TokenOutput | BaseException], None]
 
 
@@ -86,31 +91,27 @@ def make_model_source(model: ModelSpec) -> ModelSource:
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """What a model's attention masks depend on: its sliding window (if any) and whether it
-    mixes full and sliding-window layers (one mask per layer type)."""
+    """What a model's attention masks depend on: its sliding window (if any) and, when it mixes
+    full and sliding-window layers, each decoder layer's type."""
 
     sliding_window: int | None
-    per_layer_type: bool
+    layer_types: tuple[str, ...] | None  # None: the window (if any) applies to every layer
 
     @classmethod
     def of(cls, text_config: Any) -> AttentionShape:
         window = getattr(text_config, "sliding_window", None)
         # Qwen2-MoE stores 0 when sliding windows are off; a window applies only when positive.
-        layer_types = set(getattr(text_config, "layer_types", None) or ())
+        layer_types = tuple(getattr(text_config, "layer_types", None) or ())
         return cls(
             window if isinstance(window, int) and window > 0 else None,
-            "sliding_attention" in layer_types,
+            layer_types if "sliding_attention" in layer_types else None,
         )
 
-    def mask(
-        self, layout: PackedStep, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        if self.per_layer_type:
-            return {
-                "full_attention": packed_mask(layout, dtype, device),
-                "sliding_attention": packed_mask(layout, dtype, device, self.sliding_window),
-            }
-        return packed_mask(layout, dtype, device, self.sliding_window)
+    def window_for(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer`` (None: full attention)."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
 
 def draft_slots(experts: int, redundant: int, ep_size: int) -> int:
@@ -160,7 +161,13 @@ class ServingEngine(RankEngine):
         return len(self.source.moe_decoder_layers), self.source.num_experts
 
     def _build_model(self, load_weights: bool) -> EPCausalLM:
-        model = build_ep_model(self.source, self.placement, self.ep, load_weights=load_weights)
+        model = build_ep_model(
+            self.source,
+            self.placement,
+            self.ep,
+            load_weights=load_weights,
+            attn_implementation=register_packed_attention(),
+        )
         self.draft = self._build_draft(model, load_weights)
         return model
 
@@ -182,7 +189,13 @@ class ServingEngine(RankEngine):
         redundant = self.config.eplb.num_redundant_experts
         slots = draft_slots(experts, redundant, self.ep.size) if layers else 0
         placement = default_placement(layers, experts, slots)
-        model = build_ep_model(source, placement, self.ep, load_weights=load_weights)
+        model = build_ep_model(
+            source,
+            placement,
+            self.ep,
+            load_weights=load_weights,
+            attn_implementation=register_packed_attention(),
+        )
         text_config = model.config.get_text_config()
         return Draft(placement, model, AttentionShape.of(text_config), spec.num_speculative_tokens)
 
@@ -228,6 +241,8 @@ class ServingEngine(RankEngine):
         self.requests_finished = 0
         self.observer: ServingObserver | None = None  # serving metrics
         self._kv_budget = serving.max_running_requests * self.max_model_len
+        # paged KV pools of the main model and the draft (a sequence's blocks in each)
+        self.kv_arenas = {"main": KVArena(self.device), "draft": KVArena(self.device)}
         self.proposed_tokens = 0  # speculative decoding: draft tokens verified
         self.accepted_tokens = 0  # ... and kept
 
@@ -332,24 +347,29 @@ class ServingEngine(RankEngine):
 
     def _run(
         self,
+        role: str,
         model: EPCausalLM,
         attention: AttentionShape,
         inputs: list[tuple[SequenceKV, list[int]]],
         rows: list[int],
     ) -> torch.Tensor:
-        """One packed forward of ``model``: each sequence's new ``tokens`` after its cache
-        (committed after). Logits [len(rows), V] float32 at token rows ``rows``."""
+        """One packed forward of ``model`` (``role`` "main" or "draft": whose KV arena): each
+        sequence's new ``tokens`` after its cache (committed after). Logits [len(rows), V]
+        float32 at token rows ``rows``."""
         device = self.device
-        layout = PackedStep([kv for kv, _ in inputs], [len(tokens) for _, tokens in inputs])
-        cache = PackedKVCache(layout)
+        arena = self.kv_arenas[role]
+        step = PackedStep([kv for kv, _ in inputs], [len(tokens) for _, tokens in inputs])
+        layout = StepLayout(step, arena, device)
+        cache = PackedKVCache(layout, arena)
         flat = [token for _, tokens in inputs for token in tokens]
         with torch.inference_mode():
             logits = model.logits(
                 torch.tensor([flat], dtype=torch.long, device=device),
-                packed_positions(layout, device),
-                attention.mask(layout, model.dtype, device),
+                layout.positions,
+                NO_MASK,
                 cache,
                 torch.tensor(rows, dtype=torch.long, device=device),
+                **{LAYOUT_KWARG: layout, WINDOWS_KWARG: attention.window_for},
             )
         cache.commit()
         return logits[0].float()
@@ -395,7 +415,7 @@ class ServingEngine(RankEngine):
             if not inputs:
                 draft.model.idle_pass()
             else:
-                logits = self._run(draft.model, draft.attention, inputs, rows)
+                logits = self._run("draft", draft.model, draft.attention, inputs, rows)
                 for row, sequence in enumerate(sampling):
                     self._draft_token(logits[row], sequence, proposals[sequence.request_id])
             sampling = [
@@ -432,7 +452,7 @@ class ServingEngine(RankEngine):
             width += len(new)
             if chunk.samples:
                 rows.extend(range(width - 1 - len(proposed), width))
-        return self._run(self.model, self.attention, inputs, rows)
+        return self._run("main", self.model, self.attention, inputs, rows)
 
     def _sample_and_emit(
         self,
@@ -447,14 +467,20 @@ class ServingEngine(RankEngine):
         accepted: dict[str, int] = {}
         row = 0
         now = time.monotonic()
+        # every greedy row's token in one device-to-host copy (not one per request)
+        greedy = (
+            logits.argmax(dim=-1).tolist() if any(s.generator is None for s in sequences) else []
+        )
         for chunk, sequence in zip(chunks, sequences, strict=True):
             if not chunk.samples:
                 continue
             proposal = proposals.get(chunk.request_id)
             if proposal is None:
-                verdict = Verdict(
-                    [sample_token(logits[row], sequence.params, sequence.generator)], 0
-                )
+                if sequence.generator is None:  # greedy (temperature 0)
+                    token = int(greedy[row])
+                else:
+                    token = sample_token(logits[row], sequence.params, sequence.generator)
+                verdict = Verdict([token], 0)
                 row += 1
             else:
                 verdict = self._verify(

@@ -1,28 +1,123 @@
-"""Per-sequence KV caches for a packed batch: many sequences' tokens in one forward.
+"""Paged KV storage and the layout of a packed step: many sequences' tokens in one forward.
 
 A step runs the scheduled chunks of several sequences as one row of T tokens (batch size 1);
 each token carries its own position (``position_ids``) and sees only its own sequence's earlier
-tokens, through a 4D additive mask [1, 1, T, K] over the K keys returned by the cache (every
-scheduled sequence's cached keys followed by its new ones, sequence after sequence).
-``PackedKVCache`` is what transformers' attention modules see as their cache: ``update`` stores
-each sequence's new keys/values and returns the packed keys/values of the step.
+tokens. Keys and values live in a ``KVArena``: per decoder layer one pool of keys and one of
+values, [heads, slots, head_dim], handed out in blocks of ``BLOCK_TOKENS`` token slots; a
+sequence's ``SequenceKV`` holds its blocks (returned to the arena when it is dropped).
+
+``StepLayout`` is computed once per step on the host (numpy) and copied to the device in one
+transfer: the token positions [T], the slot each new token is written to [T], and the two
+attention groups the packed attention (``moe_worker.serving.packed_attention``) runs:
+
+- decodes: sequences with one new token, batched as [D, heads, 1, head_dim] queries against
+  their own keys gathered to [D, heads, Lmax, head_dim] (a padding mask per sequence);
+- the rest (prefill chunks, speculative verifications): their rows packed as one sequence of
+  T_p queries against K_p keys (every such sequence's cached keys then its new ones), with a
+  mask letting a token see only its own sequence's keys at positions <= its own.
+
+``PackedKVCache`` is what transformers' attention modules see as their cache: ``update`` writes
+the step's new keys/values into the arena and returns the layer's whole pools [1, heads, slots,
+D], from which the packed attention gathers.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+BLOCK_TOKENS = 16
+INITIAL_BLOCKS = 64
+
+
+class KVArena:
+    """One model's paged KV pools on ``device``: ``keys[layer]`` and ``values[layer]``
+    [heads, blocks x BLOCK_TOKENS, head_dim], allocated at a layer's first write (its heads,
+    head size and dtype) and grown by doubling the block count."""
+
+    def __init__(self, device: torch.device, initial_blocks: int = INITIAL_BLOCKS) -> None:
+        self.device = device
+        self.capacity = initial_blocks  # blocks every layer's pool holds (after its next write)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self._free: list[int] = list(range(initial_blocks - 1, -1, -1))
+        self._lock = threading.Lock()  # blocks come back from whichever thread drops a sequence
+
+    @property
+    def free_blocks(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        """``count`` free blocks (the arena grows when it has too few)."""
+        with self._lock:
+            if len(self._free) < count:
+                grown = max(2 * self.capacity, self.capacity + count - len(self._free))
+                self._free[:0] = range(grown - 1, self.capacity - 1, -1)
+                self.capacity = grown
+            taken = self._free[-count:] if count else []
+            del self._free[len(self._free) - count :]
+        return taken
+
+    def release(self, blocks: list[int]) -> None:
+        with self._lock:
+            self._free.extend(blocks)
+            blocks.clear()
+
+    def _pool(self, pools: dict[int, torch.Tensor], layer: int, like: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s pool shaped for ``like`` [heads, T, D], grown to the capacity."""
+        slots = self.capacity * BLOCK_TOKENS
+        pool = pools.get(layer)
+        if pool is None or pool.shape[1] < slots:
+            fresh = torch.empty(
+                (like.shape[0], slots, like.shape[2]), dtype=like.dtype, device=self.device
+            )
+            if pool is not None:
+                fresh[:, : pool.shape[1]] = pool
+            pools[layer] = pool = fresh
+        return pool
+
+    def store(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a step's new ``keys``/``values`` [heads, T, D] at token ``slots`` [T]; return
+        the layer's pools [heads, slots, D]."""
+        key_pool = self._pool(self.keys, layer, keys)
+        value_pool = self._pool(self.values, layer, values)
+        key_pool.index_copy_(1, slots, keys.to(key_pool.dtype))
+        value_pool.index_copy_(1, slots, values.to(value_pool.dtype))
+        return key_pool, value_pool
 
 
 @dataclass
 class SequenceKV:
-    """One sequence's cached keys and values per decoder layer: [heads, length, head_dim]."""
+    """One sequence's cached tokens: ``length`` of them, at the token slots of its ``blocks``
+    (in its arena, bound at its first step)."""
 
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
     length: int = 0  # tokens cached in every layer after the last completed step
+    blocks: list[int] = field(default_factory=list)
+    arena: KVArena | None = None
+
+    def reserve(self, arena: KVArena, tokens: int) -> None:
+        """Blocks for ``tokens`` tokens in ``arena`` (the blocks go back when this is dropped)."""
+        if self.arena is None:
+            self.arena = arena
+            weakref.finalize(self, arena.release, self.blocks)
+        elif self.arena is not arena:
+            raise ValueError("a sequence's cache belongs to one model's arena")
+        missing = -(-tokens // BLOCK_TOKENS) - len(self.blocks)
+        if missing > 0:
+            self.blocks.extend(arena.allocate(missing))
+
+    def slots(self, positions: np.ndarray) -> np.ndarray:
+        """Token slots of ``positions`` (int64 array) in the arena's pools."""
+        table = np.asarray(self.blocks, dtype=np.int64)
+        return table[positions // BLOCK_TOKENS] * BLOCK_TOKENS + positions % BLOCK_TOKENS
 
 
 @dataclass(frozen=True)
@@ -37,55 +132,131 @@ class PackedStep:
         return sum(self.new_tokens)
 
 
-def packed_positions(step: PackedStep, device: torch.device) -> torch.Tensor:
-    """Position of every new token in its own sequence: [1, T] int64."""
-    parts = [
-        torch.arange(cache.length, cache.length + count, device=device)
-        for cache, count in zip(step.caches, step.new_tokens, strict=True)
-    ]
-    return torch.cat(parts).unsqueeze(0)
+class StepLayout:
+    """A packed step's positions, write slots and attention groups, on the device.
 
-
-def packed_mask(
-    step: PackedStep,
-    dtype: torch.dtype,
-    device: torch.device,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """Additive attention mask [1, 1, T, K]: 0 where a new token may attend, dtype's min else.
-
-    Keys are laid out sequence after sequence (cached then new); a new token at position p of
-    sequence s sees the keys of s at positions <= p (and > p - ``sliding_window`` when set).
+    Attributes (device tensors, int64 unless noted): ``positions`` [1, T]; ``write_slots`` [T];
+    decodes: ``decode_rows`` [D] (their rows in the step), ``decode_slots`` [D, Lmax] (each
+    one's key slots, padded with its first), ``decode_lengths`` [D] (keys it sees);
+    the rest: ``packed_rows`` [T_p], ``packed_slots`` [K_p], and for its mask the sequence and
+    position of every query (``query_seq``, ``query_pos`` [T_p]) and key (``key_seq``,
+    ``key_pos`` [K_p]). ``in_order``: the decodes are the whole step, in order.
     """
-    total_new = step.total_new
-    total_keys = sum(c.length + n for c, n in zip(step.caches, step.new_tokens, strict=True))
-    allowed = torch.zeros((total_new, total_keys), dtype=torch.bool, device=device)
-    row = col = 0
-    for cache, count in zip(step.caches, step.new_tokens, strict=True):
-        keys = cache.length + count
-        query_pos = torch.arange(cache.length, keys, device=device)[:, None]
-        key_pos = torch.arange(keys, device=device)[None, :]
-        block = key_pos <= query_pos
-        if sliding_window is not None:
-            block &= key_pos > query_pos - sliding_window
-        allowed[row : row + count, col : col + keys] = block
-        row, col = row + count, col + keys
-    mask = torch.zeros((total_new, total_keys), dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+
+    def __init__(self, step: PackedStep, arena: KVArena, device: torch.device) -> None:
+        self.step = step
+        counts = np.asarray(step.new_tokens, dtype=np.int64)
+        lengths = np.asarray([cache.length for cache in step.caches], dtype=np.int64)
+        for cache, length, count in zip(step.caches, lengths, counts, strict=True):
+            cache.reserve(arena, int(length + count))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        total = int(counts.sum())
+        seq_of_row = np.repeat(np.arange(len(counts)), counts)
+        positions = np.arange(total) - starts[seq_of_row] + lengths[seq_of_row]
+        write = np.concatenate(
+            [
+                cache.slots(positions[start : start + count])
+                for cache, start, count in zip(step.caches, starts, counts, strict=True)
+            ]
+        )
+        decode = np.flatnonzero(counts == 1)
+        rest = np.flatnonzero(counts != 1)
+        self.num_decodes, self.num_packed_rows = len(decode), int(counts[rest].sum())
+        self.in_order = len(rest) == 0
+        parts: dict[str, np.ndarray] = {"positions": positions, "write_slots": write}
+        if len(decode):
+            seen = lengths[decode] + 1
+            width = int(seen.max())
+            columns = np.minimum(np.arange(width)[None, :], (seen - 1)[:, None])
+            parts["decode_slots"] = np.stack(
+                [step.caches[i].slots(columns[row]) for row, i in enumerate(decode)]
+            )
+            parts["decode_rows"] = starts[decode]
+            parts["decode_lengths"] = seen
+        if len(rest):
+            rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in rest])
+            keys = [np.arange(lengths[i] + counts[i]) for i in rest]
+            parts["packed_rows"] = rows
+            parts["packed_slots"] = np.concatenate(
+                [step.caches[i].slots(k) for i, k in zip(rest, keys, strict=True)]
+            )
+            parts["query_seq"] = seq_of_row[rows]
+            parts["query_pos"] = positions[rows]
+            parts["key_seq"] = np.concatenate(
+                [np.full(len(k), i) for i, k in zip(rest, keys, strict=True)]
+            )
+            parts["key_pos"] = np.concatenate(keys)
+        # one host-to-device copy for every index of the step
+        names = list(parts)
+        flat = torch.from_numpy(np.concatenate([parts[n].reshape(-1) for n in names]))
+        on_device = flat.to(device, non_blocking=False)
+        offset = 0
+        tensors: dict[str, torch.Tensor] = {}
+        for name in names:
+            size = parts[name].size
+            tensors[name] = on_device[offset : offset + size].view(parts[name].shape)
+            offset += size
+        self.positions = tensors["positions"].unsqueeze(0)
+        self.write_slots = tensors["write_slots"]
+        self.decode_rows = tensors.get("decode_rows")
+        self.decode_slots = tensors.get("decode_slots")
+        self.decode_lengths = tensors.get("decode_lengths")
+        self.packed_rows = tensors.get("packed_rows")
+        self.packed_slots = tensors.get("packed_slots")
+        self.query_seq = tensors.get("query_seq")
+        self.query_pos = tensors.get("query_pos")
+        self.key_seq = tensors.get("key_seq")
+        self.key_pos = tensors.get("key_pos")
+        self.total = total
+        self._masks: dict[tuple[str, int | None, torch.dtype], torch.Tensor] = {}
+
+    def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [D, 1, 1, Lmax] of the decodes: 0 on a sequence's own keys (within
+        ``window`` of its new token when set), dtype's min elsewhere (the padding)."""
+        key = ("decode", window, dtype)
+        if key not in self._masks:
+            assert self.decode_slots is not None and self.decode_lengths is not None
+            width = self.decode_slots.shape[1]
+            column = torch.arange(width, device=self.decode_lengths.device)[None, :]
+            allowed = column < self.decode_lengths[:, None]
+            if window is not None:
+                allowed &= column > (self.decode_lengths[:, None] - 1) - window
+            self._masks[key] = _additive(allowed, dtype)[:, None, None, :]
+        return self._masks[key]
+
+    def packed_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [1, 1, T_p, K_p] of the packed rows: a token sees its own sequence's
+        keys at positions <= its own (and > its own - ``window`` when set)."""
+        key = ("packed", window, dtype)
+        if key not in self._masks:
+            assert self.query_seq is not None and self.key_seq is not None
+            assert self.query_pos is not None and self.key_pos is not None
+            query_pos, key_pos = self.query_pos[:, None], self.key_pos[None, :]
+            allowed = (self.query_seq[:, None] == self.key_seq[None, :]) & (key_pos <= query_pos)
+            if window is not None:
+                allowed &= key_pos > query_pos - window
+            self._masks[key] = _additive(allowed, dtype)[None, None]
+        return self._masks[key]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 class PackedKVCache:
     """The cache object handed to transformers' model for one packed step.
 
     ``update(key, value, layer_idx, ...)`` gets the step's new keys/values [1, heads, T, D],
-    appends each sequence's share to its ``SequenceKV`` and returns the packed keys/values
-    [1, heads, K, D] in the mask's layout. ``commit`` marks the step's tokens as cached. Nothing
-    else of transformers' cache interface is needed: positions and the 4D mask are given.
+    writes them at the step's slots in the arena and returns the layer's pools [1, heads,
+    slots, D] (the packed attention gathers from them by the layout). ``commit`` marks the
+    step's tokens as cached. Nothing else of transformers' cache interface is needed:
+    positions are given, and the packed attention needs no mask from the model.
     """
 
-    def __init__(self, step: PackedStep) -> None:
-        self.step = step
+    def __init__(self, layout: StepLayout, arena: KVArena) -> None:
+        self.layout = layout
+        self.arena = arena
 
     def update(
         self,
@@ -95,24 +266,13 @@ class PackedKVCache:
         *_: Any,
         **__: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        key_parts, value_parts = [], []
-        start = 0
-        for cache, count in zip(self.step.caches, self.step.new_tokens, strict=True):
-            new_k = key_states[0, :, start : start + count]
-            new_v = value_states[0, :, start : start + count]
-            start += count
-            old_k, old_v = cache.keys.get(layer_idx), cache.values.get(layer_idx)
-            if old_k is not None and old_v is not None and cache.length:
-                new_k = torch.cat([old_k[:, : cache.length], new_k], dim=1)
-                new_v = torch.cat([old_v[:, : cache.length], new_v], dim=1)
-            else:  # a copy: a view would keep the whole step's keys alive
-                new_k, new_v = new_k.clone(), new_v.clone()
-            cache.keys[layer_idx], cache.values[layer_idx] = new_k, new_v
-            key_parts.append(new_k)
-            value_parts.append(new_v)
-        return torch.cat(key_parts, dim=1)[None], torch.cat(value_parts, dim=1)[None]
+        keys, values = self.arena.store(
+            layer_idx, key_states[0], value_states[0], self.layout.write_slots
+        )
+        return keys[None], values[None]
 
     def commit(self) -> None:
         """The step completed: every scheduled sequence now has its new tokens cached."""
-        for cache, count in zip(self.step.caches, self.step.new_tokens, strict=True):
+        step = self.layout.step
+        for cache, count in zip(step.caches, step.new_tokens, strict=True):
             cache.length += count
