@@ -4,8 +4,8 @@ Registered with transformers' ``AttentionInterface`` as ``moe_eplb_packed`` (the
 with it; transformers then builds no mask of its own). The attention modules call it with the
 step's queries [1, heads, T, D] and the layer's pools [1, kv_heads, slots, D] (what
 ``PackedKVCache.update`` returned), and the step's ``StepLayout`` as the ``packed_layout``
-keyword (``EPCausalLM.logits`` passes it through the model). The attention itself is
-transformers' ``sdpa`` function, run on two groups:
+keyword (``EPCausalLM.logits`` passes it through the model). The attention is torch's
+``scaled_dot_product_attention`` (the module's ``scaling``), run on two groups:
 
 - the decodes (one new token each) batched: queries [D, heads, 1, D_h] against their own keys
   gathered to [D, kv_heads, Lmax, D_h] with a padding mask, linear in the keys they attend to;
@@ -22,18 +22,47 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kv_cache import StepLayout
 
 NAME = "moe_eplb_packed"
+# Not cuDNN's backend: it builds an execution plan per new shape (~10 ms on an H200), and the
+# key length of a serving step changes every step.
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 LAYOUT_KWARG = "packed_layout"
 WINDOWS_KWARG = "packed_windows"
 
 
-def _sdpa() -> Callable[..., tuple[torch.Tensor, Any]]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward
+def attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads: ``query`` [B, heads, q, D],
+    ``keys`` [B, kv_heads, K, D], ``values`` [B, kv_heads, K, D_v], additive ``mask``
+    [B or 1, 1, q, K]. Query head h reads key head h // (heads / kv_heads). Out [B, q, heads,
+    D_v]. One-token queries fold their head group into the query length (no key copies);
+    longer ones expand the keys."""
+    batch, heads, length, _ = query.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    if groups > 1 and length == 1:
+        folded = query.reshape(batch, kv_heads, groups, query.shape[-1])
+        with sdpa_kernel(BACKENDS):
+            out = F.scaled_dot_product_attention(
+                folded, keys, values, attn_mask=mask, scale=scaling
+            )
+        return out.reshape(batch, heads, 1, -1).transpose(1, 2)
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    with sdpa_kernel(BACKENDS):
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
 
 
 def packed_attention(
@@ -45,17 +74,17 @@ def packed_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature; see the module docstring."""
-    layout: StepLayout | None = kwargs.pop(LAYOUT_KWARG, None)
-    windows: Callable[[int], int | None] | None = kwargs.pop(WINDOWS_KWARG, None)
+    layout: StepLayout | None = kwargs.get(LAYOUT_KWARG)
+    windows: Callable[[int], int | None] | None = kwargs.get(WINDOWS_KWARG)
     if layout is None or windows is None:
         raise RuntimeError(
             f"attention {NAME!r} runs the serving engine's packed steps only "
             f"(no {LAYOUT_KWARG!r} was passed)"
         )
-    kwargs.pop("sliding_window", None)  # applied in the masks
-    kwargs.pop("is_causal", None)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"attention {NAME!r}: logit soft-capping is not supported")
+    scaling: float | None = kwargs.get("scaling")
     window = windows(int(getattr(module, "layer_idx", 0)))
-    sdpa = _sdpa()
     key_pool, value_pool = key[0], value[0]  # [kv_heads, slots, D]
     heads, value_dim = query.shape[1], value_pool.shape[-1]
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, output [rows, heads, D_v])
@@ -66,14 +95,12 @@ def packed_attention(
         keys = key_pool.index_select(1, flat).view(key_pool.shape[0], batch, width, -1)
         values = value_pool.index_select(1, flat).view(value_pool.shape[0], batch, width, -1)
         queries = query[0].index_select(1, layout.decode_rows).transpose(0, 1).unsqueeze(2)
-        out, _ = sdpa(
-            module,
+        out = attend(
             queries,  # [D, heads, 1, D_h]
             keys.transpose(0, 1),  # [D, kv_heads, Lmax, D_h]
             values.transpose(0, 1),
             layout.decode_mask(window, query.dtype),
-            is_causal=False,
-            **kwargs,
+            scaling,
         )
         parts.append((layout.decode_rows, out[:, 0]))  # out [D, 1, heads, D_v]
     if layout.packed_slots is not None:
@@ -81,14 +108,12 @@ def packed_attention(
         keys = key_pool.index_select(1, layout.packed_slots)[None]
         values = value_pool.index_select(1, layout.packed_slots)[None]
         queries = query if layout.num_decodes == 0 else query.index_select(2, layout.packed_rows)
-        out, _ = sdpa(
-            module,
+        out = attend(
             queries,  # [1, heads, T_p, D_h]
             keys,  # [1, kv_heads, K_p, D_h]
             values,
             layout.packed_mask(window, query.dtype),
-            is_causal=False,
-            **kwargs,
+            scaling,
         )
         parts.append((layout.packed_rows, out[0]))  # out [1, T_p, heads, D_v]
     if len(parts) == 1 and (layout.in_order or layout.num_decodes == 0):
