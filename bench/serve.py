@@ -12,6 +12,14 @@ end p50/p90/p99 (transformers: a request's TTFT is its batch's first step, its I
 between the batch's steps). One JSON line per (system, concurrency); serve's lines carry the
 ratios serve / transformers.
 
+EPLB modes (``--eplb``, each its own server in the same run): ``off`` (no load recording, no
+redundant slots), ``on`` (periodic rebalances as configured) and ``rebalancing`` (a rebalance
+asked for through the control API every ``--rebalance-every`` seconds; ITL of the tokens that
+arrived during a rebalance vs the others: ``during_rebalance``). The prompts come from a skewed
+topic mix (``--topics``, ``--topic-skew``, ``--drift-period-s``). ``--check-prompts N``: N greedy
+completions from each mode and transformers' ``generate`` (batch 1) compared token by token;
+``--loads-out``: the leader's per-expert load window of mode ``on`` (for ``bench/placement.py``).
+
 Shapes: ``tiny`` (CPU-friendly) and ``qwen3-30b-a3b`` (Qwen3-30B-A3B's layer shape: hidden 2048,
 32 query / 4 KV heads of 128, 128 experts, top-8, expert FFN 768; --layers of them).
 
@@ -50,6 +58,7 @@ from moe_worker.config import TrafficConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 SERVE = "moe-eplb serve"
+MODES = ("off", "on", "rebalancing")
 TRANSFORMERS = "transformers generate (static batches)"
 BYTE_VOCAB = {"vocab_size": 320, "bos_token_id": 256, "eos_token_id": 257}
 SHAPES: dict[str, dict[str, Any]] = {
@@ -433,6 +442,12 @@ def machine_facts(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    from moe_worker.eplb.policy import HAVE_NUMBA, aot_available
+
+    # how the placement kernels run here (pure Python without numba: rebalances plan slower)
+    facts["placement_kernels"] = (
+        "numba-aot" if aot_available() else "numba-jit" if HAVE_NUMBA else "python"
+    )
     if device == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(0)
         facts["cuda"] = torch.version.cuda
@@ -465,9 +480,11 @@ def main() -> None:
     parser.add_argument(
         "--eplb",
         nargs="+",
-        choices=("on", "off"),
+        choices=MODES,
         default=["on"],
-        help="Serve once per mode (off: eplb.enabled false, no redundant slots), one run.",
+        help="Serve once per mode, one run: off (eplb.enabled false, no redundant slots), on "
+        "(its periodic rebalances), rebalancing (on, a rebalance asked for every "
+        "--rebalance-every seconds, ITL inside vs outside them).",
     )
     parser.add_argument(
         "--redundant", type=int, default=None, help="eplb.numRedundantExperts with EPLB on."
@@ -476,9 +493,8 @@ def main() -> None:
     parser.add_argument(
         "--rebalance-every",
         type=float,
-        default=None,
-        help="With EPLB on: ask for a rebalance every S seconds during the measured loads "
-        "(periodic ones off) and report ITL inside vs outside the rebalances.",
+        default=2.0,
+        help="Mode rebalancing: seconds between the rebalances asked for (periodic ones off).",
     )
     parser.add_argument("--topics", type=int, default=8, help="Topics in the prompt mix.")
     parser.add_argument("--topic-skew", type=float, default=1.2, help="Zipf s of topics.")
@@ -534,7 +550,7 @@ def main() -> None:
         )
 
     def worker_config(mode: str) -> dict[str, Any]:
-        eplb: dict[str, Any] = {"enabled": mode == "on"}
+        eplb: dict[str, Any] = {"enabled": mode != "off"}
         if mode == "off":
             eplb["numRedundantExperts"] = 0
         else:
@@ -542,7 +558,7 @@ def main() -> None:
                 eplb["numRedundantExperts"] = args.redundant
             if args.policy is not None:
                 eplb["policy"] = args.policy
-            if args.rebalance_every is not None:
+            if mode == "rebalancing":
                 eplb["stepInterval"] = 1_000_000_000  # only the asked-for rebalances
         config: dict[str, Any] = {"model": {"dtype": dtype}, "serving": serving, "eplb": eplb}
         if args.loads_out is not None and mode == "on":
@@ -579,8 +595,8 @@ def main() -> None:
                     )
                     serve_load(server.url, warm)
                 for concurrency, requests in plans.items():
-                    rebalancing = mode == "on" and args.rebalance_every is not None
-                    rebalancer = Rebalancer(server, args.rebalance_every or 0.0)
+                    rebalancing = mode == "rebalancing"
+                    rebalancer = Rebalancer(server, args.rebalance_every)
                     if rebalancing:
                         with rebalancer:
                             summary, records, origin = serve_load(
@@ -591,7 +607,8 @@ def main() -> None:
                             server.url, closed_loop(concurrency, requests)
                         )
                     lines.append({**common, "system": SERVE, "concurrency": concurrency, **summary})
-                    lines[-1].update({"ep_size": args.ep_size, "eplb": config["eplb"]})
+                    lines[-1].update({"ep_size": args.ep_size, "eplb_mode": mode})
+                    lines[-1]["eplb"] = config["eplb"]
                     lines[-1]["serving"] = serving
                     if rebalancing:
                         windows = [(a - origin, b - origin) for a, b in rebalancer.windows]
@@ -654,9 +671,10 @@ def main() -> None:
                 differences = [first_difference(a, b) for a, b in zip(got, reference, strict=True)]
                 line[f"eplb_{mode}_equal_to_reference"] = differences.count(None)
                 line[f"eplb_{mode}_first_difference_at"] = differences
-            if {"on", "off"} <= checks.keys():
-                pairs = zip(checks["on"], checks["off"], strict=True)
-                line["eplb_on_equal_to_off"] = sum(a == b for a, b in pairs)
+            for mode in ("on", "rebalancing"):
+                if {mode, "off"} <= checks.keys():
+                    pairs = zip(checks[mode], checks["off"], strict=True)
+                    line[f"eplb_{mode}_equal_to_off"] = sum(a == b for a, b in pairs)
             lines.append(line)
             print(json.dumps(line), file=sys.stderr, flush=True)
         if not args.no_transformers:

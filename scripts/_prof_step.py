@@ -16,7 +16,7 @@ E = SHAPES[SH]["num_experts"]
 config = WorkerConfig.model_validate({
     "model": {"source": "checkpoint", "path": str(ck), "numExperts": E, "dtype": DT},
     "serving": {"enabled": True, "maxBatchTokens": 16384, "maxRunningRequests": 256, "maxWaitingRequests": 512},
-    "eplb": {"enabled": False}, "device": DEV})
+    "eplb": {"enabled": os.environ.get("EPLB") == "1", "numRedundantExperts": int(os.environ.get("RED", 0))}, "device": DEV})
 engine = create_engine(config, device=torch.device(DEV))
 params = SamplingParams(max_new_tokens=100000, temperature=0, ignore_eos=True)
 out = {}
