@@ -8,6 +8,11 @@ warm-up run, measured in the same process, with numba's JIT build (compiled firs
 pairing-aware bound (`pair_bound`, scipy), else `balancedness_bound`; `*_of_bound` the ratios.
 
     python bench/placement.py [--repeats 21] [--seed 0]
+    python bench/placement.py --loads bench/results/loads.serve-qwen3.h200.json
+
+``--loads FILE`` (a load file, [layers, experts]: e.g. what ``bench/serve.py --loads-out``
+recorded from a served model) runs the static cases on those loads instead: ``served-<G>gpu``
+for G in --gpus, one redundant slot per GPU.
 """
 
 from __future__ import annotations
@@ -181,6 +186,21 @@ def drift_case(weight: np.ndarray, seed: int, repeats: int) -> dict[str, Any]:
     return figures
 
 
+def served_cases(args: argparse.Namespace) -> None:
+    """The static cases on a recorded load file, one line per GPU count."""
+    from moe_worker.eplb.loadfile import read_loads
+
+    weight = read_loads(args.loads)
+    host = machine()
+    warm_up()
+    for gpus in args.gpus:
+        experts = weight.shape[1]
+        slots = experts + gpus + (-(experts + gpus)) % gpus  # one redundant slot per GPU
+        figures = static_case(f"served-{gpus}gpu", weight, slots, gpus, 1, 1, args.repeats)
+        line = {"bench": "placement", "loads": args.loads, **figures, **host}
+        print(json.dumps(line), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
@@ -188,7 +208,12 @@ def main() -> None:
     parser.add_argument(
         "--cases", default="", help="Comma-separated case names to run (default: every case)."
     )
+    parser.add_argument("--loads", default=None, help="A load file [L, E] to place instead.")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 32, 64])
     args = parser.parse_args()
+    if args.loads is not None:
+        served_cases(args)
+        return
     weight = synthetic_loads(args.seed)
     large_ep = synthetic_loads(args.seed, layers=94, experts=128, sigma=1.17)
     host = machine()
