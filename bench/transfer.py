@@ -7,6 +7,12 @@ run. Reports GB/s per direction (bytes one rank sends / wall time of the exchang
 per backend.
 
     python bench/transfer.py [--experts 32] [--backends torch_nccl,pynccl,torch_gloo]
+    python bench/transfer.py --same-gpu --backends torch_gloo,torch_gloo:4
+
+``--same-gpu`` (one GPU is enough): both ranks on cuda:0 over a gloo group, for the backends
+that stage through the host (torch_gloo); the wire is then the host's loopback, the same path
+as two GPUs' staging. Rank 0 also prints the bounds of that path measured in-process on the
+same bytes: pinned device-to-host and host-to-device copies, and a device-to-device copy.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from moe_worker.eplb.communicator import create_communicator
 
 HIDDEN, FFN = 7168, 2048
 LINK_GBPS = 450.0
+ALL_BACKENDS = "torch_nccl,pynccl,pynccl:2,torch_gloo,torch_gloo:4"
 
 
 def _port() -> int:
@@ -50,12 +57,38 @@ def _communicator(name: str, rank: int, device: torch.device, store_port: int) -
     return create_communicator(base, device=device)
 
 
+def _copy_bounds(device: torch.device, nbytes: int, repeats: int) -> dict[str, float]:
+    """GB/s of pinned device-to-host, host-to-device and device-to-device copies of
+    ``nbytes`` (medians of ``repeats``)."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty_like(source)
+    copies = {
+        "pinned_d2h_gb_per_s": lambda: pinned.copy_(source, non_blocking=True),
+        "pinned_h2d_gb_per_s": lambda: target.copy_(pinned, non_blocking=True),
+        "d2d_gb_per_s": lambda: target.copy_(source, non_blocking=True),
+    }
+    figures = {}
+    for name, copy in copies.items():
+        samples = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            copy()
+            torch.cuda.synchronize(device)
+            samples.append(time.perf_counter() - started)
+        figures[name] = nbytes / statistics.median(samples[1:]) / 1e9
+    return figures
+
+
 def _rank(
     rank: int, args: argparse.Namespace, port: int, store_ports: list[int], queue: Any
 ) -> None:
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    index = 0 if args.same_gpu else rank
+    torch.cuda.set_device(index)
+    device = torch.device("cuda", index)
+    backend = "gloo" if args.same_gpu else "nccl"  # NCCL refuses two ranks on one GPU
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     per_rank = args.experts // 2
     shapes = [(FFN, HIDDEN), (FFN, HIDDEN), (HIDDEN, FFN)]
     send = [
@@ -94,7 +127,7 @@ def _rank(
                 sum(float(t.float().sum()) for e in send for t in e),
                 sum(float(t.float().sum()) for e in recv for t in e),
             ],
-            device=device,
+            device="cpu" if args.same_gpu else device,
         )
         gathered = [torch.zeros_like(sums) for _ in range(2)]
         dist.all_gather(gathered, sums)
@@ -117,6 +150,7 @@ def _rank(
                     "seconds_p50": seconds,
                     "gb_per_s_per_direction": gbps,
                     "ratio_to_link": gbps / LINK_GBPS,
+                    "same_gpu": args.same_gpu,
                     "device": torch.cuda.get_device_name(device),
                     "torch": torch.__version__,
                     "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
@@ -126,6 +160,9 @@ def _rank(
         dist.barrier()
         if hasattr(communicator, "close"):
             communicator.close()
+    if rank == 0 and args.same_gpu:
+        bounds = _copy_bounds(device, sent_bytes, args.repeats)
+        queue.put({"bench": "transfer_bounds", "bytes": sent_bytes, **bounds})
     dist.destroy_process_group()
 
 
@@ -133,9 +170,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--backends", default="torch_nccl,pynccl,pynccl:2,torch_gloo,torch_gloo:4")
+    parser.add_argument("--backends", default=None, help="Default: every backend that applies.")
+    parser.add_argument("--same-gpu", action="store_true", help="Both ranks on cuda:0 (gloo).")
     args = parser.parse_args()
-    args.backends = args.backends.split(",")
+    default = "torch_gloo,torch_gloo:4" if args.same_gpu else ALL_BACKENDS
+    args.backends = (args.backends or default).split(",")
+    if args.same_gpu and any(not b.startswith("torch_gloo") for b in args.backends):
+        parser.error("--backends: with --same-gpu only torch_gloo[:N] (NCCL needs two GPUs)")
     context = mp.get_context("spawn")
     queue = context.Queue()
     port, store_ports = _port(), [_port() for _ in args.backends]
@@ -145,7 +186,7 @@ def main() -> None:
     ]
     for process in processes:
         process.start()
-    for _ in args.backends:
+    for _ in range(len(args.backends) + (1 if args.same_gpu else 0)):
         print(json.dumps(queue.get(timeout=600)), flush=True)
     for process in processes:
         process.join()

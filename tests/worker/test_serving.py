@@ -65,7 +65,7 @@ SERVING_CASES = [(f, 1) for f in FAMILIES] + [
     ("qwen2_moe", 2),
     ("deepseek_v2", 2),
     ("qwen3_moe", 4),
-    ("deepseek_v3", 4),
+    ("deepseek_v3", 2),
 ]
 
 
