@@ -17,8 +17,10 @@ attention groups the packed attention (``moe_worker.serving.packed_attention``) 
   mask letting a token see only its own sequence's keys at positions <= its own.
 
 ``PackedKVCache`` is what transformers' attention modules see as their cache: ``update`` writes
-the step's new keys/values into the arena and returns the layer's whole pools [1, heads, slots,
-D], from which the packed attention gathers.
+the step's new keys/values into the arena and returns the keys/values the step reads, gathered
+in one copy each: [1, heads, N, D] with N = D x Lmax (the decodes') + K_p (the packed rows').
+Whatever a model does to cached states between the cache and its attention (DeepSeek's MLA
+caches a compressed latent and expands it per token) then applies to exactly those tokens.
 """
 
 from __future__ import annotations
@@ -136,9 +138,10 @@ class StepLayout:
     """A packed step's positions, write slots and attention groups, on the device.
 
     Attributes (device tensors, int64 unless noted): ``positions`` [1, T]; ``write_slots`` [T];
-    decodes: ``decode_rows`` [D] (their rows in the step), ``decode_slots`` [D, Lmax] (each
-    one's key slots, padded with its first), ``decode_lengths`` [D] (keys it sees);
-    the rest: ``packed_rows`` [T_p], ``packed_slots`` [K_p], and for its mask the sequence and
+    ``read_slots`` [N]: the slots the step reads, the decodes' [D x Lmax] then the packed
+    rows' [K_p]; decodes: ``decode_rows`` [D] (their rows in the step), ``decode_shape``
+    (D, Lmax: each one's keys, padded with its first), ``decode_lengths`` [D] (keys it sees);
+    the rest: ``packed_rows`` [T_p], ``packed_keys`` (K_p), and for its mask the sequence and
     position of every query (``query_seq``, ``query_pos`` [T_p]) and key (``key_seq``,
     ``key_pos`` [K_p]). ``in_order``: the decodes are the whole step, in order.
     """
@@ -164,28 +167,30 @@ class StepLayout:
         self.num_decodes, self.num_packed_rows = len(decode), int(counts[rest].sum())
         self.in_order = len(rest) == 0
         parts: dict[str, np.ndarray] = {"positions": positions, "write_slots": write}
+        reads: list[np.ndarray] = []
+        self.decode_shape: tuple[int, int] | None = None
+        self.packed_keys = 0
         if len(decode):
             seen = lengths[decode] + 1
             width = int(seen.max())
             columns = np.minimum(np.arange(width)[None, :], (seen - 1)[:, None])
-            parts["decode_slots"] = np.stack(
-                [step.caches[i].slots(columns[row]) for row, i in enumerate(decode)]
-            )
+            reads.extend(step.caches[i].slots(columns[row]) for row, i in enumerate(decode))
+            self.decode_shape = (len(decode), width)
             parts["decode_rows"] = starts[decode]
             parts["decode_lengths"] = seen
         if len(rest):
             rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in rest])
             keys = [np.arange(lengths[i] + counts[i]) for i in rest]
             parts["packed_rows"] = rows
-            parts["packed_slots"] = np.concatenate(
-                [step.caches[i].slots(k) for i, k in zip(rest, keys, strict=True)]
-            )
+            reads.extend(step.caches[i].slots(k) for i, k in zip(rest, keys, strict=True))
+            self.packed_keys = sum(len(k) for k in keys)
             parts["query_seq"] = seq_of_row[rows]
             parts["query_pos"] = positions[rows]
             parts["key_seq"] = np.concatenate(
                 [np.full(len(k), i) for i, k in zip(rest, keys, strict=True)]
             )
             parts["key_pos"] = np.concatenate(keys)
+        parts["read_slots"] = np.concatenate(reads)
         # one host-to-device copy for every index of the step
         names = list(parts)
         flat = torch.from_numpy(np.concatenate([parts[n].reshape(-1) for n in names]))
@@ -198,11 +203,10 @@ class StepLayout:
             offset += size
         self.positions = tensors["positions"].unsqueeze(0)
         self.write_slots = tensors["write_slots"]
+        self.read_slots = tensors["read_slots"]
         self.decode_rows = tensors.get("decode_rows")
-        self.decode_slots = tensors.get("decode_slots")
         self.decode_lengths = tensors.get("decode_lengths")
         self.packed_rows = tensors.get("packed_rows")
-        self.packed_slots = tensors.get("packed_slots")
         self.query_seq = tensors.get("query_seq")
         self.query_pos = tensors.get("query_pos")
         self.key_seq = tensors.get("key_seq")
@@ -215,8 +219,8 @@ class StepLayout:
         ``window`` of its new token when set), dtype's min elsewhere (the padding)."""
         key = ("decode", window, dtype)
         if key not in self._masks:
-            assert self.decode_slots is not None and self.decode_lengths is not None
-            width = self.decode_slots.shape[1]
+            assert self.decode_shape is not None and self.decode_lengths is not None
+            width = self.decode_shape[1]
             column = torch.arange(width, device=self.decode_lengths.device)[None, :]
             allowed = column < self.decode_lengths[:, None]
             if window is not None:
@@ -248,10 +252,10 @@ class PackedKVCache:
     """The cache object handed to transformers' model for one packed step.
 
     ``update(key, value, layer_idx, ...)`` gets the step's new keys/values [1, heads, T, D],
-    writes them at the step's slots in the arena and returns the layer's pools [1, heads,
-    slots, D] (the packed attention gathers from them by the layout). ``commit`` marks the
-    step's tokens as cached. Nothing else of transformers' cache interface is needed:
-    positions are given, and the packed attention needs no mask from the model.
+    writes them at the step's slots in the arena and returns what the step reads, [1, heads,
+    N, D] in the layout's ``read_slots`` order. ``commit`` marks the step's tokens as cached.
+    Nothing else of transformers' cache interface is needed: positions are given, and the
+    packed attention needs no mask from the model.
     """
 
     def __init__(self, layout: StepLayout, arena: KVArena) -> None:
@@ -269,7 +273,8 @@ class PackedKVCache:
         keys, values = self.arena.store(
             layer_idx, key_states[0], value_states[0], self.layout.write_slots
         )
-        return keys[None], values[None]
+        reads = self.layout.read_slots
+        return keys.index_select(1, reads)[None], values.index_select(1, reads)[None]
 
     def commit(self) -> None:
         """The step completed: every scheduled sequence now has its new tokens cached."""

@@ -2,8 +2,9 @@
 
 Registered with transformers' ``AttentionInterface`` as ``moe_eplb_packed`` (the model is built
 with it; transformers then builds no mask of its own). The attention modules call it with the
-step's queries [1, heads, T, D] and the layer's pools [1, kv_heads, slots, D] (what
-``PackedKVCache.update`` returned), and the step's ``StepLayout`` as the ``packed_layout``
+step's queries [1, heads, T, D] and the keys/values the step reads [1, kv_heads, N, D] (what
+``PackedKVCache.update`` returned, after whatever the model does to them), and the step's
+``StepLayout`` as the ``packed_layout``
 keyword (``EPCausalLM.logits`` passes it through the model). The attention is torch's
 ``scaled_dot_product_attention`` (the module's ``scaling``), run on two groups:
 
@@ -85,15 +86,16 @@ def packed_attention(
         raise ValueError(f"attention {NAME!r}: logit soft-capping is not supported")
     scaling: float | None = kwargs.get("scaling")
     window = windows(int(getattr(module, "layer_idx", 0)))
-    key_pool, value_pool = key[0], value[0]  # [kv_heads, slots, D]
-    heads, value_dim = query.shape[1], value_pool.shape[-1]
+    read_keys, read_values = key[0], value[0]  # [kv_heads, N, D]: decodes' then packed
+    heads, value_dim = query.shape[1], read_values.shape[-1]
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, output [rows, heads, D_v])
-    if layout.decode_slots is not None:
+    decoded = 0
+    if layout.decode_shape is not None:
         assert layout.decode_rows is not None
-        batch, width = layout.decode_slots.shape
-        flat = layout.decode_slots.reshape(-1)
-        keys = key_pool.index_select(1, flat).view(key_pool.shape[0], batch, width, -1)
-        values = value_pool.index_select(1, flat).view(value_pool.shape[0], batch, width, -1)
+        batch, width = layout.decode_shape
+        decoded = batch * width
+        keys = read_keys[:, :decoded].unflatten(1, (batch, width))
+        values = read_values[:, :decoded].unflatten(1, (batch, width))
         queries = query[0].index_select(1, layout.decode_rows).transpose(0, 1).unsqueeze(2)
         out = attend(
             queries,  # [D, heads, 1, D_h]
@@ -103,10 +105,9 @@ def packed_attention(
             scaling,
         )
         parts.append((layout.decode_rows, out[:, 0]))  # out [D, 1, heads, D_v]
-    if layout.packed_slots is not None:
-        assert layout.packed_rows is not None
-        keys = key_pool.index_select(1, layout.packed_slots)[None]
-        values = value_pool.index_select(1, layout.packed_slots)[None]
+    if layout.packed_rows is not None:
+        keys = read_keys[None, :, decoded:]
+        values = read_values[None, :, decoded:]
         queries = query if layout.num_decodes == 0 else query.index_select(2, layout.packed_rows)
         out = attend(
             queries,  # [1, heads, T_p, D_h]
