@@ -23,6 +23,7 @@ from moe_worker.serving.kv_cache import (
     PackedStep,
     SequenceKV,
     StepLayout,
+    length_buckets,
 )
 from moe_worker.serving.packed_attention import LAYOUT_KWARG, WINDOWS_KWARG, packed_attention
 
@@ -142,6 +143,25 @@ def test_any_schedule_equals_the_reference(
     got, want = run_steps(steps, window, seed)
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got, step_want)
+
+
+def test_decodes_of_very_different_lengths_run_in_length_buckets() -> None:
+    # 41, 4 and 20 keys: three buckets (each at most doubles its keys by padding)
+    steps = [[(0, 40), (1, 3), (2, 19)], [(1, 1), (0, 1), (2, 1)], [(2, 1), (0, 1), (1, 1)]]
+    arena = KVArena(torch.device("cpu"))
+    kvs = [SequenceKV(length=n) for n in (40, 3, 19)]
+    layout = StepLayout(PackedStep(kvs, [1, 1, 1]), arena, torch.device("cpu"))
+    assert layout.decode_buckets == [(1, 41), (1, 20), (1, 4)] and not layout.in_order
+    for window in (None, 6):
+        got, want = run_steps(steps, window, seed=2)
+        for step_got, step_want in zip(got, want, strict=True):
+            torch.testing.assert_close(step_got, step_want)
+
+
+def test_length_buckets_keep_padding_under_double() -> None:
+    buckets = length_buckets(np.asarray([100, 10, 60, 45, 5]))
+    assert [b.tolist() for b in buckets] == [[0, 2], [3], [1], [4]]
+    assert [b.tolist() for b in length_buckets(np.asarray([5, 7, 6]))] == [[0, 1, 2]]
 
 
 def test_the_arena_grows_keeps_what_it_holds_and_gets_blocks_back() -> None:

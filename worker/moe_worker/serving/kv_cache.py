@@ -11,14 +11,17 @@ transfer: the token positions [T], the slot each new token is written to [T], an
 attention groups the packed attention (``moe_worker.serving.packed_attention``) runs:
 
 - decodes: sequences with one new token, batched as [D, heads, 1, head_dim] queries against
-  their own keys gathered to [D, heads, Lmax, head_dim] (a padding mask per sequence);
+  their own keys gathered to [D, heads, Lmax, head_dim] (a padding mask per sequence), in
+  buckets of similar lengths (``decode_buckets``: a bucket's shortest sequence sees more than
+  half its longest one's keys), so one long sequence does not pad every short one;
 - the rest (prefill chunks, speculative verifications): their rows packed as one sequence of
   T_p queries against K_p keys (every such sequence's cached keys then its new ones), with a
   mask letting a token see only its own sequence's keys at positions <= its own.
 
 ``PackedKVCache`` is what transformers' attention modules see as their cache: ``update`` writes
 the step's new keys/values into the arena and returns the keys/values the step reads, gathered
-in one copy each: [1, heads, N, D] with N = D x Lmax (the decodes') + K_p (the packed rows').
+in one copy each: [1, heads, N, D] with N = each decode bucket's D x Lmax, then K_p (the
+packed rows').
 Whatever a model does to cached states between the cache and its attention (DeepSeek's MLA
 caches a compressed latent and expands it per token) then applies to exactly those tokens.
 """
@@ -138,9 +141,10 @@ class StepLayout:
     """A packed step's positions, write slots and attention groups, on the device.
 
     Attributes (device tensors, int64 unless noted): ``positions`` [1, T]; ``write_slots`` [T];
-    ``read_slots`` [N]: the slots the step reads, the decodes' [D x Lmax] then the packed
-    rows' [K_p]; decodes: ``decode_rows`` [D] (their rows in the step), ``decode_shape``
-    (D, Lmax: each one's keys, padded with its first), ``decode_lengths`` [D] (keys it sees);
+    ``read_slots`` [N]: the slots the step reads, each decode bucket's [D_b x Lmax_b] then the
+    packed rows' [K_p]; decodes: ``decode_buckets`` [(D_b, Lmax_b)] (each decode's keys padded
+    with its first), ``decode_rows`` [D] (their rows in the step, bucket after bucket),
+    ``decode_lengths`` [D] (keys each sees);
     the rest: ``packed_rows`` [T_p], ``packed_keys`` (K_p), and for its mask the sequence and
     position of every query (``query_seq``, ``query_pos`` [T_p]) and key (``key_seq``,
     ``key_pos`` [K_p]). ``in_order``: the decodes are the whole step, in order.
@@ -168,14 +172,23 @@ class StepLayout:
         self.in_order = len(rest) == 0
         parts: dict[str, np.ndarray] = {"positions": positions, "write_slots": write}
         reads: list[np.ndarray] = []
-        self.decode_shape: tuple[int, int] | None = None
+        self.decode_buckets: list[tuple[int, int]] = []
         self.packed_keys = 0
         if len(decode):
+            buckets = length_buckets(lengths[decode] + 1)
+            if len(buckets) > 1:
+                self.in_order = False
+            decode = np.concatenate([decode[bucket] for bucket in buckets])
             seen = lengths[decode] + 1
-            width = int(seen.max())
-            columns = np.minimum(np.arange(width)[None, :], (seen - 1)[:, None])
-            reads.extend(step.caches[i].slots(columns[row]) for row, i in enumerate(decode))
-            self.decode_shape = (len(decode), width)
+            first = 0
+            for bucket in buckets:
+                bucket_seen = seen[first : first + len(bucket)]
+                width = int(bucket_seen.max())
+                columns = np.minimum(np.arange(width)[None, :], (bucket_seen - 1)[:, None])
+                members = decode[first : first + len(bucket)]
+                reads.extend(step.caches[i].slots(columns[r]) for r, i in enumerate(members))
+                self.decode_buckets.append((len(bucket), width))
+                first += len(bucket)
             parts["decode_rows"] = starts[decode]
             parts["decode_lengths"] = seen
         if len(rest):
@@ -214,17 +227,20 @@ class StepLayout:
         self.total = total
         self._masks: dict[tuple[str, int | None, torch.dtype], torch.Tensor] = {}
 
-    def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [D, 1, 1, Lmax] of the decodes: 0 on a sequence's own keys (within
-        ``window`` of its new token when set), dtype's min elsewhere (the padding)."""
-        key = ("decode", window, dtype)
+    def decode_mask(
+        self, first: int, count: int, width: int, window: int | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Additive mask [count, 1, 1, width] of the decode bucket of decodes first..first +
+        count - 1: 0 on a sequence's own keys (within ``window`` of its new token when set),
+        dtype's min elsewhere (the padding)."""
+        key = (f"decode-{first}", window, dtype)
         if key not in self._masks:
-            assert self.decode_shape is not None and self.decode_lengths is not None
-            width = self.decode_shape[1]
-            column = torch.arange(width, device=self.decode_lengths.device)[None, :]
-            allowed = column < self.decode_lengths[:, None]
+            assert self.decode_lengths is not None
+            lengths = self.decode_lengths[first : first + count, None]
+            column = torch.arange(width, device=lengths.device)[None, :]
+            allowed = column < lengths
             if window is not None:
-                allowed &= column > (self.decode_lengths[:, None] - 1) - window
+                allowed &= column > (lengths - 1) - window
             self._masks[key] = _additive(allowed, dtype)[:, None, None, :]
         return self._masks[key]
 
@@ -241,6 +257,23 @@ class StepLayout:
                 allowed &= key_pos > query_pos - window
             self._masks[key] = _additive(allowed, dtype)[None, None]
         return self._masks[key]
+
+
+def length_buckets(lengths: np.ndarray) -> list[np.ndarray]:
+    """Indices of ``lengths`` [D] in buckets of similar length: longest first, a bucket ends
+    before the first length at most half its longest (padding to the longest then at most
+    doubles a bucket's keys). One bucket, in the given order, when all lengths fit one."""
+    order = np.argsort(-lengths, kind="stable")
+    buckets: list[list[int]] = []
+    longest = 0
+    for index in order:
+        if not buckets or 2 * int(lengths[index]) <= longest:
+            buckets.append([])
+            longest = int(lengths[index])
+        buckets[-1].append(int(index))
+    if len(buckets) == 1:
+        return [np.arange(len(lengths))]
+    return [np.asarray(bucket, dtype=np.int64) for bucket in buckets]
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -89,22 +89,23 @@ def packed_attention(
     read_keys, read_values = key[0], value[0]  # [kv_heads, N, D]: decodes' then packed
     heads, value_dim = query.shape[1], read_values.shape[-1]
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, output [rows, heads, D_v])
-    decoded = 0
-    if layout.decode_shape is not None:
+    decoded = first = 0  # keys read and decodes done so far
+    for batch, width in layout.decode_buckets:
         assert layout.decode_rows is not None
-        batch, width = layout.decode_shape
-        decoded = batch * width
-        keys = read_keys[:, :decoded].unflatten(1, (batch, width))
-        values = read_values[:, :decoded].unflatten(1, (batch, width))
-        queries = query[0].index_select(1, layout.decode_rows).transpose(0, 1).unsqueeze(2)
+        rows = layout.decode_rows[first : first + batch]
+        keys = read_keys[:, decoded : decoded + batch * width].unflatten(1, (batch, width))
+        values = read_values[:, decoded : decoded + batch * width].unflatten(1, (batch, width))
+        queries = query[0].index_select(1, rows).transpose(0, 1).unsqueeze(2)
         out = attend(
-            queries,  # [D, heads, 1, D_h]
-            keys.transpose(0, 1),  # [D, kv_heads, Lmax, D_h]
+            queries,  # [D_b, heads, 1, D_h]
+            keys.transpose(0, 1),  # [D_b, kv_heads, Lmax_b, D_h]
             values.transpose(0, 1),
-            layout.decode_mask(window, query.dtype),
+            layout.decode_mask(first, batch, width, window, query.dtype),
             scaling,
         )
-        parts.append((layout.decode_rows, out[:, 0]))  # out [D, 1, heads, D_v]
+        parts.append((rows, out[:, 0]))  # out [D_b, 1, heads, D_v]
+        decoded += batch * width
+        first += batch
     if layout.packed_rows is not None:
         keys = read_keys[None, :, decoded:]
         values = read_values[None, :, decoded:]
@@ -117,7 +118,7 @@ def packed_attention(
             scaling,
         )
         parts.append((layout.packed_rows, out[0]))  # out [1, T_p, heads, D_v]
-    if len(parts) == 1 and (layout.in_order or layout.num_decodes == 0):
+    if len(parts) == 1 and (layout.in_order or layout.num_decodes == 0):  # rows in step order
         return parts[0][1][None], None
     output = query.new_empty((layout.total, heads, value_dim))
     for rows, rows_out in parts:
