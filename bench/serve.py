@@ -432,6 +432,16 @@ class Server:
             self.process.wait()
 
 
+def write_line(line: dict[str, Any], out: Path | None) -> None:
+    """Print ``line`` as one JSON line, and append it to ``out`` when given."""
+    text = json.dumps(line)
+    print(text, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as handle:
+            handle.write(text + "\n")
+
+
 def machine_facts(device: str) -> dict[str, Any]:
     import transformers
 
@@ -707,12 +717,7 @@ def main() -> None:
                     "itl_p99_ms",
                 )
             }
-        text = json.dumps(line)
-        print(text, flush=True)
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with args.out.open("a") as handle:
-                handle.write(text + "\n")
+        write_line(line, args.out)
 
 
 if __name__ == "__main__":

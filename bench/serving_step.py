@@ -16,33 +16,16 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import DTYPES, SHAPES, machine_facts, make_checkpoint  # noqa: E402
-
-
-def timed_steps(step: Callable[[], Any], device: torch.device, count: int) -> float:
-    """Median seconds of ``count`` calls of ``step`` (device synchronised around each)."""
-    samples = []
-    for _ in range(count):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+from moe_layer import synced_ms  # noqa: E402
+from serve import DTYPES, SHAPES, machine_facts, make_checkpoint, write_line  # noqa: E402
 
 
 def engine_step_s(
@@ -88,7 +71,7 @@ def engine_step_s(
         engine.step()  # admission and prefill
     for _ in range(3):
         engine.step()  # warm up the decode shapes
-    seconds = timed_steps(engine.step, device, steps)
+    seconds = synced_ms(engine.step, device, steps) / 1e3
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
@@ -142,7 +125,7 @@ def transformers_step_s(
 
         for _ in range(3):
             step()
-        return timed_steps(step, device, steps)
+        return synced_ms(step, device, steps) / 1e3
 
 
 def main() -> None:
@@ -196,12 +179,7 @@ def main() -> None:
                 **({"machine_name": args.machine} if args.machine else {}),
                 **facts,
             }
-            text = json.dumps(line)
-            print(text, flush=True)
-            if args.out is not None:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                with args.out.open("a") as handle:
-                    handle.write(text + "\n")
+            write_line(line, args.out)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def run_steps(
         keys = torch.randn((1, KV_HEADS, total, DIM), generator=generator, dtype=torch.float64)
         values = torch.randn((1, KV_HEADS, total, DIM), generator=generator, dtype=torch.float64)
         layout = StepLayout(PackedStep(kvs, counts), arena, torch.device("cpu"))
-        cache = PackedKVCache(layout, arena)
+        cache = PackedKVCache(layout)
         key_pool, value_pool = cache.update(keys, values, 0)
         out, _ = packed_attention(
             module,

@@ -91,14 +91,13 @@ def itl_in_windows(
     other gaps). A token's arrival is its first token's time plus the gaps before it."""
     inside: list[float] = []
     outside: list[float] = []
-    ordered = sorted(windows)
     for record in records:
         if not record.ok or record.first_token_at is None:
             continue
         at = record.first_token_at
         for gap in record.chunk_gaps:
             at += gap
-            hit = any(start <= at <= end for start, end in ordered)
+            hit = any(start <= at <= end for start, end in windows)
             (inside if hit else outside).append(gap)
     return inside, outside
 

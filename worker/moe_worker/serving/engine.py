@@ -360,7 +360,7 @@ class ServingEngine(RankEngine):
         arena = self.kv_arenas[role]
         step = PackedStep([kv for kv, _ in inputs], [len(tokens) for _, tokens in inputs])
         layout = StepLayout(step, arena, device)
-        cache = PackedKVCache(layout, arena)
+        cache = PackedKVCache(layout)
         flat = [token for _, tokens in inputs for token in tokens]
         with torch.inference_mode():
             logits = model.logits(

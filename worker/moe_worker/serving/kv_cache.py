@@ -132,10 +132,6 @@ class PackedStep:
     caches: list[SequenceKV]
     new_tokens: list[int]
 
-    @property
-    def total_new(self) -> int:
-        return sum(self.new_tokens)
-
 
 class StepLayout:
     """A packed step's positions, write slots and attention groups, on the device.
@@ -145,13 +141,15 @@ class StepLayout:
     packed rows' [K_p]; decodes: ``decode_buckets`` [(D_b, Lmax_b)] (each decode's keys padded
     with its first), ``decode_rows`` [D] (their rows in the step, bucket after bucket),
     ``decode_lengths`` [D] (keys each sees);
-    the rest: ``packed_rows`` [T_p], ``packed_keys`` (K_p), and for its mask the sequence and
-    position of every query (``query_seq``, ``query_pos`` [T_p]) and key (``key_seq``,
-    ``key_pos`` [K_p]). ``in_order``: the decodes are the whole step, in order.
+    the rest: ``packed_rows`` [T_p], and for its mask the sequence and position of every query
+    (``query_seq``, ``query_pos`` [T_p]) and key (``key_seq``, ``key_pos`` [K_p]).
+    ``in_order``: the step is one attention group (all decodes in one bucket, or no decode)
+    whose rows are the step's rows in order. ``arena``: where the step's caches live.
     """
 
     def __init__(self, step: PackedStep, arena: KVArena, device: torch.device) -> None:
         self.step = step
+        self.arena = arena
         counts = np.asarray(step.new_tokens, dtype=np.int64)
         lengths = np.asarray([cache.length for cache in step.caches], dtype=np.int64)
         for cache, length, count in zip(step.caches, lengths, counts, strict=True):
@@ -168,16 +166,13 @@ class StepLayout:
         )
         decode = np.flatnonzero(counts == 1)
         rest = np.flatnonzero(counts != 1)
-        self.num_decodes, self.num_packed_rows = len(decode), int(counts[rest].sum())
-        self.in_order = len(rest) == 0
         parts: dict[str, np.ndarray] = {"positions": positions, "write_slots": write}
         reads: list[np.ndarray] = []
         self.decode_buckets: list[tuple[int, int]] = []
-        self.packed_keys = 0
+        self.in_order = len(decode) == 0
         if len(decode):
             buckets = length_buckets(lengths[decode] + 1)
-            if len(buckets) > 1:
-                self.in_order = False
+            self.in_order = len(rest) == 0 and len(buckets) == 1
             decode = np.concatenate([decode[bucket] for bucket in buckets])
             seen = lengths[decode] + 1
             first = 0
@@ -196,7 +191,6 @@ class StepLayout:
             keys = [np.arange(lengths[i] + counts[i]) for i in rest]
             parts["packed_rows"] = rows
             reads.extend(step.caches[i].slots(k) for i, k in zip(rest, keys, strict=True))
-            self.packed_keys = sum(len(k) for k in keys)
             parts["query_seq"] = seq_of_row[rows]
             parts["query_pos"] = positions[rows]
             parts["key_seq"] = np.concatenate(
@@ -291,9 +285,8 @@ class PackedKVCache:
     packed attention needs no mask from the model.
     """
 
-    def __init__(self, layout: StepLayout, arena: KVArena) -> None:
+    def __init__(self, layout: StepLayout) -> None:
         self.layout = layout
-        self.arena = arena
 
     def update(
         self,
@@ -303,7 +296,7 @@ class PackedKVCache:
         *_: Any,
         **__: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.arena.store(
+        keys, values = self.layout.arena.store(
             layer_idx, key_states[0], value_states[0], self.layout.write_slots
         )
         reads = self.layout.read_slots

@@ -109,7 +109,7 @@ def packed_attention(
     if layout.packed_rows is not None:
         keys = read_keys[None, :, decoded:]
         values = read_values[None, :, decoded:]
-        queries = query if layout.num_decodes == 0 else query.index_select(2, layout.packed_rows)
+        queries = query if layout.in_order else query.index_select(2, layout.packed_rows)
         out = attend(
             queries,  # [1, heads, T_p, D_h]
             keys,  # [1, kv_heads, K_p, D_h]
@@ -118,7 +118,7 @@ def packed_attention(
             scaling,
         )
         parts.append((layout.packed_rows, out[0]))  # out [1, T_p, heads, D_v]
-    if len(parts) == 1 and (layout.in_order or layout.num_decodes == 0):  # rows in step order
+    if layout.in_order:  # one group, its rows the step's rows in order
         return parts[0][1][None], None
     output = query.new_empty((layout.total, heads, value_dim))
     for rows, rows_out in parts:
