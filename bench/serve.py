@@ -411,6 +411,17 @@ class Server:
         response.raise_for_status()
         return dict(response.json())
 
+    def kernels_settled(self, timeout_s: float = 300.0) -> str:
+        """Wait (up to ``timeout_s``) until the leader's placement kernels are no longer
+        compiling (a compile holds the GIL for seconds: measured, it would slow the serving
+        loop); returns how placements run there (``placementKernels`` of ``/v1/state``)."""
+        deadline = time.monotonic() + timeout_s
+        while (build := self.state().get("placementKernels")) in (None, "compiling"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"placement kernels still {build} after {timeout_s} s")
+            time.sleep(0.2)
+        return str(build)
+
     def rebalance(self) -> int:
         """Ask for a rebalance; the status code (202 accepted, 409 one is pending)."""
         return int(self._control("POST", "/v1/eplb/rebalance").status_code)
@@ -598,6 +609,7 @@ def main() -> None:
             print(f"{SERVE} (EPLB {mode}) ready in {time.perf_counter() - started:.1f} s",
                   file=sys.stderr)  # fmt: skip
             try:
+                kernels = server.kernels_settled()
                 # warm up: the first steps of each batch size compile (Triton) and allocate
                 for concurrency in args.concurrency:
                     warm = traffic(
@@ -618,6 +630,7 @@ def main() -> None:
                         )
                     lines.append({**common, "system": SERVE, "concurrency": concurrency, **summary})
                     lines[-1].update({"ep_size": args.ep_size, "eplb_mode": mode})
+                    lines[-1]["placement_kernels"] = kernels
                     lines[-1]["eplb"] = config["eplb"]
                     lines[-1]["serving"] = serving
                     if rebalancing:

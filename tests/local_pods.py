@@ -244,7 +244,11 @@ class LocalPods:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # Cancel until it ends: Python 3.11's wait_for can swallow a cancellation that
+            # lands as its inner call completes, and the loop would go on forever.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None

@@ -95,13 +95,15 @@ def test_digest_follows_the_kernel_sources(monkeypatch: pytest.MonkeyPatch) -> N
 
 CHOICE = """
 import json
-from moe_worker.eplb.policy import jit, warm_up
+from moe_worker.eplb.policy import jit, kernel_build, warm_up
 aot = jit.aot_module()
 kernel = jit.ROW_KERNELS["refine_rows"]
 first = jit.build_for(kernel) is getattr(aot, "refine_rows")
+build_before = kernel_build()
 warm_up()
 later = jit.build_for(kernel) is kernel.jit
-print(json.dumps({"first_is_aot": first, "after_warm_up_is_jit": later}))
+print(json.dumps({"first_is_aot": first, "after_warm_up_is_jit": later,
+                  "reported": [build_before, kernel_build()]}))
 """
 
 
@@ -112,4 +114,30 @@ def test_a_fresh_process_uses_aot_until_the_jit_is_compiled(aot: Any) -> None:
     assert json.loads(answer.stdout.strip().splitlines()[-1]) == {
         "first_is_aot": True,
         "after_warm_up_is_jit": True,
+        "reported": ["numba-aot", "numba-jit"],
     }
+
+
+def test_the_reported_build_names_a_compile_in_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an AOT build, a rank whose warm-up thread still compiles says ``compiling`` (the
+    serving benchmark waits for it to end), and ``numba-lazy`` when nothing compiles yet."""
+    import threading
+
+    from moe_worker.eplb import policy
+
+    kernel = policy.ROW_KERNELS["refine_rows"]
+    monkeypatch.setattr(policy, "aot_available", lambda: False)
+    monkeypatch.setattr(type(kernel), "jit_ready", lambda self: False)
+    release = threading.Event()
+    compiling = threading.Thread(target=release.wait, args=(30,))
+    monkeypatch.setattr(policy, "_warming", [compiling])
+    assert policy.kernel_build() == "numba-lazy"
+    compiling.start()
+    try:
+        assert policy.kernel_build() == "compiling"
+    finally:
+        release.set()
+        compiling.join()
+    assert policy.kernel_build() == "numba-lazy"
+    monkeypatch.setattr(policy, "HAVE_NUMBA", False)
+    assert policy.kernel_build() == "python"

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from distributed import free_port
 from moe_worker.eplb.controller import reading_min_steps
+from moe_worker.eplb.policy import kernel_build
 from moe_worker.metrics import SPECS, WorkerMetrics, reference_markdown
 from moe_worker.server import WorkerStatus, serve_control, serve_metrics
 from rank_processes import http
@@ -95,6 +96,7 @@ def test_control_api_auth_and_errors() -> None:
         assert (
             code == 200 and state["mappingGeneration"] == 4 and state["rebalancePending"] is False
         )
+        assert state["placementKernels"] == kernel_build()
         assert http("POST", f"{base}/v1/eplb/rebalance", token="wrong")[0] == 401
         assert status.rebalance_requested is False, "a rejected request changes nothing"
         code, body = http("POST", f"{base}/v1/eplb/rebalance", token=TOKEN, body=b"{not json")

@@ -67,7 +67,7 @@ def start_server(
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     sock.listen(2048)
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30
+        app, log_level="warning", access_log=False, lifespan="auto", timeout_keep_alive=30
     )
     server = _Server(config)
     thread = threading.Thread(

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .asgi import RunningServer, start_server
+from .eplb.policy import kernel_build
 
 log = logging.getLogger("moe_worker.server")
 TOKEN_ENV = "MOE_CONTROL_TOKEN"
@@ -109,6 +110,7 @@ class WorkerStatus:
                 "resize": dict(self.resize),
                 "rebalancePending": self.rebalance_requested,
                 "rebalancing": self.rebalancing,
+                "placementKernels": kernel_build(),  # live: it changes while a rank idles
             }
 
 

@@ -6,15 +6,22 @@ next one. Streams are passed through as they arrive. The leader's control API is
 as well (``POST /v1/eplb/rebalance``, ``GET /v1/state``): the router forwards the caller's
 ``Authorization`` header, so the leader's bearer token guards it as it guards the control port.
 Torch-free: the CLI runs it.
+
+The upstream client is aiohttp with no cap on connections: every client stream holds one
+upstream connection for its whole life, so a capped pool (httpx's default is 100) would queue
+the 101st stream behind the first ones, and httpx's pool re-scans every connection on each
+stream's end (quadratic in the streams open). The client session lives on the server's event
+loop: opened on the first request, closed at shutdown (uvicorn's lifespan).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -23,6 +30,7 @@ from starlette.routing import Route
 
 HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 MAX_BODY_BYTES = 1 << 20  # a rank rejects more; the router does not read past it
+UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 @dataclass
@@ -55,11 +63,32 @@ def _headers(request: Request) -> dict[str, str]:
     return _passed(request.headers)
 
 
+class Upstream:
+    """The router's one aiohttp session to the ranks, made on first use on the serving loop."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
+                auto_decompress=False,  # bodies pass through as the rank encoded them
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 def router_app(rank_urls: list[str], control_url: str | None = None) -> Starlette:
     """The router over ``rank_urls`` (e.g. ``http://127.0.0.1:8001``) and the leader's control
     API at ``control_url``."""
     pool = RankPool(list(rank_urls))
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), trust_env=False)
+    upstream_client = Upstream()
 
     async def _read(request: Request) -> bytes | None:
         body = b""
@@ -81,40 +110,36 @@ def router_app(rank_urls: list[str], control_url: str | None = None) -> Starlett
                 pool.in_flight[url] -= 1
 
             try:
-                upstream = await client.send(
-                    client.build_request(
-                        request.method,
-                        url + request.url.path,
-                        content=body,
-                        headers=_headers(request),
-                    ),
-                    stream=True,
+                upstream = await upstream_client.session().request(
+                    request.method, url + request.url.path, data=body, headers=_headers(request)
                 )
-            except httpx.HTTPError as exc:
+            except UPSTREAM_ERRORS as exc:
                 release()
-                last = _error(503, f"rank at {url} unreachable: {exc}", "service_unavailable_error")
-                continue
-            if upstream.status_code == 503:
-                last = Response(
-                    await upstream.aread(), status_code=503, headers=_passed(upstream.headers)
+                last = _error(
+                    503, f"rank at {url} unreachable: {exc!r}", "service_unavailable_error"
                 )
-                await upstream.aclose()
+                continue
+            if upstream.status == 503:
+                last = Response(
+                    await upstream.read(), status_code=503, headers=_passed(upstream.headers)
+                )
+                upstream.release()
                 release()
                 continue
 
-            async def relay(upstream: httpx.Response = upstream) -> AsyncIterator[bytes]:
-                async for chunk in upstream.aiter_raw():
+            async def relay(upstream: aiohttp.ClientResponse = upstream) -> AsyncIterator[bytes]:
+                async for chunk in upstream.content.iter_any():
                     yield chunk
 
             async def close(
-                upstream: httpx.Response = upstream, release: Callable[[], None] = release
+                upstream: aiohttp.ClientResponse = upstream, release: Callable[[], None] = release
             ) -> None:
-                await upstream.aclose()
+                upstream.release()
                 release()
 
             return StreamingResponse(
                 relay(),
-                status_code=upstream.status_code,
+                status_code=upstream.status,
                 headers=_passed(upstream.headers),
                 background=BackgroundTask(close),
             )
@@ -123,18 +148,23 @@ def router_app(rank_urls: list[str], control_url: str | None = None) -> Starlett
     async def models(request: Request) -> Response:
         for url in pool.order():
             try:
-                upstream = await client.get(url + "/v1/models")
-            except httpx.HTTPError:
+                async with upstream_client.session().get(url + "/v1/models") as upstream:
+                    return Response(
+                        await upstream.read(), upstream.status, media_type="application/json"
+                    )
+            except UPSTREAM_ERRORS:
                 continue
-            return Response(upstream.content, upstream.status_code, media_type="application/json")
         return _error(503, "no rank is serving", "service_unavailable_error")
 
     async def health(request: Request) -> Response:
         states = {}
         for url in pool.urls:
             try:
-                states[url] = (await client.get(url + "/health", timeout=5.0)).status_code
-            except httpx.HTTPError:
+                async with upstream_client.session().get(
+                    url + "/health", timeout=aiohttp.ClientTimeout(total=5.0)
+                ) as upstream:
+                    states[url] = upstream.status
+            except UPSTREAM_ERRORS:
                 states[url] = 0
         healthy = all(code == 200 for code in states.values())
         return JSONResponse(
@@ -149,19 +179,21 @@ def router_app(rank_urls: list[str], control_url: str | None = None) -> Starlett
         if body is None:
             return _error(400, "body: the request body exceeds 1 MiB", "invalid_request_error")
         try:
-            upstream = await client.request(
-                request.method,
-                control_url + request.url.path,
-                content=body,
-                headers=_headers(request),
-            )
-        except httpx.HTTPError as exc:
-            return _error(503, f"leader unreachable: {exc}", "service_unavailable_error")
-        return Response(
-            upstream.content,
-            upstream.status_code,
-            media_type=upstream.headers.get("content-type", "application/json"),
-        )
+            async with upstream_client.session().request(
+                request.method, control_url + request.url.path, data=body, headers=_headers(request)
+            ) as upstream:
+                return Response(
+                    await upstream.read(),
+                    upstream.status,
+                    media_type=upstream.headers.get("content-type", "application/json"),
+                )
+        except UPSTREAM_ERRORS as exc:
+            return _error(503, f"leader unreachable: {exc!r}", "service_unavailable_error")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await upstream_client.close()
 
     return Starlette(
         routes=[
@@ -171,5 +203,6 @@ def router_app(rank_urls: list[str], control_url: str | None = None) -> Starlett
             Route("/health", health, methods=["GET"]),
             Route("/v1/eplb/rebalance", control, methods=["POST"]),
             Route("/v1/state", control, methods=["GET"]),
-        ]
+        ],
+        lifespan=lifespan,
     )

@@ -184,6 +184,22 @@ def start_warm_up() -> threading.Thread | None:
     return _warming[0]
 
 
+def kernel_build() -> str:
+    """How a placement would run now: ``numba-jit`` (compiled in this process), ``numba-aot``
+    (the ahead-of-time build), ``compiling`` (the JIT build is compiling in the background and
+    no AOT build is installed: a placement now holds the GIL while it compiles), ``numba-lazy``
+    (compiles on first use) or ``python`` (no numba: slower, identical in result)."""
+    if not HAVE_NUMBA:
+        return "python"
+    if all(kernel.jit_ready() for kernel in ROW_KERNELS.values()):
+        return "numba-jit"
+    if aot_available():
+        return "numba-aot"
+    if any(thread.is_alive() for thread in _warming):
+        return "compiling"
+    return "numba-lazy"
+
+
 def default_placement(num_layers: int, num_logical: int, num_physical: int) -> Placement:
     """What an engine without EPLB runs: slot p holds expert p mod E in every layer (no layers:
     an empty placement, a model without MoE layers)."""
@@ -212,6 +228,7 @@ __all__ = [
     "overall_balancedness",
     "validate_inputs",
     "start_warm_up",
+    "kernel_build",
     "warm_up",
     "worst_layer_balancedness",
 ]
