@@ -7,12 +7,16 @@ run. Reports GB/s per direction (bytes one rank sends / wall time of the exchang
 per backend.
 
     python bench/transfer.py [--experts 32] [--backends torch_nccl,pynccl,torch_gloo]
-    python bench/transfer.py --same-gpu --backends torch_gloo,torch_gloo:4
+    python bench/transfer.py --same-gpu --backends torch_gloo/tcp,torch_gloo,torch_gloo:4
+    python bench/transfer.py --cpu --experts 8
 
 ``--same-gpu`` (one GPU is enough): both ranks on cuda:0 over a gloo group, for the backends
 that stage through the host (torch_gloo); the wire is then the host's loopback, the same path
 as two GPUs' staging. Rank 0 also prints the bounds of that path measured in-process on the
 same bytes: pinned device-to-host and host-to-device copies, and a device-to-device copy.
+``--cpu``: both ranks on host tensors (no GPU), for the gloo backends. ``torch_gloo`` moves
+same-host bytes through /dev/shm (``shm_link``); ``torch_gloo/tcp`` is the same with that off
+(every byte over gloo's TCP), for the comparison in one run.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ def _port() -> int:
 
 
 def _communicator(name: str, rank: int, device: torch.device, store_port: int) -> Any:
-    """``pynccl:4`` stripes over 4 NCCL communicators; ``torch_gloo:4`` uses 4 gloo lanes."""
+    """``pynccl:4`` stripes over 4 NCCL communicators; ``torch_gloo:4`` uses 4 gloo lanes,
+    ``torch_gloo/tcp`` no shared memory."""
+    name, _, transport = name.partition("/")
     base, _, count = name.partition(":")
     ways = int(count or 1)
     if base == "pynccl":
@@ -53,8 +59,20 @@ def _communicator(name: str, rank: int, device: torch.device, store_port: int) -
         )
     if base == "torch_gloo":
         groups = [dist.new_group(backend="gloo") for _ in range(ways)]
-        return create_communicator(base, groups=groups, device=device)
+        shared = transport != "tcp"
+        return create_communicator(base, groups=groups, device=device, shared_memory=shared)
     return create_communicator(base, device=device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 def _copy_bounds(device: torch.device, nbytes: int, repeats: int) -> dict[str, float]:
@@ -85,9 +103,13 @@ def _rank(
     rank: int, args: argparse.Namespace, port: int, store_ports: list[int], queue: Any
 ) -> None:
     index = 0 if args.same_gpu else rank
-    torch.cuda.set_device(index)
-    device = torch.device("cuda", index)
-    backend = "gloo" if args.same_gpu else "nccl"  # NCCL refuses two ranks on one GPU
+    if args.cpu:
+        device = torch.device("cpu")
+    else:
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    host_only = args.same_gpu or args.cpu
+    backend = "gloo" if host_only else "nccl"  # NCCL refuses two ranks on one GPU
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     per_rank = args.experts // 2
     shapes = [(FFN, HIDDEN), (FFN, HIDDEN), (HIDDEN, FFN)]
@@ -113,11 +135,11 @@ def _rank(
                             communicator.add_send(send[e][tensor_index], peer)
                         else:
                             communicator.add_recv(recv[e][tensor_index], peer)
-            torch.cuda.synchronize(device)
+            _synchronize(device)
             dist.barrier()
             started = time.perf_counter()
             communicator.execute()
-            torch.cuda.synchronize(device)
+            _synchronize(device)
             elapsed = time.perf_counter() - started
             if repeat > 0:  # the first run warms up connections and buffers
                 samples.append(elapsed)
@@ -127,7 +149,7 @@ def _rank(
                 sum(float(t.float().sum()) for e in send for t in e),
                 sum(float(t.float().sum()) for e in recv for t in e),
             ],
-            device="cpu" if args.same_gpu else device,
+            device="cpu" if host_only else device,
         )
         gathered = [torch.zeros_like(sums) for _ in range(2)]
         dist.all_gather(gathered, sums)
@@ -151,7 +173,7 @@ def _rank(
                     "gb_per_s_per_direction": gbps,
                     "ratio_to_link": gbps / LINK_GBPS,
                     "same_gpu": args.same_gpu,
-                    "device": torch.cuda.get_device_name(device),
+                    "device": _device_name(device),
                     "torch": torch.__version__,
                     "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
                     "received_ok": exact,
@@ -172,11 +194,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", default=None, help="Default: every backend that applies.")
     parser.add_argument("--same-gpu", action="store_true", help="Both ranks on cuda:0 (gloo).")
+    parser.add_argument("--cpu", action="store_true", help="Both ranks on host tensors (gloo).")
     args = parser.parse_args()
-    default = "torch_gloo,torch_gloo:4" if args.same_gpu else ALL_BACKENDS
+    host_only = args.same_gpu or args.cpu
+    default = "torch_gloo/tcp,torch_gloo,torch_gloo:4" if host_only else ALL_BACKENDS
     args.backends = (args.backends or default).split(",")
-    if args.same_gpu and any(not b.startswith("torch_gloo") for b in args.backends):
-        parser.error("--backends: with --same-gpu only torch_gloo[:N] (NCCL needs two GPUs)")
+    if host_only and any(not b.startswith("torch_gloo") for b in args.backends):
+        parser.error("--backends: with --same-gpu or --cpu only torch_gloo[:N][/tcp]")
     context = mp.get_context("spawn")
     queue = context.Queue()
     port, store_ports = _port(), [_port() for _ in args.backends]

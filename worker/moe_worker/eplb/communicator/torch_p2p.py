@@ -7,6 +7,11 @@
   complete before its send starts), and a received chunk is copied host->device while the next
   one arrives. Each (direction, lane) runs in the queued order, which every rank shares, so
   they cannot deadlock.
+  Between ranks that can map one file under /dev/shm (one pod, one machine), the bytes go
+  through shared memory instead and gloo carries only small messages (``shm_link``); a pair
+  that cannot falls back to gloo. Each (direction, lane) moves its gloo pairs' chunks first,
+  then its shared-memory pairs', both in the queued order, so every rank still runs one
+  order.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import shm_link
 from .base import Communicator, register
 
 CHUNK_BYTES = 64 << 20
@@ -70,14 +76,22 @@ class TorchGlooCommunicator(Communicator):
         device: torch.device | str | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         groups: list[dist.ProcessGroup] | None = None,
+        shared_memory: bool = True,
+        shm_slot_bytes: int = shm_link.SLOT_BYTES,
         **_: Any,
     ) -> None:
+        """``shared_memory``: offer same-host peers a /dev/shm link of two ``shm_slot_bytes``
+        slots (every rank of a group must pass the same value)."""
         self.groups: list[dist.ProcessGroup | None] = list(groups) if groups else [group]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.chunk_bytes = chunk_bytes
+        self.shared_memory = shared_memory
+        self.shm_slot_bytes = shm_slot_bytes
         self._ops: list[tuple[str, torch.Tensor, int]] = []
         self._pinned: dict[tuple[str, int], list[torch.Tensor]] = {}
         self._streams: dict[tuple[str, int], Any] = {}
+        # (direction, lane, peer) -> the pair's shared slots, or None: gloo for that pair
+        self._links: dict[tuple[str, int, int], shm_link.SharedSlots | None] = {}
 
     @property
     def stream(self) -> Any | None:
@@ -140,16 +154,67 @@ class TorchGlooCommunicator(Communicator):
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            if not items[0][0].is_cuda:
+            links = self._open_links(kind, lane, [peer for _, peer in items])
+            by_gloo = [(chunk, peer) for chunk, peer in items if links[peer] is None]
+            if by_gloo and not by_gloo[0][0].is_cuda:
                 operation = dist.isend if kind == "send" else dist.irecv
-                for chunk, peer in items:
+                for chunk, peer in by_gloo:
                     _wait(operation(chunk, peer, group=group))
-            elif kind == "send":
-                self._send_staged(items, group, self._buffers(key), self._stream(key))
-            else:
-                self._recv_staged(items, group, self._buffers(key), self._stream(key))
+            elif by_gloo and kind == "send":
+                self._send_staged(by_gloo, group, self._buffers(key), self._stream(key))
+            elif by_gloo:
+                self._recv_staged(by_gloo, group, self._buffers(key), self._stream(key))
+            self._move_shared(kind, key, items, links, group)
         except BaseException as exc:  # noqa: BLE001 - re-raised by execute
             errors.append(exc)
+
+    def _open_links(
+        self, kind: str, lane: int, peers: list[int]
+    ) -> dict[int, shm_link.SharedSlots | None]:
+        """Each peer's link on this (direction, lane), offered or accepted at the first
+        chunk between the two (the peers in the order their first chunks are queued)."""
+        group = self.groups[lane]
+        links: dict[int, shm_link.SharedSlots | None] = {}
+        for peer in dict.fromkeys(peers):
+            if (kind, lane, peer) not in self._links:
+                link = None
+                if self.shared_memory:
+                    if kind == "send":
+                        link = shm_link.offer(peer, group, self.shm_slot_bytes)
+                    else:
+                        link = shm_link.accept(peer, group)
+                    if link is not None and self.device.type == "cuda":
+                        link.pin()
+                self._links[(kind, lane, peer)] = link
+            links[peer] = self._links[(kind, lane, peer)]
+        return links
+
+    def _move_shared(
+        self,
+        kind: str,
+        key: tuple[str, int],
+        items: list[tuple[torch.Tensor, int]],
+        links: dict[int, shm_link.SharedSlots | None],
+        group: Any,
+    ) -> None:
+        """The chunks of this lane's shared-memory pairs, in the queued order."""
+        used: dict[int, shm_link.SharedSlots] = {}
+        stream = self._stream(key) if self.device.type == "cuda" else None
+        for chunk, peer in items:
+            link = links[peer]
+            if link is None:
+                continue
+            used[peer] = link
+            move = shm_link.send_through if kind == "send" else shm_link.receive_through
+            move(link, chunk, peer, group, stream)
+        for link in used.values():
+            shm_link.finish(link)
+
+    def close(self, abort: bool = False) -> None:
+        for link in self._links.values():
+            if link is not None:
+                link.close()
+        self._links.clear()
 
     @staticmethod
     def _send_staged(
