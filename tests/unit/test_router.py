@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class FakeRank:
 
     name: str
     busy: bool = False
+    breaks_off: bool = False  # the rank dies after the first event of each stream
     hold_until: int = 0
     open_now: int = 0
     most_open: int = 0
@@ -80,6 +82,8 @@ class FakeRank:
                     await asyncio.wait_for(self.all_open.wait(), timeout=60)
                 event = {"rank": self.name, "prompt": prompt, "index": index}
                 yield f"data: {json.dumps(event)}\n\n".encode()
+                if self.breaks_off:
+                    raise ConnectionError("rank gone")  # uvicorn drops the connection
             yield b"data: [DONE]\n\n"
         finally:
             self.open_now -= 1
@@ -142,9 +146,11 @@ def test_busy_and_unreachable_ranks_are_skipped(servers: list) -> None:
     busy, ok = FakeRank("busy", busy=True), FakeRank("ok")
     dead = f"http://127.0.0.1:{closed_port()}"
     urls = [dead, serve(servers, busy.app()), serve(servers, ok.app())]
-    router = serve(servers, router_app(urls))
+    app = router_app(urls)
+    router = serve(servers, app)
     results = run_clients(router, [f"p{i}" for i in range(12)])
     assert [status for status, _ in results] == [200] * 12
+    assert app.state.pool.in_flight == {url: 0 for url in urls[1:]} | {dead: 0}
     assert {events[0]["rank"] for _, events in results} == {"ok"}
     assert ok.served == 12 and busy.served == 0
 
@@ -196,3 +202,32 @@ def test_control_models_and_health_are_forwarded(servers: list) -> None:
     assert health == (200, {"status": "ready", "ranks": {leader_url: 200}})
     assert half_health == (503, {"status": "not ready", "ranks": {leader_url: 200, dead: 0}})
     assert no_control[0] == 404
+
+
+def test_a_stream_the_rank_breaks_off_releases_its_rank(servers: list) -> None:
+    """The client sees the stream end early; the router's count for that rank goes back to 0
+    (a leaked count would steer every later request away from it)."""
+    rank = FakeRank("r", breaks_off=True)
+    url = serve(servers, rank.app())
+    app = router_app([url])
+    router = serve(servers, app)
+
+    async def main() -> list[str]:
+        outcomes = []
+        async with aiohttp.ClientSession() as session:
+            for index in range(5):
+                try:
+                    async with session.post(
+                        router + "/v1/completions", json={"prompt": f"p{index}"}
+                    ) as response:
+                        text = (await response.read()).decode()
+                        outcomes.append("complete" if "[DONE]" in text else "cut short")
+                except aiohttp.ClientPayloadError:
+                    outcomes.append("cut short")
+        return outcomes
+
+    assert asyncio.run(main()) == ["cut short"] * 5
+    deadline = time.monotonic() + 10
+    while app.state.pool.in_flight != {url: 0} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.state.pool.in_flight == {url: 0}

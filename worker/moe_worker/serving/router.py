@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -28,7 +28,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+HOP_HEADERS = {
+    "host",
+    "content-length",
+    "connection",
+    "transfer-encoding",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+}
 MAX_BODY_BYTES = 1 << 20  # a rank rejects more; the router does not read past it
 UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
 
@@ -47,6 +57,29 @@ class RankPool:
         count = len(self.urls)
         rotated = [self.urls[(turn + i) % count] for i in range(count)]
         return sorted(rotated, key=lambda url: self.in_flight.get(url, 0))
+
+    def lease(self, url: str) -> Lease:
+        self.in_flight[url] = self.in_flight.get(url, 0) + 1
+        return Lease(self, url)
+
+
+@dataclass
+class Lease:
+    """One request's hold on a rank: a count in ``in_flight`` and the upstream response,
+    given back once, whichever way the request ends (done, client gone, rank gone)."""
+
+    pool: RankPool
+    url: str
+    upstream: aiohttp.ClientResponse | None = None
+    released: bool = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.pool.in_flight[self.url] -= 1
+        if self.upstream is not None:
+            self.upstream.release()
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -75,6 +108,7 @@ class Upstream:
                 connector=aiohttp.TCPConnector(limit=0, force_close=False),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
                 auto_decompress=False,  # bodies pass through as the rank encoded them
+                skip_auto_headers=("Accept-Encoding",),  # only what the client asked for
             )
         return self._session
 
@@ -104,38 +138,37 @@ def router_app(rank_urls: list[str], control_url: str | None = None) -> Starlett
             return _error(400, "body: the request body exceeds 1 MiB", "invalid_request_error")
         last: Response | None = None
         for url in pool.order():
-            pool.in_flight[url] = pool.in_flight.get(url, 0) + 1
-
-            def release(url: str = url) -> None:
-                pool.in_flight[url] -= 1
-
+            lease = pool.lease(url)
             try:
-                upstream = await upstream_client.session().request(
+                lease.upstream = upstream = await upstream_client.session().request(
                     request.method, url + request.url.path, data=body, headers=_headers(request)
                 )
+                if upstream.status == 503:  # busy or leaving: the next rank
+                    last = Response(
+                        await upstream.read(), status_code=503, headers=_passed(upstream.headers)
+                    )
+                    lease.release()
+                    continue
             except UPSTREAM_ERRORS as exc:
-                release()
+                lease.release()
                 last = _error(
                     503, f"rank at {url} unreachable: {exc!r}", "service_unavailable_error"
                 )
                 continue
-            if upstream.status == 503:
-                last = Response(
-                    await upstream.read(), status_code=503, headers=_passed(upstream.headers)
-                )
-                upstream.release()
-                release()
-                continue
+            except BaseException:
+                lease.release()
+                raise
 
-            async def relay(upstream: aiohttp.ClientResponse = upstream) -> AsyncIterator[bytes]:
-                async for chunk in upstream.content.iter_any():
-                    yield chunk
+            async def relay(lease: Lease = lease) -> AsyncIterator[bytes]:
+                try:
+                    assert lease.upstream is not None
+                    async for chunk in lease.upstream.content.iter_any():
+                        yield chunk
+                finally:  # also when the rank breaks off or the client goes
+                    lease.release()
 
-            async def close(
-                upstream: aiohttp.ClientResponse = upstream, release: Callable[[], None] = release
-            ) -> None:
-                upstream.release()
-                release()
+            async def close(lease: Lease = lease) -> None:  # when relay never started
+                lease.release()
 
             return StreamingResponse(
                 relay(),
@@ -195,7 +228,7 @@ def router_app(rank_urls: list[str], control_url: str | None = None) -> Starlett
         yield
         await upstream_client.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/completions", inference, methods=["POST"]),
             Route("/v1/chat/completions", inference, methods=["POST"]),
@@ -206,3 +239,5 @@ def router_app(rank_urls: list[str], control_url: str | None = None) -> Starlett
         ],
         lifespan=lifespan,
     )
+    app.state.pool = pool  # requests in flight per rank, for tests and debugging
+    return app

@@ -5,24 +5,31 @@ loopback, measured; memory copies run several times faster). When a sender and i
 map the same file under ``/dev/shm`` (ranks of one pod, or of one machine), the bytes go through
 two slots of that file instead, and gloo carries only small messages:
 
-- once per (sender, receiver, lane): the sender creates the file and sends its path (tag
-  ``HELLO``); the receiver maps it, or cannot (another pod's ``/dev/shm``), and answers 1 or 0
-  (``ACCEPT``); the sender then unlinks the file (both keep their mappings), so nothing is left
-  behind. A refused offer means gloo as before, for that pair and lane.
+- once per (sender, receiver, lane): the sender creates the file, writes a random nonce at its
+  start and sends path, size and nonce (tag ``HELLO``); the receiver maps the file if it exists
+  there with that size and nonce (never creating one: another pod's ``/dev/shm`` has no such
+  file) and answers 1 or 0 (``ACCEPT``); the sender then unlinks the file (both keep their
+  mappings). A refused offer means gloo as before, for that pair and lane.
+- per ``execute`` (an "epoch", counted alike on both sides): the receiver says ``GO`` before
+  the sender writes anything, so a slot is never written while the receiver's previous,
+  failed execute could still be reading it; the epoch is in every tag of that execute, so a
+  message or a posted receive left over from a failed one never matches a later one.
 - per piece of at most ``slot_bytes``: the sender fills slot ``k mod 2`` (after the receiver
   freed it) and sends its length (``READY``); the receiver copies it out and answers ``FREE``.
 
 A gloo send completes only once its receive is posted, so every receive of a small message is
 posted before the matching send can wait on it: the sender posts the receive of a piece's
 ``FREE`` as soon as its ``READY`` went out, the receiver does not wait for its ``FREE`` sends
-until the end. Both sides count pieces from 0 in every ``execute`` (the sender waits for every
-``FREE`` before returning), so the slot of a piece is known to both without saying it.
+until the end. Both sides count pieces from 0 in every execute, so the slot of a piece is known
+to both without saying it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
+import secrets
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,9 +38,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-HELLO, ACCEPT, READY, FREE = 7101, 7102, 7103, 7104  # gloo tags of the link's messages
+HELLO, ACCEPT = 7101, 7102  # handshake tags (once per link)
+EPOCH_TAG_BASE, EPOCHS = 7200, 4096  # per-execute tags: base + 4 * (epoch mod EPOCHS) + kind
+GO, READY, FREE = 0, 1, 2
 SLOT_BYTES = 16 << 20
 HEADER_BYTES = 512
+NONCE_BYTES = 16
 SHM_DIRECTORY = "/dev/shm"
 
 
@@ -45,18 +55,30 @@ def _wait(work: Any) -> None:
 
 @dataclass
 class SharedSlots:
-    """Two slots of ``slot_bytes`` in a file both ranks map ([2, slot_bytes] uint8 views)."""
+    """Two slots of ``slot_bytes`` in a file both ranks map."""
 
-    memory: torch.Tensor  # [2 * slot_bytes] uint8, shared with the peer
+    mapping: mmap.mmap
+    memory: torch.Tensor  # [2 * slot_bytes] uint8 over ``mapping``, shared with the peer
     slot_bytes: int
     registered: bool = False  # page-locked for CUDA copies (cudaHostRegister)
+    epoch: int = 0  # executes this link took part in (the same count on both sides)
     pieces: int = 0  # pieces moved in this execute
-    # posted receives of FREE (sender) or FREE sends not yet complete (receiver), oldest first
+    started: bool = False  # GO sent (receiver) or received (sender) in this execute
+    # posted receives of FREE (sender) or FREE/GO sends not yet complete (receiver)
     pending: deque[tuple[Any, torch.Tensor]] = field(default_factory=deque)
 
     def slot(self, piece: int) -> torch.Tensor:
         start = (piece % 2) * self.slot_bytes
         return self.memory[start : start + self.slot_bytes]
+
+    def tag(self, kind: int) -> int:
+        return EPOCH_TAG_BASE + 4 * (self.epoch % EPOCHS) + kind
+
+    def begin(self) -> None:
+        """A new execute: a new epoch; what a failed earlier one left behind is dropped."""
+        self.epoch += 1
+        self.pieces, self.started = 0, False
+        self.pending.clear()
 
     def pin(self) -> None:
         """Page-lock the mapping, so device copies to and from it run at pinned speed (left
@@ -73,21 +95,46 @@ class SharedSlots:
             self.registered = False
 
 
+def map_existing(path: str, size: int, nonce: bytes) -> SharedSlots | None:
+    """Map the file at ``path`` if it exists here with ``size`` bytes and starts with ``nonce``
+    (None otherwise); never creates a file."""
+    try:
+        descriptor = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if os.fstat(descriptor).st_size != size:
+            return None
+        mapping = mmap.mmap(descriptor, size)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(descriptor)
+    if mapping[:NONCE_BYTES] != nonce:
+        mapping.close()
+        return None
+    memory = torch.frombuffer(mapping, dtype=torch.uint8)
+    return SharedSlots(mapping, memory, size // 2)
+
+
 def offer(peer: int, group: Any, slot_bytes: int = SLOT_BYTES) -> SharedSlots | None:
     """Sender side: offer ``peer`` a fresh shared file; the slots if it mapped them."""
     header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
     path = os.path.join(SHM_DIRECTORY, f"moe-eplb-{uuid.uuid4().hex}")
-    memory = None
+    size, nonce = 2 * slot_bytes, secrets.token_bytes(NONCE_BYTES)
+    slots = None
     try:
         with open(path, "xb") as handle:
             # Reserve the pages now: a full /dev/shm (a container's default is 64 MB) refuses
             # here, and the pair uses gloo, instead of a SIGBUS at the first write.
-            os.posix_fallocate(handle.fileno(), 0, 2 * slot_bytes)
-        memory = torch.from_file(path, shared=True, size=2 * slot_bytes, dtype=torch.uint8)
-        text = f"{path}\n{2 * slot_bytes}".encode()
-        header[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    except (OSError, RuntimeError):  # no /dev/shm here: offer nothing (an empty header)
-        memory = None
+            os.posix_fallocate(handle.fileno(), 0, size)
+            handle.write(nonce)
+        slots = map_existing(path, size, nonce)
+        if slots is not None:
+            text = f"{path}\n{size}\n{nonce.hex()}".encode()
+            header[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    except OSError:  # no /dev/shm here, or no room: offer nothing (an empty header)
+        slots = None
     try:
         answer = torch.zeros(1, dtype=torch.uint8)
         answered = dist.irecv(answer, peer, group=group, tag=ACCEPT)
@@ -96,9 +143,7 @@ def offer(peer: int, group: Any, slot_bytes: int = SLOT_BYTES) -> SharedSlots | 
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
-    if memory is None or int(answer.item()) != 1:
-        return None
-    return SharedSlots(memory, slot_bytes)
+    return slots if slots is not None and int(answer.item()) == 1 else None
 
 
 def accept(peer: int, group: Any) -> SharedSlots | None:
@@ -108,12 +153,8 @@ def accept(peer: int, group: Any) -> SharedSlots | None:
     text = bytes(header.tolist()).rstrip(b"\0").decode()
     slots = None
     if text:
-        path, size = text.split("\n")
-        try:
-            memory = torch.from_file(path, shared=True, size=int(size), dtype=torch.uint8)
-            slots = SharedSlots(memory, int(size) // 2)
-        except (OSError, RuntimeError, ValueError):  # another pod's /dev/shm: not visible here
-            slots = None
+        path, size, nonce = text.split("\n")
+        slots = map_existing(path, int(size), bytes.fromhex(nonce))
     answer = torch.tensor([1 if slots is not None else 0], dtype=torch.uint8)
     _wait(dist.isend(answer, peer, group=group, tag=ACCEPT))
     return slots
@@ -123,6 +164,9 @@ def send_through(
     slots: SharedSlots, chunk: torch.Tensor, peer: int, group: Any, stream: Any
 ) -> None:
     """Put ``chunk`` ([N] uint8, CPU or CUDA) through ``slots`` to ``peer``, piece by piece."""
+    if not slots.started:  # the receiver's earlier executes are over: the slots are free
+        _wait(dist.irecv(torch.zeros(1, dtype=torch.uint8), peer, group=group, tag=slots.tag(GO)))
+        slots.started = True
     length = torch.zeros(1, dtype=torch.int64)
     for start in range(0, chunk.numel(), slots.slot_bytes):
         piece = chunk[start : start + slots.slot_bytes]
@@ -136,9 +180,9 @@ def send_through(
         else:
             target.copy_(piece)
         length[0] = piece.numel()
-        _wait(dist.isend(length, peer, group=group, tag=READY))
+        _wait(dist.isend(length, peer, group=group, tag=slots.tag(READY)))
         freed = torch.zeros(1, dtype=torch.uint8)
-        slots.pending.append((dist.irecv(freed, peer, group=group, tag=FREE), freed))
+        slots.pending.append((dist.irecv(freed, peer, group=group, tag=slots.tag(FREE)), freed))
         slots.pieces += 1
 
 
@@ -146,10 +190,14 @@ def receive_through(
     slots: SharedSlots, chunk: torch.Tensor, peer: int, group: Any, stream: Any
 ) -> None:
     """Fill ``chunk`` ([N] uint8, CPU or CUDA) from ``peer`` through ``slots``."""
+    if not slots.started:
+        go = torch.ones(1, dtype=torch.uint8)
+        slots.pending.append((dist.isend(go, peer, group=group, tag=slots.tag(GO)), go))
+        slots.started = True
     length = torch.zeros(1, dtype=torch.int64)
     start = 0
     while start < chunk.numel():
-        _wait(dist.irecv(length, peer, group=group, tag=READY))
+        _wait(dist.irecv(length, peer, group=group, tag=slots.tag(READY)))
         size = int(length.item())
         source = slots.slot(slots.pieces)[:size]
         target = chunk[start : start + size]
@@ -160,14 +208,13 @@ def receive_through(
         else:
             target.copy_(source)
         freed = torch.ones(1, dtype=torch.uint8)
-        slots.pending.append((dist.isend(freed, peer, group=group, tag=FREE), freed))
+        slots.pending.append((dist.isend(freed, peer, group=group, tag=slots.tag(FREE)), freed))
         slots.pieces += 1
         start += size
 
 
 def finish(slots: SharedSlots) -> None:
     """End this execute on ``slots``: the sender's last pieces freed by the receiver, the
-    receiver's ``FREE`` messages delivered; the next execute counts from piece 0."""
+    receiver's ``GO``/``FREE`` messages delivered."""
     while slots.pending:
         _wait(slots.pending.popleft()[0])
-    slots.pieces = 0

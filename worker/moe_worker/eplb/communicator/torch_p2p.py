@@ -92,6 +92,9 @@ class TorchGlooCommunicator(Communicator):
         self._streams: dict[tuple[str, int], Any] = {}
         # (direction, lane, peer) -> the pair's shared slots, or None: gloo for that pair
         self._links: dict[tuple[str, int, int], shm_link.SharedSlots | None] = {}
+        # One execute at a time: an abandoned rebalance's execute may still sit in a transfer
+        # (until the group's timeout) when the next one starts; they share buffers and links.
+        self._executing = threading.Lock()
 
     @property
     def stream(self) -> Any | None:
@@ -119,6 +122,10 @@ class TorchGlooCommunicator(Communicator):
         return self._streams[key]
 
     def execute(self) -> None:
+        with self._executing:
+            self._execute()
+
+    def _execute(self) -> None:
         ops, self._ops = self._ops, []
         lanes = len(self.groups)
         work: dict[tuple[str, int], list[tuple[torch.Tensor, int]]] = {}
@@ -155,6 +162,9 @@ class TorchGlooCommunicator(Communicator):
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             links = self._open_links(kind, lane, [peer for _, peer in items])
+            for link in links.values():
+                if link is not None:
+                    link.begin()  # before anything can fail, so both sides count it
             by_gloo = [(chunk, peer) for chunk, peer in items if links[peer] is None]
             if by_gloo and not by_gloo[0][0].is_cuda:
                 operation = dist.isend if kind == "send" else dist.irecv
@@ -211,10 +221,20 @@ class TorchGlooCommunicator(Communicator):
             shm_link.finish(link)
 
     def close(self, abort: bool = False) -> None:
-        for link in self._links.values():
-            if link is not None:
-                link.close()
-        self._links.clear()
+        """Drop the shared-memory links, never waiting: while an execute still runs (an
+        abandoned transfer, until the group's timeout) its links are dropped still
+        page-locked (the registration ends with the process), not unregistered under a
+        copy."""
+        if not self._executing.acquire(blocking=False):
+            self._links = {}
+            return
+        try:
+            for link in self._links.values():
+                if link is not None:
+                    link.close()
+            self._links = {}
+        finally:
+            self._executing.release()
 
     @staticmethod
     def _send_staged(
