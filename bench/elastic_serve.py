@@ -26,9 +26,12 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "worker")]
 
 from test_serving_in_flight import (  # noqa: E402
     LoadLoop,
+    admit,
     prompts_for,
-    resize,
+    retire,
     serving_ranks,
+    start_standby,
+    stop_serving,
     wrong_answers,
 )
 
@@ -64,20 +67,13 @@ def main() -> None:
             ranks.wait(lambda: load.finished() >= args.clients, 180, "the first answers")
             for before, after in zip(args.sizes, args.sizes[1:], strict=False):
                 started = time.monotonic()
-                if after > before:  # a scale-up's new pods: registered, on standby
-                    joiners = list(range(before, after))
-                    for rank in joiners:
-                        ranks.start(rank)
-                    ranks.wait(lambda j=joiners: ranks.state()["standbyRanks"] == j, 180, "standby")
+                standby_s = 0.0
+                if after > before:
+                    start_standby(ranks, list(range(before, after)))
                     standby_s = time.monotonic() - started
-                    resize(ranks, after)
-                    ranks.wait(
-                        lambda j=joiners: all(ranks.readyz(r)[0] == 200 for r in j), 120, "admit"
-                    )
+                    admit(ranks, list(range(before, after)), after)
                 else:
-                    ranks.expected_exits.update(range(after, before))
-                    standby_s = 0.0
-                    resize(ranks, after)
+                    retire(ranks, list(range(after, before)), after)
                 committed_s = time.monotonic() - started
                 served = load.finished()
                 ranks.wait(
@@ -98,11 +94,7 @@ def main() -> None:
                 print(json.dumps(phases[-1]), file=sys.stderr, flush=True)
             outcomes = load.end()
         finally:
-            if load is not None:
-                load.stop.set()
-            if router is not None:
-                router.shutdown()
-            ranks.stop()
+            stop_serving(load, router, ranks)
         failures = [o.error for o in outcomes if o.error is not None]
         wrong = wrong_answers(reference, prompts, outcomes)
     line = {

@@ -144,6 +144,34 @@ def resize(ranks: RankProcesses, ep_size: int) -> None:
     )
 
 
+def start_standby(ranks: RankProcesses, joiners: list[int]) -> None:
+    """A scale-up's new pods: started, registered, not admitting until the resize."""
+    for rank in joiners:
+        ranks.start(rank)
+    ranks.wait(lambda: ranks.state()["standbyRanks"] == joiners, 120, "the joiners on standby")
+
+
+def admit(ranks: RankProcesses, joiners: list[int], ep_size: int) -> None:
+    """Resize up to ``ep_size``; wait until the joiners take requests."""
+    resize(ranks, ep_size)
+    ranks.wait(lambda: all(ranks.readyz(r)[0] == 200 for r in joiners), 60, "joiners admit")
+
+
+def retire(ranks: RankProcesses, leavers: list[int], ep_size: int) -> None:
+    """Resize down to ``ep_size``; the leavers exit once drained."""
+    ranks.expected_exits.update(leavers)
+    resize(ranks, ep_size)
+
+
+def stop_serving(load: LoadLoop | None, router: Any, ranks: RankProcesses) -> None:
+    """Stop the clients, the router and the ranks (whichever were started)."""
+    if load is not None:
+        load.stop.set()
+    if router is not None:
+        router.shutdown()
+    ranks.stop()
+
+
 def prompts_for(seed: int, count: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 20, (count,), generator=generator).tolist()
@@ -167,20 +195,16 @@ def test_resize_2_4_2_under_load_loses_no_request(tmp_path: Path) -> None:
         load = LoadLoop([f"http://127.0.0.1:{router.port}"] * 6, prompts).start()
         ranks.wait(lambda: load.finished() >= 6, 120, "the first answers")
 
-        for rank in (2, 3):  # a scale-up's new pods: registered, not admitting
-            ranks.start(rank)
-        ranks.wait(lambda: ranks.state()["standbyRanks"] == [2, 3], 120, "the joiners on standby")
+        start_standby(ranks, [2, 3])
         assert ranks.readyz(2) == (
             503,
             {"status": "standby", "reason": "waiting to join the group"},
         )
-        resize(ranks, 4)
-        ranks.wait(lambda: all(ranks.readyz(r)[0] == 200 for r in (2, 3)), 60, "joiners admit")
+        admit(ranks, [2, 3], 4)
         served_at_4 = load.finished()
         ranks.wait(lambda: load.finished() >= served_at_4 + 12, 120, "answers at EP 4")
 
-        ranks.expected_exits.update({2, 3})
-        resize(ranks, 2)
+        retire(ranks, [2, 3], 2)
         leavers = [ranks.summary(rank) for rank in (2, 3)]
         assert all(s["retired"] for s in leavers), leavers
         assert sum(s["requestsFinished"] for s in leavers) > 0, leavers  # they served load
@@ -192,11 +216,7 @@ def test_resize_2_4_2_under_load_loses_no_request(tmp_path: Path) -> None:
         assert wrong_answers(reference, prompts, outcomes) == []
         assert len(outcomes) >= 36
     finally:
-        if load is not None:
-            load.stop.set()
-        if router is not None:
-            router.shutdown()
-        ranks.stop()
+        stop_serving(load, router, ranks)
 
 
 def test_a_killed_rank_fails_only_its_own_requests(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ class Upstream:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                connector=aiohttp.TCPConnector(limit=0),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
                 auto_decompress=False,  # bodies pass through as the rank encoded them
                 skip_auto_headers=("Accept-Encoding",),  # only what the client asked for

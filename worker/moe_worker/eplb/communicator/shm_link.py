@@ -95,6 +95,17 @@ class SharedSlots:
             self.registered = False
 
 
+def _copy(target: torch.Tensor, source: torch.Tensor, stream: Any, pinned: bool) -> None:
+    """Copy ``source`` into ``target`` (either on the GPU or both on the host), complete on
+    return: on the GPU on ``stream``, asynchronously only when the host side is page-locked."""
+    if target.is_cuda or source.is_cuda:
+        with torch.cuda.stream(stream):
+            target.copy_(source, non_blocking=pinned)
+        stream.synchronize()
+    else:
+        target.copy_(source)
+
+
 def map_existing(path: str, size: int, nonce: bytes) -> SharedSlots | None:
     """Map the file at ``path`` if it exists here with ``size`` bytes and starts with ``nonce``
     (None otherwise); never creates a file."""
@@ -172,13 +183,7 @@ def send_through(
         piece = chunk[start : start + slots.slot_bytes]
         if len(slots.pending) == 2:  # both slots hold unread pieces: wait for the older
             _wait(slots.pending.popleft()[0])
-        target = slots.slot(slots.pieces)[: piece.numel()]
-        if piece.is_cuda:
-            with torch.cuda.stream(stream):
-                target.copy_(piece, non_blocking=slots.registered)
-            stream.synchronize()
-        else:
-            target.copy_(piece)
+        _copy(slots.slot(slots.pieces)[: piece.numel()], piece, stream, slots.registered)
         length[0] = piece.numel()
         _wait(dist.isend(length, peer, group=group, tag=slots.tag(READY)))
         freed = torch.zeros(1, dtype=torch.uint8)
@@ -200,13 +205,7 @@ def receive_through(
         _wait(dist.irecv(length, peer, group=group, tag=slots.tag(READY)))
         size = int(length.item())
         source = slots.slot(slots.pieces)[:size]
-        target = chunk[start : start + size]
-        if target.is_cuda:
-            with torch.cuda.stream(stream):
-                target.copy_(source, non_blocking=slots.registered)
-            stream.synchronize()
-        else:
-            target.copy_(source)
+        _copy(chunk[start : start + size], source, stream, slots.registered)
         freed = torch.ones(1, dtype=torch.uint8)
         slots.pending.append((dist.isend(freed, peer, group=group, tag=slots.tag(FREE)), freed))
         slots.pieces += 1

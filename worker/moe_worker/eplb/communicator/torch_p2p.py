@@ -208,17 +208,15 @@ class TorchGlooCommunicator(Communicator):
         group: Any,
     ) -> None:
         """The chunks of this lane's shared-memory pairs, in the queued order."""
-        used: dict[int, shm_link.SharedSlots] = {}
         stream = self._stream(key) if self.device.type == "cuda" else None
+        move = shm_link.send_through if kind == "send" else shm_link.receive_through
         for chunk, peer in items:
             link = links[peer]
-            if link is None:
-                continue
-            used[peer] = link
-            move = shm_link.send_through if kind == "send" else shm_link.receive_through
-            move(link, chunk, peer, group, stream)
-        for link in used.values():
-            shm_link.finish(link)
+            if link is not None:
+                move(link, chunk, peer, group, stream)
+        for link in links.values():
+            if link is not None:
+                shm_link.finish(link)
 
     def close(self, abort: bool = False) -> None:
         """Drop the shared-memory links, never waiting: while an execute still runs (an
